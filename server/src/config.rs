@@ -1,0 +1,149 @@
+//! Configuration: command-line flags override `FHIRMAMENT_*` environment variables, which
+//! override the TOML file named by `--config`, which overrides the embedded defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// The FHIR base URL clients see, e.g. `http://127.0.0.1:8080/fhir`.
+    pub base_url: String,
+    pub max_body_bytes: usize,
+    /// Load profiles from this directory instead of the embedded copy.
+    pub profiles_dir: Option<PathBuf>,
+    pub workers: usize,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATA_DIR: &str = "./data";
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// What the TOML file may set. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub base_url: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub profiles_dir: Option<PathBuf>,
+    pub workers: Option<usize>,
+}
+
+/// What the command line and environment may set (clap fills these).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (keys: listen, data-dir, base-url, max-body-bytes, profiles-dir, workers).
+    #[arg(long, env = "FHIRMAMENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "FHIRMAMENT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// RocksDB data directory [default: ./data].
+    #[arg(long = "data-dir", env = "FHIRMAMENT_DATA")]
+    pub data_dir: Option<PathBuf>,
+    /// Public FHIR base URL used in Location headers, fullUrls and links [default: http://<listen>/fhir].
+    #[arg(long = "base-url", env = "FHIRMAMENT_BASE_URL")]
+    pub base_url: Option<String>,
+    /// Largest accepted request body in bytes; larger bodies get 413 [default: 16 MiB].
+    #[arg(long = "max-body-bytes", env = "FHIRMAMENT_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Load the R4 schema, StructureDefinitions and SearchParameters from this directory instead of the embedded copy.
+    #[arg(long = "profiles-dir", env = "FHIRMAMENT_PROFILES_DIR")]
+    pub profiles_dir: Option<PathBuf>,
+    /// HTTP worker threads [default: number of cores].
+    #[arg(long, env = "FHIRMAMENT_WORKERS")]
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("config file {0} is invalid: {1}")]
+    Parse(String, toml::de::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn resolve(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => Self::read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let listen = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default address"));
+        let base_url = args.base_url.clone().or(file.base_url).unwrap_or_else(|| format!("http://{listen}/fhir"));
+        let base_url = base_url.trim_end_matches('/').to_string();
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!("base-url '{base_url}' must be an http(s) URL")));
+        }
+        let max_body_bytes = args.max_body_bytes.or(file.max_body_bytes).unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid("max-body-bytes must be at least 1024".into()));
+        }
+        Ok(Config {
+            listen,
+            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            base_url,
+            max_body_bytes,
+            profiles_dir: args.profiles_dir.clone().or(file.profiles_dir),
+            workers: args.workers.or(file.workers).unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1),
+        })
+    }
+
+    fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(shown.clone(), e))?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse(shown, e))
+    }
+
+    /// The path part of the base URL (`/fhir`), where the API is mounted.
+    pub fn base_path(&self) -> String {
+        let after_scheme = self.base_url.split_once("://").map_or(self.base_url.as_str(), |(_, r)| r);
+        match after_scheme.find('/') {
+            Some(i) => after_scheme[i..].trim_end_matches('/').to_string(),
+            None => String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.base_url, "http://127.0.0.1:8080/fhir");
+        assert_eq!(c.base_path(), "/fhir");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndata-dir = \"/var/x\"\nmax-body-bytes = 2048\n").unwrap();
+        let args = ServeArgs { config: Some(path), data_dir: Some("/flag".into()), ..Default::default() };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.data_dir, PathBuf::from("/flag"));
+        assert_eq!(c.max_body_bytes, 2048);
+        assert_eq!(c.base_url, "http://127.0.0.1:9000/fhir");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        assert!(Config::resolve(&ServeArgs { config: Some(path), ..Default::default() }).is_err());
+        assert!(Config::resolve(&ServeArgs { base_url: Some("ftp://x".into()), ..Default::default() }).is_err());
+    }
+}

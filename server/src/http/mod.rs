@@ -1,0 +1,311 @@
+//! HTTP: the only module (with `error`) that knows actix-web. One route table (`route`),
+//! one dispatcher, and the conversions between HTTP and `FhirRequest`/`FhirResponse`.
+
+pub mod bundle;
+pub mod capability;
+pub mod interaction;
+pub mod negotiate;
+
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::fhir::{check_id, format_http_date, ResourceType};
+use crate::Service;
+use negotiate::{Prefer, ReturnPreference};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Option<Method> {
+        Some(match s {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "PATCH" => Method::Patch,
+            "DELETE" => Method::Delete,
+            _ => return None,
+        })
+    }
+}
+
+/// Every interaction the server answers, by URL shape and method (R4 http.html).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Capabilities,
+    SystemBundle,
+    SystemHistory,
+    Search(ResourceType),
+    SearchPost(ResourceType),
+    Create(ResourceType),
+    ConditionalUpdate(ResourceType),
+    ConditionalDelete(ResourceType),
+    ConditionalPatch(ResourceType),
+    TypeHistory(ResourceType),
+    ValidateType(ResourceType),
+    Read(ResourceType, String),
+    Update(ResourceType, String),
+    Patch(ResourceType, String),
+    Delete(ResourceType, String),
+    InstanceHistory(ResourceType, String),
+    VRead(ResourceType, String, u64),
+    ValidateInstance(ResourceType, String),
+    /// `Patient/{id}/{type}`
+    PatientCompartment(String, ResourceType),
+}
+
+fn not_allowed(method: Method, what: &str) -> Error {
+    Error::MethodNotAllowed(format!("{method:?} is not allowed on {what}"))
+}
+
+/// The route table: URL path segments below the base, and the method.
+pub fn route(method: Method, segments: &[&str]) -> Result<Route> {
+    use Method::*;
+    let read = matches!(method, Get | Head);
+    Ok(match segments {
+        [] | [""] => match method {
+            Post => Route::SystemBundle,
+            _ => return Err(not_allowed(method, "the base URL (system search is not supported)")),
+        },
+        ["metadata"] if read => Route::Capabilities,
+        ["_history"] if read => Route::SystemHistory,
+        ["metadata"] | ["_history"] => return Err(not_allowed(method, segments[0])),
+        [t] => {
+            let rt: ResourceType = t.parse()?;
+            match method {
+                Get | Head => Route::Search(rt),
+                Post => Route::Create(rt),
+                Put => Route::ConditionalUpdate(rt),
+                Delete => Route::ConditionalDelete(rt),
+                Patch => Route::ConditionalPatch(rt),
+            }
+        }
+        [t, "_search"] if method == Post => Route::SearchPost(t.parse()?),
+        [t, "_history"] if read => Route::TypeHistory(t.parse()?),
+        [t, "$validate"] if method == Post => Route::ValidateType(t.parse()?),
+        [t, id] if !id.starts_with('_') && !id.starts_with('$') => {
+            let rt: ResourceType = t.parse()?;
+            check_id(id)?;
+            let id = id.to_string();
+            match method {
+                Get | Head => Route::Read(rt, id),
+                Put => Route::Update(rt, id),
+                Patch => Route::Patch(rt, id),
+                Delete => Route::Delete(rt, id),
+                Post => return Err(not_allowed(method, "a resource instance (use PUT to update)")),
+            }
+        }
+        [t, id, "_history"] if read => {
+            check_id(id)?;
+            Route::InstanceHistory(t.parse()?, id.to_string())
+        }
+        [t, id, "_history", v] if read => {
+            check_id(id)?;
+            let v: u64 = v.parse().map_err(|_| Error::bad_request("invalid", format!("version '{v}' is not a number")))?;
+            Route::VRead(t.parse()?, id.to_string(), v)
+        }
+        [t, id, "$validate"] if method == Post => {
+            check_id(id)?;
+            Route::ValidateInstance(t.parse()?, id.to_string())
+        }
+        ["Patient", id, t] if read && !t.starts_with('_') && !t.starts_with('$') => {
+            check_id(id)?;
+            Route::PatientCompartment(id.to_string(), t.parse()?)
+        }
+        [t, ..] => {
+            let _: ResourceType = t.parse()?;
+            return Err(Error::NotFound(format!("no FHIR interaction at /{} for {method:?}", segments.join("/"))));
+        }
+    })
+}
+
+/// The body of a request, already parsed.
+#[derive(Debug, Clone)]
+pub enum Body {
+    None,
+    Resource(Value),
+    Patch(json_patch::Patch),
+    Form(Vec<(String, String)>),
+}
+
+#[derive(Debug, Clone)]
+pub struct FhirRequest {
+    pub method: Method,
+    pub route: Route,
+    pub query: Vec<(String, String)>,
+    pub body: Body,
+    pub if_match: Option<u64>,
+    pub if_none_exist: Option<String>,
+    pub if_none_match: Option<String>,
+    pub prefer: Prefer,
+}
+
+#[derive(Debug, Clone)]
+pub enum ResponseBody {
+    None,
+    Json(Value),
+    /// Stored resource bytes, sent as they are.
+    Stored(Arc<[u8]>),
+}
+
+#[derive(Debug, Clone)]
+pub struct FhirResponse {
+    pub status: StatusCode,
+    pub body: ResponseBody,
+    pub version: Option<u64>,
+    pub last_modified: Option<i64>,
+    pub location: Option<String>,
+}
+
+impl FhirResponse {
+    pub fn json(status: StatusCode, body: Value) -> Self {
+        FhirResponse { status, body: ResponseBody::Json(body), version: None, last_modified: None, location: None }
+    }
+
+    /// Apply `Prefer: return=`.
+    pub fn with_return(mut self, prefer: ReturnPreference, outcome: impl FnOnce() -> Value) -> Self {
+        match prefer {
+            ReturnPreference::Representation => {}
+            ReturnPreference::Minimal => self.body = ResponseBody::None,
+            ReturnPreference::OperationOutcome => self.body = ResponseBody::Json(outcome()),
+        }
+        self
+    }
+
+    pub fn body_json(&self) -> Option<Value> {
+        match &self.body {
+            ResponseBody::None => None,
+            ResponseBody::Json(v) => Some(v.clone()),
+            ResponseBody::Stored(b) => serde_json::from_slice(b).ok(),
+        }
+    }
+}
+
+fn to_http(resp: FhirResponse, pretty: bool, head: bool) -> HttpResponse {
+    let mut out = HttpResponse::build(resp.status);
+    if let Some(v) = resp.version {
+        out.insert_header(("ETag", format!("W/\"{v}\"")));
+    }
+    if let Some(ms) = resp.last_modified {
+        out.insert_header(("Last-Modified", format_http_date(ms)));
+    }
+    if let Some(loc) = &resp.location {
+        out.insert_header(("Location", loc.clone()));
+        out.insert_header(("Content-Location", loc.clone()));
+    }
+    let bytes: Option<Vec<u8>> = match resp.body {
+        ResponseBody::None => None,
+        ResponseBody::Json(v) => Some(if pretty { serde_json::to_vec_pretty(&v) } else { serde_json::to_vec(&v) }.unwrap_or_default()),
+        ResponseBody::Stored(b) if pretty => serde_json::from_slice::<Value>(&b).ok().and_then(|v| serde_json::to_vec_pretty(&v).ok()),
+        ResponseBody::Stored(b) => Some(b.to_vec()),
+    };
+    match bytes {
+        Some(b) => {
+            out.content_type(negotiate::FHIR_JSON);
+            if head {
+                out.finish()
+            } else {
+                out.body(b)
+            }
+        }
+        None => out.finish(),
+    }
+}
+
+/// The one actix handler: everything under the base path comes here.
+pub async fn dispatch(req: HttpRequest, payload: web::Payload, svc: web::Data<Service>) -> Result<HttpResponse> {
+    let method = Method::parse(req.method().as_str()).ok_or_else(|| Error::MethodNotAllowed(format!("{} is not a FHIR method", req.method())))?;
+    let base_path = svc.config.base_path();
+    let path = req.path().strip_prefix(base_path.as_str()).unwrap_or(req.path()).trim_matches('/');
+    let decoded: Vec<String> = path
+        .split('/')
+        .map(|s| percent_decode(s))
+        .collect::<Result<_>>()?;
+    let segments: Vec<&str> = decoded.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
+    let route = route(method, &segments)?;
+    let query = negotiate::query_pairs(req.query_string());
+    let pretty = negotiate::pretty(&query);
+    negotiate::check_accept(&req, &query)?;
+    let body = negotiate::read_body(&req, payload, svc.config.max_body_bytes, &route).await?;
+    let freq = FhirRequest {
+        method,
+        route,
+        query,
+        body,
+        if_match: negotiate::if_match(&req)?,
+        if_none_exist: negotiate::header(&req, "If-None-Exist"),
+        if_none_match: negotiate::header(&req, "If-None-Match"),
+        prefer: negotiate::prefer(&req),
+    };
+    let resp = interaction::handle(&svc, freq).await?;
+    Ok(to_http(resp, pretty, method == Method::Head))
+}
+
+fn percent_decode(s: &str) -> Result<String> {
+    let bytes: Vec<u8> = form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned().into_bytes())
+        .unwrap_or_default();
+    String::from_utf8(bytes).map_err(|_| Error::bad_request("invalid", "the URL is not valid UTF-8"))
+}
+
+/// Requests outside the base path, and methods actix would otherwise answer itself.
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
+    Err(Error::NotFound(format!("nothing at {}; the FHIR API is under the base URL", req.path())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(method: Method, path: &str) -> Result<Route> {
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        route(method, &segs)
+    }
+
+    #[test]
+    fn the_route_table_matches_r4_http() {
+        use Method::*;
+        let p = ResourceType::Patient;
+        assert_eq!(r(Get, "metadata").unwrap(), Route::Capabilities);
+        assert_eq!(r(Post, "").unwrap(), Route::SystemBundle);
+        assert_eq!(r(Get, "_history").unwrap(), Route::SystemHistory);
+        assert_eq!(r(Get, "Patient").unwrap(), Route::Search(p));
+        assert_eq!(r(Post, "Patient").unwrap(), Route::Create(p));
+        assert_eq!(r(Put, "Patient").unwrap(), Route::ConditionalUpdate(p));
+        assert_eq!(r(Delete, "Patient").unwrap(), Route::ConditionalDelete(p));
+        assert_eq!(r(Post, "Patient/_search").unwrap(), Route::SearchPost(p));
+        assert_eq!(r(Get, "Patient/_history").unwrap(), Route::TypeHistory(p));
+        assert_eq!(r(Get, "Patient/1").unwrap(), Route::Read(p, "1".into()));
+        assert_eq!(r(Put, "Patient/1").unwrap(), Route::Update(p, "1".into()));
+        assert_eq!(r(Patch, "Patient/1").unwrap(), Route::Patch(p, "1".into()));
+        assert_eq!(r(Delete, "Patient/1").unwrap(), Route::Delete(p, "1".into()));
+        assert_eq!(r(Get, "Patient/1/_history").unwrap(), Route::InstanceHistory(p, "1".into()));
+        assert_eq!(r(Get, "Patient/1/_history/2").unwrap(), Route::VRead(p, "1".into(), 2));
+        assert_eq!(r(Post, "Patient/$validate").unwrap(), Route::ValidateType(p));
+        assert_eq!(r(Get, "Patient/1/DocumentReference").unwrap(), Route::PatientCompartment("1".into(), ResourceType::DocumentReference));
+    }
+
+    #[test]
+    fn bad_paths_are_client_errors() {
+        use Method::*;
+        assert!(matches!(r(Get, "Observation/1"), Err(Error::NotFound(_))));
+        assert!(matches!(r(Get, "Patient/bad id"), Err(Error::BadRequest(_))));
+        assert!(matches!(r(Get, "Patient/1/_history/x"), Err(Error::BadRequest(_))));
+        assert!(matches!(r(Post, "Patient/1"), Err(Error::MethodNotAllowed(_))));
+        assert!(matches!(r(Delete, "metadata"), Err(Error::MethodNotAllowed(_))));
+        assert!(matches!(r(Get, "Patient/1/x/y/z"), Err(Error::NotFound(_))));
+    }
+}

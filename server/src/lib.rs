@@ -1,0 +1,76 @@
+//! Fhirmament: a FHIR R4 server. See ARCHITECTURE.md for the map.
+
+pub mod config;
+pub mod error;
+pub mod fhir;
+pub mod http;
+pub mod profiles;
+pub mod search;
+pub mod store;
+pub mod validate;
+
+use std::sync::Arc;
+
+use actix_web::{middleware, web, App, HttpServer};
+
+use config::Config;
+use error::{Error, Result};
+use profiles::Profiles;
+use search::Registry;
+use store::txlog::{LocalTxLog, TxLog};
+use store::Store;
+use validate::Validator;
+
+/// Everything a request needs, shared by all workers.
+pub struct Service {
+    pub config: Config,
+    pub profiles: Arc<Profiles>,
+    pub registry: Arc<Registry>,
+    pub validator: Arc<Validator>,
+    pub store: Arc<Store>,
+    pub txlog: Arc<dyn TxLog>,
+}
+
+pub fn load_profiles(config: &Config) -> Result<Profiles> {
+    match &config.profiles_dir {
+        Some(dir) => Profiles::load(dir),
+        None => Profiles::embedded(),
+    }
+    .map_err(|e| Error::Internal(e.to_string()))
+}
+
+impl Service {
+    pub fn open(config: Config) -> Result<Service> {
+        let profiles = Arc::new(load_profiles(&config)?);
+        let registry = Arc::new(Registry::from_profiles(&profiles));
+        let validator = Arc::new(Validator::new(profiles.clone()));
+        let warm = validator.clone();
+        std::thread::spawn(move || warm.warm());
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Storage(format!("creating {}: {e}", config.data_dir.display())))?;
+        let store = Arc::new(Store::open(&config.data_dir)?);
+        let txlog: Arc<dyn TxLog> = Arc::new(LocalTxLog::start(store.clone(), registry.clone(), config.base_url.clone())?);
+        Ok(Service { config, profiles, registry, validator, store, txlog })
+    }
+}
+
+/// Serve until the process is stopped.
+pub async fn serve(svc: Service) -> std::io::Result<()> {
+    let listen = svc.config.listen;
+    let workers = svc.config.workers;
+    let base_path = svc.config.base_path();
+    let data = web::Data::new(svc);
+    tracing::info!(%listen, base = %data.config.base_url, "fhirmament listening");
+    HttpServer::new(move || {
+        let scope = if base_path.is_empty() { "".to_string() } else { base_path.clone() };
+        App::new()
+            .app_data(data.clone())
+            .app_data(web::PayloadConfig::new(usize::MAX))
+            .wrap(middleware::Compress::default())
+            .service(web::scope(&scope).default_service(web::to(http::dispatch)))
+            .default_service(web::to(http::not_found))
+    })
+    .workers(workers)
+    .bind(listen)?
+    .run()
+    .await
+}

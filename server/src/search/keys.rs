@@ -1,0 +1,177 @@
+//! The byte layout of search index entries. One `IndexValue` expands to one or more keys in
+//! the `index` column family; every key is `{type}\0{code}\0{tag}{payload}` and ends with the
+//! resource id, so a prefix scan yields matching ids in order.
+//!
+//! | tag | payload                 | used by                                   |
+//! |-----|-------------------------|-------------------------------------------|
+//! | S   | normalised text \0 id   | string (starts-with, :contains)           |
+//! | E   | exact text \0 id        | string :exact                             |
+//! | T   | code \x01 system \0 id  | token `code`, `system|code`, `|code`      |
+//! | Y   | system \0 id            | token `system|`                           |
+//! | X   | normalised text \0 id   | token :text                               |
+//! | R   | Type/id or URL \0 id    | reference                                 |
+//! | D   | target id \0 id         | reference by bare id                      |
+//! | I   | value \x01 system \0 id | reference :identifier                     |
+//! | U   | uri \0 id               | uri                                       |
+//! | L   | lo(8) id  -> hi(8)      | date, ordered by start                    |
+//! | H   | hi(8) id  -> lo(8)      | date, ordered by end                      |
+//! | P   | id                      | :missing (present)                        |
+
+use super::value::{normalize, IndexValue};
+use crate::fhir::ResourceType;
+
+pub const SEP: u8 = 0;
+pub const FIELD: u8 = 1;
+
+pub fn param_prefix(rtype: ResourceType, code: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(rtype.as_str().len() + code.len() + 2);
+    k.extend_from_slice(rtype.as_str().as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(code.as_bytes());
+    k.push(SEP);
+    k
+}
+
+/// Key of the stored value list for one (resource, parameter).
+pub fn values_key(rtype: ResourceType, code: &str, id: &str) -> Vec<u8> {
+    let mut k = param_prefix(rtype, code);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Order-preserving encoding of an i64.
+pub fn ord_i64(v: i64) -> [u8; 8] {
+    ((v as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub fn from_ord_i64(b: &[u8]) -> i64 {
+    (u64::from_be_bytes(b[..8].try_into().expect("8 bytes")) ^ (1 << 63)) as i64
+}
+
+/// A reference as the index stores it: relative `Type/id` when it points into this server.
+pub fn local_reference(target: &str, base: &str) -> String {
+    target.strip_prefix(base).map(|r| r.trim_start_matches('/').to_string()).unwrap_or_else(|| target.to_string())
+}
+
+fn text_key(prefix: &[u8], tag: u8, parts: &[&str], id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 2 + id.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    k.extend_from_slice(prefix);
+    k.push(tag);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(FIELD);
+        }
+        k.extend_from_slice(p.as_bytes());
+    }
+    k.push(SEP);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Every index entry (key, value) for the values of one parameter of one resource.
+pub fn index_entries(prefix: &[u8], id: &str, values: &[IndexValue], base: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    if values.is_empty() {
+        return out;
+    }
+    let mut presence = prefix.to_vec();
+    presence.push(b'P');
+    presence.extend_from_slice(id.as_bytes());
+    out.push((presence, vec![]));
+    for v in values {
+        match v {
+            IndexValue::Str(s) => {
+                out.push((text_key(prefix, b'S', &[&normalize(s)], id), vec![]));
+                out.push((text_key(prefix, b'E', &[s], id), vec![]));
+            }
+            IndexValue::Token { system, code, text } => {
+                if let Some(c) = code {
+                    out.push((text_key(prefix, b'T', &[c, system.as_deref().unwrap_or("")], id), vec![]));
+                }
+                if let Some(s) = system {
+                    out.push((text_key(prefix, b'Y', &[s], id), vec![]));
+                }
+                if let Some(t) = text {
+                    out.push((text_key(prefix, b'X', &[&normalize(t)], id), vec![]));
+                }
+            }
+            IndexValue::Reference { target, identifier } => {
+                if let Some(t) = target {
+                    let local = local_reference(t, base);
+                    if let Some((_, target_id)) = local.split_once('/').filter(|(ty, _)| !ty.contains(':')) {
+                        out.push((text_key(prefix, b'D', &[target_id], id), vec![]));
+                    }
+                    out.push((text_key(prefix, b'R', &[&local], id), vec![]));
+                }
+                if let Some((system, value)) = identifier {
+                    out.push((text_key(prefix, b'I', &[value, system.as_deref().unwrap_or("")], id), vec![]));
+                }
+            }
+            IndexValue::Uri(u) => out.push((text_key(prefix, b'U', &[u], id), vec![])),
+            IndexValue::Date { lo, hi } => {
+                let mut l = prefix.to_vec();
+                l.push(b'L');
+                l.extend_from_slice(&ord_i64(*lo));
+                l.extend_from_slice(id.as_bytes());
+                out.push((l, ord_i64(*hi).to_vec()));
+                let mut h = prefix.to_vec();
+                h.push(b'H');
+                h.extend_from_slice(&ord_i64(*hi));
+                h.extend_from_slice(id.as_bytes());
+                out.push((h, ord_i64(*lo).to_vec()));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The resource id at the end of an index key that starts with `prefix` + tag.
+pub fn id_of_key<'k>(prefix_len: usize, key: &'k [u8]) -> Option<&'k str> {
+    let tag = *key.get(prefix_len)?;
+    let id = match tag {
+        b'L' | b'H' => key.get(prefix_len + 9..)?,
+        b'P' => key.get(prefix_len + 1..)?,
+        _ => {
+            let sep = key.iter().rposition(|b| *b == SEP)?;
+            if sep < prefix_len {
+                return None;
+            }
+            &key[sep + 1..]
+        }
+    };
+    std::str::from_utf8(id).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_back_out_of_every_kind_of_key() {
+        let prefix = param_prefix(ResourceType::Patient, "x");
+        let values = vec![
+            IndexValue::Str("Éva".into()),
+            IndexValue::Token { system: Some("s".into()), code: Some("c".into()), text: Some("T".into()) },
+            IndexValue::Reference { target: Some("http://base/fhir/Patient/9".into()), identifier: Some((None, "v".into())) },
+            IndexValue::Uri("http://u".into()),
+            IndexValue::Date { lo: -5, hi: 0x0000_0100_0000_0000 },
+        ];
+        let entries = index_entries(&prefix, "pat-1", &values, "http://base/fhir");
+        assert_eq!(entries.len(), 12);
+        for (k, _) in &entries {
+            assert_eq!(id_of_key(prefix.len(), k), Some("pat-1"), "{k:?}");
+        }
+        assert!(entries.iter().any(|(k, _)| k.ends_with(b"RPatient/9\0pat-1")));
+        assert!(entries.iter().any(|(k, _)| k.ends_with(b"Seva\0pat-1")));
+    }
+
+    #[test]
+    fn date_keys_sort_by_time_across_zero() {
+        assert!(ord_i64(-1) < ord_i64(0));
+        assert!(ord_i64(i64::MIN) < ord_i64(-1));
+        assert!(ord_i64(5) < ord_i64(i64::MAX));
+        assert_eq!(from_ord_i64(&ord_i64(-42)), -42);
+    }
+}
