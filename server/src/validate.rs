@@ -88,7 +88,13 @@ impl Validator {
             for err in validator.iter_errors(resource) {
                 total += 1;
                 if issues.len() < MAX_REPORTED_ISSUES {
-                    let expression = pointer_to_expression(rtype, err.instance_path().as_str());
+                    let mut expression = pointer_to_expression(rtype, err.instance_path().as_str());
+                    // An unknown element is located at the element itself, not its parent.
+                    if let jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } = err.kind() {
+                        if let [one] = unexpected.as_slice() {
+                            expression = format!("{expression}.{one}");
+                        }
+                    }
                     issues.push(Issue::error("structure", format!("{expression}: {err}")).at(expression));
                 }
             }
@@ -224,7 +230,7 @@ pub(crate) mod tests {
     #[test]
     fn unknown_elements_bad_codes_and_bad_dates_name_the_element() {
         let i = issues(ResourceType::Patient, json!({"resourceType":"Patient","name":[{"nickname":"x"}]}));
-        assert_eq!(i[0].expression, vec!["Patient.name[0]"]);
+        assert_eq!(i[0].expression, vec!["Patient.name[0].nickname"]);
         assert!(i[0].diagnostics.contains("nickname"));
         let i = issues(ResourceType::Patient, json!({"resourceType":"Patient","gender":"robot"}));
         assert_eq!(i[0].expression, vec!["Patient.gender"]);

@@ -1,1 +1,187 @@
+//! Harness for end-to-end tests: start the real `fhirmament` binary on a free loopback port
+//! with its own data directory, and talk HTTP to it.
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use reqwest::blocking::{Client, Response};
+pub use serde_json::{json, Value};
+
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+/// Path of the `fhirmament` binary, built (incrementally, usually a no-op) once per test process.
+pub fn binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "fhirmament", "--bin", "fhirmament"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the fhirmament binary failed");
+        // target/<profile>/deps/<this test> -> target/<profile>/fhirmament
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+        let bin = profile_dir.join("fhirmament");
+        assert!(bin.exists(), "no binary at {}", bin.display());
+        bin
+    })
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub port: u16,
+    pub data: PathBuf,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+    pub client: Client,
+    extra_args: Vec<String>,
+}
+
+impl TestServer {
+    pub fn start() -> TestServer {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra_args: &[&str]) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let mut s = TestServer {
+            base: String::new(),
+            port: 0,
+            data,
+            child: None,
+            _dir: Some(dir),
+            client: Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        s.launch();
+        s
+    }
+
+    /// (Re)start the process on a new port over the same data directory.
+    pub fn launch(&mut self) {
+        self.port = free_port();
+        self.base = format!("http://127.0.0.1:{}/fhir", self.port);
+        let child = Command::new(binary())
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(&self.extra_args)
+            .env("FHIRMAMENT_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn fhirmament");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(r) = self.client.get(format!("{}/metadata", self.base)).send() {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("fhirmament did not answer /metadata within 30 s");
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().expect("GET")
+    }
+
+    pub fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self.get(path);
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    pub fn send(&self, method: &str, path: &str, body: &Value, headers: &[(&str, &str)]) -> Response {
+        let mut req = self
+            .client
+            .request(method.parse().expect("method"), self.url(path))
+            .header("Content-Type", FHIR_JSON)
+            .body(serde_json::to_vec(body).expect("json"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().expect("request")
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Response {
+        self.send("POST", path, body, &[])
+    }
+
+    pub fn put(&self, path: &str, body: &Value) -> Response {
+        self.send("PUT", path, body, &[])
+    }
+
+    /// Create and return the stored resource.
+    pub fn create(&self, body: &Value) -> Value {
+        let t = body["resourceType"].as_str().expect("resourceType");
+        let r = self.post(t, body);
+        assert_eq!(r.status().as_u16(), 201, "create {t}");
+        r.json().expect("json")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Every entry's resource in a Bundle.
+pub fn resources(bundle: &Value) -> Vec<Value> {
+    bundle["entry"].as_array().map(|e| e.iter().filter_map(|x| x.get("resource").cloned()).collect()).unwrap_or_default()
+}
+
+/// Ids of the `match` entries in a searchset.
+pub fn match_ids(bundle: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = bundle["entry"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter(|x| x["search"]["mode"] == "match")
+                .filter_map(|x| x["resource"]["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+pub fn patient(family: &str, given: &str, birth: &str) -> Value {
+    json!({"resourceType": "Patient", "name": [{"family": family, "given": [given]}], "gender": "female", "birthDate": birth})
+}
+
+/// Assert an OperationOutcome body with at least one error issue.
+pub fn assert_outcome(r: Response, status: u16) -> Value {
+    assert_eq!(r.status().as_u16(), status, "status");
+    let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    assert!(ct.starts_with(FHIR_JSON), "content type {ct}");
+    let body: Value = r.json().expect("json body");
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    assert!(body["issue"].as_array().is_some_and(|i| !i.is_empty()), "{body}");
+    body
+}

@@ -35,13 +35,11 @@ pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
             }
         }
         Route::Delete(t, id) => {
-            let committed = commit(svc, vec![Change::Delete { rtype: t, id, if_match: req.if_match }]).await?;
-            Ok(deleted_response(&committed.applied[0]))
+            Ok(deleted_response(&commit_one(svc, Change::Delete { rtype: t, id, if_match: req.if_match }).await?))
         }
         Route::ConditionalDelete(t) => {
             let q = condition(svc, t, &req.query)?;
-            let committed = commit(svc, vec![Change::ConditionalDelete { rtype: t, query: q }]).await?;
-            Ok(deleted_response(&committed.applied[0]))
+            Ok(deleted_response(&commit_one(svc, Change::ConditionalDelete { rtype: t, query: q }).await?))
         }
         Route::Search(t) => search(svc, t, None, &req.query, &req),
         Route::SearchPost(t) => {
@@ -62,6 +60,15 @@ pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
 
 pub async fn commit(svc: &Service, changes: Vec<Change>) -> Result<Committed> {
     svc.txlog.submit(changes).await.map_err(|_| Error::Storage("the commit thread stopped before answering".into()))?
+}
+
+/// Commit one change outside any Bundle: its errors are the interaction's own.
+async fn commit_one(svc: &Service, change: Change) -> Result<Applied> {
+    match commit(svc, vec![change]).await {
+        Ok(mut c) => Ok(c.applied.remove(0)),
+        Err(Error::TransactionEntry { source, .. }) => Err(*source),
+        Err(e) => Err(e),
+    }
 }
 
 pub fn resource_url(svc: &Service, t: ResourceType, id: &str) -> String {
@@ -148,8 +155,7 @@ async fn create(svc: &Service, t: ResourceType, req: FhirRequest) -> Result<Fhir
     svc.validator.validate(t, &resource)?;
     let if_none_exist = req.if_none_exist.as_deref().map(|h| if_none_exist_query(svc, t, h)).transpose()?;
     let change = Change::Create { rtype: t, id: new_id(), resource, if_none_exist, on_match: OnMatch::ReturnExisting };
-    let committed = commit(svc, vec![change]).await?;
-    Ok(applied_response(svc, &committed.applied[0], req.prefer.return_))
+    Ok(applied_response(svc, &commit_one(svc, change).await?, req.prefer.return_))
 }
 
 fn check_body_id(resource: &Value, id: &str) -> Result<()> {
@@ -165,8 +171,7 @@ async fn update(svc: &Service, t: ResourceType, id: &str, req: FhirRequest) -> R
     svc.validator.validate(t, &resource)?;
     check_body_id(&resource, id)?;
     let change = Change::Update { rtype: t, id: id.to_string(), resource, if_match: req.if_match, method: Method::Put };
-    let committed = commit(svc, vec![change]).await?;
-    Ok(applied_response(svc, &committed.applied[0], req.prefer.return_))
+    Ok(applied_response(svc, &commit_one(svc, change).await?, req.prefer.return_))
 }
 
 async fn conditional_update(svc: &Service, t: ResourceType, req: FhirRequest) -> Result<FhirResponse> {
@@ -176,8 +181,7 @@ async fn conditional_update(svc: &Service, t: ResourceType, req: FhirRequest) ->
         check_id(id)?;
     }
     let q = condition(svc, t, &req.query)?;
-    let committed = commit(svc, vec![Change::ConditionalUpdate { rtype: t, query: q, resource, if_match: req.if_match }]).await?;
-    Ok(applied_response(svc, &committed.applied[0], req.prefer.return_))
+    Ok(applied_response(svc, &commit_one(svc, Change::ConditionalUpdate { rtype: t, query: q, resource, if_match: req.if_match }).await?, req.prefer.return_))
 }
 
 /// Apply a JSON Patch to the current version; the result is validated like an update.
@@ -202,9 +206,9 @@ async fn patch(svc: &Service, t: ResourceType, id: String, req: FhirRequest) -> 
             return Err(Error::PreconditionFailed(format!("If-Match version {} is stale: {t}/{id} is at version {version}", req.if_match.unwrap_or(0))));
         }
         let change = Change::Update { rtype: t, id: id.clone(), resource: doc, if_match: Some(version), method: Method::Patch };
-        match commit(svc, vec![change]).await {
-            Err(Error::TransactionEntry { source, .. }) if req.if_match.is_none() && matches!(*source, Error::PreconditionFailed(_)) => continue,
-            r => return Ok(applied_response(svc, &r?.applied[0], req.prefer.return_)),
+        match commit_one(svc, change).await {
+            Err(Error::PreconditionFailed(_)) if req.if_match.is_none() => continue,
+            r => return Ok(applied_response(svc, &r?, req.prefer.return_)),
         }
     }
     Err(Error::VersionConflict(format!("{t}/{id} kept changing under the PATCH; retry")))
