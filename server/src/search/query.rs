@@ -188,7 +188,7 @@ fn parse_value(param: &SearchParameter, name: &str, modifier: &Modifier, raw: &s
     Ok(match (param.kind, modifier) {
         (_, Modifier::Missing(_)) => ClauseValue::Flag,
         (ParamKind::String, Modifier::Exact) => ClauseValue::Str(raw.to_string()),
-        (ParamKind::String, _) if param.phonetic => ClauseValue::Str(soundex(raw).ok_or_else(|| bad_value(name, raw, "has no letters"))?),
+        (ParamKind::String, _) if param.phonetic => ClauseValue::Str(normalize(&soundex(raw).ok_or_else(|| bad_value(name, raw, "has no letters"))?)),
         (ParamKind::String, _) => ClauseValue::Str(normalize(raw)),
         (ParamKind::Token, Modifier::Text) => ClauseValue::Text(normalize(raw)),
         (ParamKind::Token, _) => {
