@@ -39,7 +39,7 @@ pub struct TestServer {
     pub base: String,
     pub port: u16,
     pub data: PathBuf,
-    child: Option<Child>,
+    child: std::sync::Mutex<Option<Child>>,
     _dir: Option<tempfile::TempDir>,
     pub client: Client,
     extra_args: Vec<String>,
@@ -57,7 +57,7 @@ impl TestServer {
             base: String::new(),
             port: 0,
             data,
-            child: None,
+            child: std::sync::Mutex::new(None),
             _dir: Some(dir),
             client: Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
@@ -81,7 +81,7 @@ impl TestServer {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn fhirmament");
-        self.child = Some(child);
+        *self.child.lock().unwrap() = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(r) = self.client.get(format!("{}/metadata", self.base)).send() {
@@ -95,8 +95,8 @@ impl TestServer {
     }
 
     /// SIGKILL: no shutdown path runs.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
+    pub fn kill9(&self) {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = c.kill();
             let _ = c.wait();
         }
