@@ -16,15 +16,23 @@ pub const FHIR_JSON: &str = "application/fhir+json";
 pub fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let release = exe.components().any(|c| c.as_os_str() == "release");
+        let mut args = vec!["build", "--quiet", "-p", "fhirmament", "--bin", "fhirmament"];
+        if release {
+            args.push("--release");
+        }
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "fhirmament", "--bin", "fhirmament"])
+            .args(&args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo build");
         assert!(status.success(), "building the fhirmament binary failed");
-        // target/<profile>/deps/<this test> -> target/<profile>/fhirmament
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+        // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>/fhirmament
+        let mut profile_dir = exe.parent().expect("exe dir");
+        if profile_dir.ends_with("deps") {
+            profile_dir = profile_dir.parent().expect("target/<profile>");
+        }
         let bin = profile_dir.join("fhirmament");
         assert!(bin.exists(), "no binary at {}", bin.display());
         bin
@@ -92,6 +100,10 @@ impl TestServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("fhirmament did not answer /metadata within 30 s");
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(Child::id)
     }
 
     /// SIGKILL: no shutdown path runs.
