@@ -484,6 +484,52 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profiles::Profiles;
+    use crate::store::DERIVED_FAMILIES;
+    use serde_json::json;
+
+    fn submit(log: &LocalTxLog, changes: Vec<Change>) -> Result<Committed> {
+        log.submit(changes).blocking_recv().expect("commit thread answers")
+    }
+
+    #[test]
+    fn reindex_rebuilds_the_derived_families_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
+        let base = "http://localhost/fhir".to_string();
+        let log = LocalTxLog::start(store.clone(), registry.clone(), base.clone()).unwrap();
+        for i in 0..30 {
+            let p = json!({"resourceType":"Patient","name":[{"family":format!("F{i}"),"given":["G"]}],"birthDate":format!("19{:02}-01-01", i + 10),
+                "identifier":[{"system":"urn:x","value":i.to_string()}],"managingOrganization":{"reference":"Organization/o"}});
+            submit(&log, vec![Change::Create { rtype: ResourceType::Patient, id: format!("p{i}"), resource: p, if_none_exist: None, on_match: OnMatch::ReturnExisting }]).unwrap();
+        }
+        // Updates and deletes leave no stale entries behind.
+        let changed = json!({"resourceType":"Patient","id":"p3","name":[{"family":"Changed"}]});
+        submit(&log, vec![Change::Update { rtype: ResourceType::Patient, id: "p3".into(), resource: changed, if_match: Some(1), method: Method::Put }]).unwrap();
+        submit(&log, vec![Change::Delete { rtype: ResourceType::Patient, id: "p4".into(), if_match: None }]).unwrap();
+        let before: Vec<_> = DERIVED_FAMILIES.iter().map(|cf| store.dump(cf).unwrap()).collect();
+        assert!(!before[0].is_empty());
+        assert_eq!(reindex(&store, &registry, &base).unwrap(), 29);
+        let after: Vec<_> = DERIVED_FAMILIES.iter().map(|cf| store.dump(cf).unwrap()).collect();
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn an_atomic_submission_with_a_failing_change_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
+        let log = LocalTxLog::start(store.clone(), registry, "http://x/fhir".into()).unwrap();
+        let p = json!({"resourceType":"Patient"});
+        let err = submit(&log, vec![
+            Change::Create { rtype: ResourceType::Patient, id: "a".into(), resource: p.clone(), if_none_exist: None, on_match: OnMatch::ReturnExisting },
+            Change::Update { rtype: ResourceType::Patient, id: "b".into(), resource: p, if_match: Some(3), method: Method::Put },
+        ]).unwrap_err();
+        assert!(matches!(err, Error::TransactionEntry { index: 1, .. }));
+        assert!(store.current(ResourceType::Patient, "a").unwrap().is_none());
+        assert!(store.dump(crate::store::CF_HISTORY).unwrap().is_empty());
+    }
     #[test]
     fn meta_is_set_and_everything_else_kept_in_order() {
         // Parsed from text, as requests are: decimals keep their digits (arbitrary_precision).
