@@ -42,6 +42,10 @@ pub struct ElementDefinition {
     pub is_summary: bool,
     /// Resource types a Reference here may point to; empty means any.
     pub reference_targets: Vec<String>,
+    /// `max` is "1".
+    pub max_one: bool,
+    /// The element's type codes (`date`, `Period`, …).
+    pub types: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -146,6 +150,8 @@ impl Profiles {
                         .filter(|t| t != "Resource")
                         .collect();
                     Some(ElementDefinition {
+                        max_one: e["max"] == "1",
+                        types: e["type"].as_array().into_iter().flatten().filter_map(|t| t["code"].as_str().map(str::to_string)).collect(),
                         path: segments,
                         min: e["min"].as_u64().unwrap_or(0) as u32,
                         is_summary: e["isSummary"].as_bool().unwrap_or(false),

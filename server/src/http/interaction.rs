@@ -369,6 +369,7 @@ fn includes(svc: &Service, q: &SearchQuery, page: &[&String]) -> Result<Vec<(Res
                 params: vec![inc.param.clone()],
                 modifier: query::Modifier::None,
                 values: vec![query::ClauseValue::Reference(format!("{}/{id}", q.rtype))],
+                single_date_width: None,
             });
             for sid in exec::matching_ids(&svc.store, &svc.config.base_url, &rq)? {
                 if let Ok(v) = svc.store.read(inc.source, &sid) {

@@ -257,6 +257,78 @@ fn scan_clause(store: &Store, rtype: ResourceType, clause: &Clause, base: &str, 
     Ok(Scan::Complete(positive))
 }
 
+/// AND-ed date clauses on one single-valued parameter all constrain the same value, so one
+/// scan of its start ordering over a bounded window answers them together. Returns the
+/// clauses answered and the ids, or None when no such group is bounded on both sides.
+fn single_date_group(store: &Store, rtype: ResourceType, clauses: &[Clause], now: i64) -> Result<Option<(Vec<usize>, BTreeSet<String>)>> {
+    for (first, c) in clauses.iter().enumerate() {
+        let Some(width) = c.single_date_width else { continue };
+        let code = &c.params[0].code;
+        let group: Vec<usize> = (first..clauses.len())
+            .filter(|&i| clauses[i].single_date_width.is_some() && clauses[i].params[0].code == *code && clauses[i].values.len() == 1)
+            .collect();
+        if group.len() < 2 {
+            continue;
+        }
+        let (mut rl_lo, mut rl_hi, mut rh_lo) = (i64::MIN, i64::MAX, i64::MIN);
+        let preds: Vec<(Prefix, i64, i64)> = group
+            .iter()
+            .filter_map(|&i| match clauses[i].values[0] {
+                ClauseValue::Date { prefix, lo, hi } => Some((prefix, lo, hi)),
+                _ => None,
+            })
+            .collect();
+        for &(p, pl, ph) in &preds {
+            match p {
+                Prefix::Eq => {
+                    rl_lo = rl_lo.max(pl);
+                    rl_hi = rl_hi.min(ph);
+                }
+                Prefix::Gt => rh_lo = rh_lo.max(ph.saturating_add(1)),
+                Prefix::Ge => rh_lo = rh_lo.max(pl),
+                Prefix::Lt | Prefix::Eb => rl_hi = rl_hi.min(pl.saturating_sub(1)),
+                Prefix::Le => rl_hi = rl_hi.min(ph),
+                Prefix::Sa => rl_lo = rl_lo.max(ph.saturating_add(1)),
+                Prefix::Ap => {
+                    let (al, ah) = approximate(pl, ph, now);
+                    rl_hi = rl_hi.min(ah);
+                    rh_lo = rh_lo.max(al);
+                }
+                Prefix::Ne => {}
+            }
+        }
+        let from = rl_lo.max(rh_lo.saturating_sub(width));
+        if from == i64::MIN || rl_hi == i64::MAX {
+            continue;
+        }
+        let prefix = param_prefix(rtype, code);
+        let plen = prefix.len();
+        let mut ids = BTreeSet::new();
+        if from <= rl_hi {
+            let mut start = prefix.clone();
+            start.push(b'L');
+            start.extend_from_slice(&ord_i64(from));
+            let mut end = prefix.clone();
+            end.push(b'L');
+            end.extend_from_slice(&ord_i64(rl_hi));
+            end.push(0xff);
+            store.scan_index(&start, Some(&end), |k, v| {
+                if v.len() >= 8 && k.len() > plen + 9 {
+                    let (rl, rh) = (from_ord_i64(&k[plen + 1..plen + 9]), from_ord_i64(v));
+                    if preds.iter().all(|&(p, pl, ph)| date_matches(p, pl, ph, rl, rh, now)) {
+                        if let Some(id) = id_of_key(plen, k) {
+                            ids.insert(id.to_string());
+                        }
+                    }
+                }
+                true
+            })?;
+        }
+        return Ok(Some((group, ids)));
+    }
+    Ok(None)
+}
+
 /// Every id matching the query's clauses, in the query's sort order.
 pub fn matching_ids(store: &Store, base: &str, query: &SearchQuery) -> Result<Vec<String>> {
     let now = now_ms();
@@ -264,23 +336,26 @@ pub fn matching_ids(store: &Store, base: &str, query: &SearchQuery) -> Result<Ve
     let ids: BTreeSet<String> = if query.clauses.is_empty() {
         all_ids(store, rtype)?
     } else {
-        // Pick the driver: the first clause whose scan is small.
-        let mut driver = None;
-        for (i, clause) in query.clauses.iter().enumerate() {
-            if let Scan::Complete(set) = scan_clause(store, rtype, clause, base, now, DRIVER_CAP)? {
-                driver = Some((i, set));
-                break;
+        // Pick the driver: a bounded single-valued date range, else the first clause whose
+        // scan is small, else the first clause.
+        let mut driver: Option<(Vec<usize>, BTreeSet<String>)> = single_date_group(store, rtype, &query.clauses, now)?;
+        if driver.is_none() {
+            for (i, clause) in query.clauses.iter().enumerate() {
+                if let Scan::Complete(set) = scan_clause(store, rtype, clause, base, now, DRIVER_CAP)? {
+                    driver = Some((vec![i], set));
+                    break;
+                }
             }
         }
-        let (driver_index, mut set) = match driver {
+        let (answered, mut set) = match driver {
             Some(d) => d,
             None => match scan_clause(store, rtype, &query.clauses[0], base, now, usize::MAX)? {
-                Scan::Complete(s) => (0, s),
+                Scan::Complete(s) => (vec![0], s),
                 Scan::TooLarge => unreachable!("uncapped scans complete"),
             },
         };
         for (i, clause) in query.clauses.iter().enumerate() {
-            if i == driver_index || set.is_empty() {
+            if answered.contains(&i) || set.is_empty() {
                 continue;
             }
             let candidates: Vec<&str> = set.iter().map(String::as_str).collect();

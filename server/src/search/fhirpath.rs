@@ -153,6 +153,35 @@ impl Expression {
         })
     }
 
+    /// For an expression that is, for `resource_type`, one plain path of fields (optionally
+    /// narrowed by `as T`), the field names and the `as` type.
+    pub fn plain_path(&self, resource_type: &str) -> Option<(Vec<String>, Option<String>)> {
+        let mut found = None;
+        for t in &self.terms {
+            match t {
+                Term::Path(p) if p.root == resource_type => {
+                    if found.is_some() {
+                        return None;
+                    }
+                    let mut fields = Vec::new();
+                    let mut as_type = None;
+                    for s in &p.steps {
+                        match s {
+                            Step::Field(f) if as_type.is_none() => fields.push(f.clone()),
+                            Step::As(t) => as_type = Some(t.clone()),
+                            _ => return None,
+                        }
+                    }
+                    found = Some((fields, as_type));
+                }
+                Term::Path(p) if p.root == "Resource" || p.root == "DomainResource" => return None,
+                Term::ExistsAndNotFalse(p) if p.root == resource_type => return None,
+                _ => {}
+            }
+        }
+        found
+    }
+
     pub fn evaluate<'a>(&self, resource_type: &str, resource: &'a Value) -> Vec<Item<'a>> {
         let mut out = Vec::new();
         for term in &self.terms {

@@ -61,6 +61,9 @@ pub struct Clause {
     pub params: Vec<Arc<SearchParameter>>,
     pub modifier: Modifier,
     pub values: Vec<ClauseValue>,
+    /// For a date parameter with one value per resource: the widest range that value can
+    /// cover. AND-ed clauses on such a parameter constrain the same value.
+    pub single_date_width: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,7 +354,8 @@ pub fn parse(registry: &Registry, rtype: ResourceType, params: &[(String, String
                     .iter()
                     .map(|v| parse_value(&param, name, &modifier, v))
                     .collect::<Result<Vec<_>>>()?;
-                q.clauses.push(Clause { params: vec![param], modifier, values });
+                let single_date_width = (modifier == Modifier::None).then(|| registry.single_date.get(&(rtype, param.code.clone())).copied()).flatten();
+                q.clauses.push(Clause { params: vec![param], modifier, values, single_date_width });
             }
         }
         if applied {
@@ -365,7 +369,7 @@ pub fn parse(registry: &Registry, rtype: ResourceType, params: &[(String, String
 pub fn add_patient_compartment(registry: &Registry, q: &mut SearchQuery, patient_id: &str) -> Result<()> {
     if q.rtype == ResourceType::Patient {
         let id_param = registry.get(ResourceType::Patient, "_id").ok_or_else(|| Error::Internal("no _id parameter".into()))?;
-        q.clauses.push(Clause { params: vec![id_param], modifier: Modifier::None, values: vec![ClauseValue::Token { system: None, code: Some(patient_id.to_string()) }] });
+        q.clauses.push(Clause { params: vec![id_param], modifier: Modifier::None, values: vec![ClauseValue::Token { system: None, code: Some(patient_id.to_string()) }], single_date_width: None });
         return Ok(());
     }
     let params = registry
@@ -373,7 +377,7 @@ pub fn add_patient_compartment(registry: &Registry, q: &mut SearchQuery, patient
         .get(&q.rtype)
         .filter(|p| !p.is_empty())
         .ok_or_else(|| Error::NotFound(format!("{} is not in the Patient compartment", q.rtype)))?;
-    q.clauses.push(Clause { params: params.clone(), modifier: Modifier::None, values: vec![ClauseValue::Reference(format!("Patient/{patient_id}"))] });
+    q.clauses.push(Clause { params: params.clone(), modifier: Modifier::None, values: vec![ClauseValue::Reference(format!("Patient/{patient_id}"))], single_date_width: None });
     Ok(())
 }
 

@@ -53,6 +53,37 @@ pub struct Registry {
     pub not_offered: Vec<(ResourceType, String, String)>,
     /// Patient compartment membership: type -> parameters.
     pub patient_compartment: BTreeMap<ResourceType, Vec<Arc<SearchParameter>>>,
+    /// Date parameters whose value is one date/dateTime/instant per resource (max 1 all along
+    /// the path, per the StructureDefinition): (type, code) -> the widest range such a value
+    /// can cover, in ms. AND-ed clauses on them constrain the same value.
+    pub single_date: BTreeMap<(ResourceType, String), i64>,
+}
+
+/// A date value of year precision covers at most 366 days (plus a leap second).
+const WIDEST_DATE_MS: i64 = 367 * 86_400_000;
+
+fn single_date_width(profiles: &Profiles, rtype: ResourceType, param: &SearchParameter) -> Option<i64> {
+    let (fields, as_type) = param.expression.plain_path(rtype.as_str())?;
+    let elements = &profiles.elements[&rtype];
+    let mut last = None;
+    for depth in 1..=fields.len() {
+        let path = &fields[..depth];
+        let def = elements.iter().find(|e| {
+            e.path.len() == depth
+                && e.path[..depth - 1] == path[..depth - 1]
+                && (e.path[depth - 1] == path[depth - 1] || e.path[depth - 1] == format!("{}[x]", path[depth - 1]))
+        })?;
+        if !def.max_one {
+            return None;
+        }
+        last = Some(def);
+    }
+    let types: Vec<&str> = match &as_type {
+        Some(t) => vec![t.as_str()],
+        None => last?.types.iter().map(String::as_str).collect(),
+    };
+    let all_dates = !types.is_empty() && types.iter().all(|t| matches!(*t, "date" | "dateTime" | "instant"));
+    all_dates.then_some(WIDEST_DATE_MS)
 }
 
 impl Registry {
@@ -107,6 +138,14 @@ impl Registry {
             for rt in applies {
                 if param.expression.applies_to(rt.as_str()) {
                     reg.by_type.get_mut(&rt).expect("all types present").insert(code.to_string(), param.clone());
+                }
+            }
+        }
+        for rt in ResourceType::ALL {
+            let dates: Vec<Arc<SearchParameter>> = reg.params(rt).filter(|p| p.kind == ParamKind::Date).cloned().collect();
+            for p in dates {
+                if let Some(w) = single_date_width(profiles, rt, &p) {
+                    reg.single_date.insert((rt, p.code.clone()), w);
                 }
             }
         }
@@ -284,6 +323,18 @@ mod tests {
         assert!(matches!(ex("birthdate")[0], IndexValue::Date { .. }));
         assert_eq!(ex("organization"), vec![IndexValue::Reference { target: Some("Organization/1".into()), identifier: None }]);
         assert_eq!(ex("phonetic")[0], IndexValue::Str("C456".into()));
+    }
+
+    #[test]
+    fn single_valued_date_parameters_come_from_the_structure_definitions() {
+        let r = registry();
+        assert!(r.single_date.contains_key(&(ResourceType::Patient, "birthdate".to_string())));
+        assert!(r.single_date.contains_key(&(ResourceType::Patient, "death-date".to_string())));
+        assert!(r.single_date.contains_key(&(ResourceType::AuditEvent, "date".to_string())));
+        assert!(r.single_date.contains_key(&(ResourceType::Patient, "_lastUpdated".to_string())) == false);
+        // Periods and repeating elements do not qualify.
+        assert!(!r.single_date.contains_key(&(ResourceType::DocumentReference, "period".to_string())));
+        assert!(!r.single_date.contains_key(&(ResourceType::Consent, "period".to_string())));
     }
 
     #[test]
