@@ -70,6 +70,8 @@ pub async fn serve(svc: Service) -> std::io::Result<()> {
             .default_service(web::to(http::not_found))
     })
     .workers(workers)
+    // Responses are written in one go; Nagle would hold their tails for the client's delayed ACK.
+    .tcp_nodelay(true)
     .bind(listen)?
     .run()
     .await

@@ -16,23 +16,26 @@ pub const FHIR_JSON: &str = "application/fhir+json";
 pub fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        let release = exe.components().any(|c| c.as_os_str() == "release");
-        let mut args = vec!["build", "--quiet", "-p", "fhirmament", "--bin", "fhirmament"];
-        if release {
-            args.push("--release");
-        }
-        let status = Command::new(env!("CARGO"))
-            .args(&args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the fhirmament binary failed");
         // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>/fhirmament
+        let exe = std::env::current_exe().expect("test executable path");
         let mut profile_dir = exe.parent().expect("exe dir");
         if profile_dir.ends_with("deps") {
             profile_dir = profile_dir.parent().expect("target/<profile>");
         }
+        let target_dir = profile_dir.parent().expect("target dir");
+        let mut args = vec!["build", "--quiet", "-p", "fhirmament", "--bin", "fhirmament"];
+        if profile_dir.ends_with("release") {
+            args.push("--release");
+        }
+        // Build into the target directory this test binary came from, whatever the environment says.
+        let status = Command::new(env!("CARGO"))
+            .args(&args)
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the fhirmament binary failed");
         let bin = profile_dir.join("fhirmament");
         assert!(bin.exists(), "no binary at {}", bin.display());
         bin

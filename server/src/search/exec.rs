@@ -140,7 +140,8 @@ fn scan_value(store: &Store, rtype: ResourceType, param: &SearchParameter, modif
         store.scan_index_prefix(&start, |k, _| id_of_key(plen, k).map_or(true, |id| c.add(id)))
     };
     match (q, modifier) {
-        (ClauseValue::Str(s), Modifier::Exact) => by_prefix(key(&prefix, b'E', &[s], true), c),
+        // Candidates whose normalised text equals; `scan_clause` rechecks the exact text.
+        (ClauseValue::Str(s), Modifier::Exact) => by_prefix(key(&prefix, b'S', &[&normalize(s)], true), c),
         (ClauseValue::Str(s), Modifier::Contains) => store.scan_index_prefix(&key(&prefix, b'S', &[], false), |k, _| {
             let text_end = k.iter().rposition(|b| *b == SEP).unwrap_or(k.len());
             let text = std::str::from_utf8(&k[plen + 1..text_end]).unwrap_or("");
@@ -216,7 +217,7 @@ fn scan_value(store: &Store, rtype: ResourceType, param: &SearchParameter, modif
                 }
             })
         }
-        (ClauseValue::Flag, _) => by_prefix(key(&prefix, b'P', &[], false), c),
+        (ClauseValue::Flag, _) => store.scan_values_prefix(&prefix, |id| c.add(id)),
     }
 }
 
@@ -244,6 +245,17 @@ fn scan_clause(store: &Store, rtype: ResourceType, clause: &Clause, base: &str, 
                 return Ok(Scan::TooLarge);
             }
         }
+    }
+    if clause.modifier == Modifier::Exact && !positive.is_empty() {
+        let candidates: Vec<&str> = positive.iter().map(String::as_str).collect();
+        let per_param = clause.params.iter().map(|p| store.values(rtype, &p.code, &candidates)).collect::<Result<Vec<_>>>()?;
+        let keep: BTreeSet<String> = candidates
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| clause_matches(clause, &per_param.iter().map(|v| v[*n].clone()).collect::<Vec<_>>(), base, now))
+            .map(|(_, id)| id.to_string())
+            .collect();
+        positive = keep;
     }
     if complemented {
         if cap != usize::MAX {

@@ -149,6 +149,20 @@ impl Registry {
                 }
             }
         }
+        // Index keys identify a parameter by 4 bytes of its code's hash: a code that collides
+        // with another is not offered (none of the R4 codes do; a test checks).
+        let mut owner: std::collections::HashMap<[u8; 4], String> = std::collections::HashMap::new();
+        for rt in ResourceType::ALL {
+            let colliding: Vec<String> = reg
+                .params(rt)
+                .filter(|p| owner.entry(super::keys::code_hash(&p.code)).or_insert_with(|| p.code.clone()) != &p.code)
+                .map(|p| p.code.clone())
+                .collect();
+            for code in colliding {
+                reg.by_type.get_mut(&rt).expect("all types present").remove(&code);
+                reg.not_offered.push((rt, code, "its index prefix collides with another parameter".into()));
+            }
+        }
         for (type_name, codes) in &profiles.patient_compartment {
             let Ok(rt) = type_name.parse::<ResourceType>() else { continue };
             let params = codes.iter().filter_map(|c| reg.get(rt, c)).collect();
@@ -299,6 +313,7 @@ mod tests {
         for code in ["patient", "agent", "entity", "date", "type", "subtype", "action", "outcome", "address", "policy"] {
             assert!(r.get(ResourceType::AuditEvent, code).is_some(), "AuditEvent {code}");
         }
+        assert!(!r.not_offered.iter().any(|(_, _, why)| why.contains("collides")));
         // Not offered, and so not advertised: composite, and _text/_content without expressions.
         assert!(r.get(ResourceType::DocumentReference, "relationship").is_none());
         assert!(r.get(ResourceType::Patient, "_text").is_none());

@@ -9,7 +9,7 @@
 //! | `history`     | tx(8) entry(4)                        | type \0 id \0 version(8)               |
 //! | `type_history`| type \0 tx(8) entry(4)                | version(8) id                          |
 //! | `index`       | see `search::keys`                    | date bounds or empty                   |
-//! | `values`      | type \0 code \0 id                    | encoded `IndexValue` list              |
+//! | `values`      | param prefix(5) id                    | encoded `IndexValue` list              |
 //! | `meta`        | name                                  | counters (last tx, last timestamp)     |
 //!
 //! `versions`, `current` and both histories are the record; `index` and `values` are derived
@@ -256,6 +256,23 @@ impl Store {
     pub fn scan_index_prefix(&self, prefix: &[u8], f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
         let end = prefix_end(prefix);
         self.scan_index(prefix, end.as_deref(), f)
+    }
+
+    /// Ids of the resources that have a value for the parameter whose prefix this is.
+    pub fn scan_values_prefix(&self, prefix: &[u8], mut f: impl FnMut(&str) -> bool) -> Result<()> {
+        let mut ro = ReadOptions::default();
+        if let Some(end) = prefix_end(prefix) {
+            ro.set_iterate_upper_bound(end);
+        }
+        for item in self.db.iterator_cf_opt(self.cf(CF_VALUES), ro, IteratorMode::From(prefix, Direction::Forward)) {
+            let (k, _) = item?;
+            if let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) {
+                if !f(id) {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The stored index values of one parameter for many resources.

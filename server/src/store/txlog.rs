@@ -358,12 +358,12 @@ impl Committer {
                     .params(rtype)
                     .map(|p| (p.code.clone(), encode_values(&extract(p, rtype, &r))))
                     .collect();
-                self.reindex_resource(group, own, rtype, id, &new_values)?;
+                self.reindex_resource(group, own, rtype, id, &new_values, cur.is_none())?;
                 Some(serde_json::to_vec(&r).map_err(|e| Error::Internal(e.to_string()))?)
             }
             None => {
                 let empty: Vec<(String, Vec<u8>)> = self.registry.params(rtype).map(|p| (p.code.clone(), Vec::new())).collect();
-                self.reindex_resource(group, own, rtype, id, &empty)?;
+                self.reindex_resource(group, own, rtype, id, &empty, false)?;
                 None
             }
         };
@@ -389,11 +389,11 @@ impl Committer {
     }
 
     /// Replace a resource's index entries: remove those derived from its previous values,
-    /// add those of the new ones.
-    fn reindex_resource(&self, group: &Overlay, own: &mut Overlay, rtype: ResourceType, id: &str, new_values: &[(String, Vec<u8>)]) -> Result<()> {
+    /// add those of the new ones. A resource that never existed has no previous values.
+    fn reindex_resource(&self, group: &Overlay, own: &mut Overlay, rtype: ResourceType, id: &str, new_values: &[(String, Vec<u8>)], is_new: bool) -> Result<()> {
         for (code, encoded) in new_values {
             let vkey = values_key(rtype, code, id);
-            let old = self.get(group, own, CF_VALUES, &vkey)?.unwrap_or_default();
+            let old = if is_new { Vec::new() } else { self.get(group, own, CF_VALUES, &vkey)?.unwrap_or_default() };
             if old == *encoded {
                 continue;
             }

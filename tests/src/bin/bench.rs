@@ -4,7 +4,6 @@
 //!
 //! cargo run --release -p fhirmament-e2e --bin bench -- --patients 100000 --concurrency 32 --seconds 10
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -79,43 +78,85 @@ fn dir_bytes(p: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Run `op` from `concurrency` threads for `seconds`; print throughput and latency percentiles.
-fn measure(name: &str, a: &Args, op: impl Fn(&Client, &mut Rng) -> bool + Sync) {
-    let stop = AtomicBool::new(false);
-    let errors = AtomicU64::new(0);
-    let latencies = Mutex::new(Vec::<u32>::new());
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One request of a workload: method, URL and body.
+type Request = (reqwest::Method, String, Option<Vec<u8>>, u16);
+
+/// Issue requests from `concurrency` tasks on a single-threaded async client for `seconds`;
+/// print throughput, latency percentiles and how the CPU was shared.
+fn measure(name: &str, a: &Args, server_pid: u32, make: impl Fn(&mut Rng) -> Request + Sync) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(a.concurrency).build().unwrap();
+    // Build every request body before the clock starts.
+    let per_task: Vec<Vec<Request>> = (0..a.concurrency)
+        .map(|t| {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1) * 0x1000_0001);
+            (0..500).map(|_| make(&mut rng)).collect()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(a.seconds);
+    let (server_cpu0, own_cpu0) = (cpu_seconds(server_pid), cpu_seconds(std::process::id()));
     let start = Instant::now();
-    std::thread::scope(|scope| {
-        for t in 0..a.concurrency {
-            let (stop, errors, latencies, op) = (&stop, &errors, &latencies, &op);
-            scope.spawn(move || {
-                let client = Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(1).build().unwrap();
-                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1) * 0x1000_0001);
-                let mut mine = Vec::with_capacity(100_000);
-                while !stop.load(Ordering::Relaxed) {
-                    let t0 = Instant::now();
-                    if !op(&client, &mut rng) {
-                        errors.fetch_add(1, Ordering::Relaxed);
+    let results: Vec<(Vec<u32>, u64)> = rt.block_on(async {
+        let tasks: Vec<_> = per_task
+            .into_iter()
+            .map(|requests| {
+                let client = client.clone();
+                async move {
+                    let mut lat = Vec::with_capacity(1 << 16);
+                    let mut errors = 0u64;
+                    for (method, url, body, expect) in requests.iter().cycle() {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        let t0 = Instant::now();
+                        let mut req = client.request(method.clone(), url);
+                        if let Some(b) = body {
+                            req = req.header("Content-Type", FHIR_JSON).body(b.clone());
+                        }
+                        let ok = match req.send().await {
+                            Ok(r) => r.status().as_u16() == *expect && r.bytes().await.is_ok(),
+                            Err(_) => false,
+                        };
+                        if !ok {
+                            errors += 1;
+                        }
+                        lat.push(t0.elapsed().as_micros() as u32);
                     }
-                    mine.push(t0.elapsed().as_micros() as u32);
+                    (lat, errors)
                 }
-                latencies.lock().unwrap().extend(mine);
-            });
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks.into_iter().map(tokio::spawn).collect::<Vec<_>>() {
+            out.push(t.await.unwrap());
         }
-        std::thread::sleep(Duration::from_secs(a.seconds));
-        stop.store(true, Ordering::Relaxed);
+        out
     });
     let elapsed = start.elapsed().as_secs_f64();
-    let mut l = latencies.into_inner().unwrap();
+    let server_cpu = cpu_seconds(server_pid) - server_cpu0;
+    let own_cpu = cpu_seconds(std::process::id()) - own_cpu0;
+    let errors: u64 = results.iter().map(|r| r.1).sum();
+    let mut l: Vec<u32> = results.into_iter().flat_map(|r| r.0).collect();
     l.sort_unstable();
     let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
     println!(
-        "{name:<28} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   ({} requests, {} errors)",
+        "{name:<26} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} req, {} errors; CPU: server {:.0}%, load generator {:.0}%)",
         l.len() as f64 / elapsed,
         pct(0.50),
         pct(0.99),
         l.len(),
-        errors.load(Ordering::Relaxed)
+        errors,
+        100.0 * server_cpu / elapsed,
+        100.0 * own_cpu / elapsed
     );
 }
 
@@ -149,26 +190,31 @@ fn main() {
     println!("loaded {} patients in {:.1} s", ids.len(), t0.elapsed().as_secs_f64());
 
     let base = s.base.clone();
-    let body = |v: &Value| serde_json::to_vec(v).unwrap();
-    measure("read Patient/{id}", &a, |c, rng| {
-        let id = &ids[rng.below(ids.len())];
-        c.get(format!("{base}/Patient/{id}")).send().map(|r| r.status() == 200 && r.bytes().is_ok()).unwrap_or(false)
-    });
-    measure("search family=", &a, |c, rng| {
-        c.get(format!("{base}/Patient?family={}&_count=10", family(rng.below(FAMILIES)))).send().map(|r| r.status() == 200 && r.bytes().is_ok()).unwrap_or(false)
-    });
-    measure("search birthdate month", &a, |c, rng| {
-        let (y, m) = (1930 + rng.below(90), 1 + rng.below(12));
-        c.get(format!("{base}/Patient?birthdate=ge{y:04}-{m:02}-01&birthdate=le{y:04}-{m:02}-28&_count=10")).send().map(|r| r.status() == 200 && r.bytes().is_ok()).unwrap_or(false)
-    });
-    measure("create Patient", &a, |c, rng| {
-        c.post(format!("{base}/Patient")).header("Content-Type", FHIR_JSON).body(body(&synthetic_patient(rng))).send().map(|r| r.status() == 201 && r.bytes().is_ok()).unwrap_or(false)
-    });
-    measure("transaction (10 entries)", &a, |c, rng| {
-        let entries: Vec<Value> = (0..10).map(|_| json!({"resource": synthetic_patient(rng), "request": {"method": "POST", "url": "Patient"}})).collect();
-        let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
-        c.post(format!("{base}/")).header("Content-Type", FHIR_JSON).body(body(&b)).send().map(|r| r.status() == 200 && r.bytes().is_ok()).unwrap_or(false)
-    });
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let run = |name: &str| only.is_empty() || name.contains(only.as_str());
+    use reqwest::Method;
+    if run("read") {
+        measure("read Patient/{id}", &a, pid, |rng| (Method::GET, format!("{base}/Patient/{}", ids[rng.below(ids.len())]), None, 200));
+    }
+    if run("family") {
+        measure("search family=", &a, pid, |rng| (Method::GET, format!("{base}/Patient?family={}&_count=10", family(rng.below(FAMILIES))), None, 200));
+    }
+    if run("birthdate") {
+        measure("search birthdate month", &a, pid, |rng| {
+            let (y, m) = (1930 + rng.below(90), 1 + rng.below(12));
+            (Method::GET, format!("{base}/Patient?birthdate=ge{y:04}-{m:02}-01&birthdate=le{y:04}-{m:02}-28&_count=10"), None, 200)
+        });
+    }
+    if run("create") {
+        measure("create Patient", &a, pid, |rng| (Method::POST, format!("{base}/Patient"), Some(serde_json::to_vec(&synthetic_patient(rng)).unwrap()), 201));
+    }
+    if run("transaction") {
+        measure("transaction (10 entries)", &a, pid, |rng| {
+            let entries: Vec<Value> = (0..10).map(|_| json!({"resource": synthetic_patient(rng), "request": {"method": "POST", "url": "Patient"}})).collect();
+            let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+            (Method::POST, format!("{base}/"), Some(serde_json::to_vec(&b).unwrap()), 200)
+        });
+    }
 
     let (_, count) = s.get_json("Patient?_summary=count");
     let stored = count["total"].as_u64().unwrap_or(1).max(1);
