@@ -66,6 +66,7 @@ pub async fn serve(svc: Service) -> std::io::Result<()> {
             .app_data(data.clone())
             .app_data(web::PayloadConfig::new(usize::MAX))
             .wrap(middleware::Compress::default())
+            .wrap(middleware::from_fn(http::strip_identity_encoding))
             .service(web::scope(&scope).default_service(web::to(http::dispatch)))
             .default_service(web::to(http::not_found))
     })

@@ -194,6 +194,10 @@ fn formats_pretty_gzip_and_if_none_match() {
     let raw = Client::builder().no_gzip().build().unwrap();
     let r = raw.get(s.url("metadata")).header("Accept-Encoding", "gzip").send().unwrap();
     assert_eq!(r.headers().get("content-encoding").map(|v| v.to_str().unwrap()), Some("gzip"));
+    // A small resource is not worth compressing, and says nothing about encoding.
+    let r = raw.get(s.url(&format!("Patient/{id}"))).header("Accept-Encoding", "gzip").send().unwrap();
+    assert_eq!(r.headers().get("content-encoding"), None);
+    assert_eq!(r.json::<Value>().unwrap()["id"], id);
 }
 
 #[test]

@@ -193,6 +193,8 @@ impl FhirResponse {
     }
 }
 
+const MIN_COMPRESSED_BYTES: usize = 1024;
+
 fn to_http(resp: FhirResponse, pretty: bool, head: bool) -> HttpResponse {
     let mut out = HttpResponse::build(resp.status);
     if let Some(v) = resp.version {
@@ -214,6 +216,11 @@ fn to_http(resp: FhirResponse, pretty: bool, head: bool) -> HttpResponse {
     match bytes {
         Some(b) => {
             out.content_type(negotiate::FHIR_JSON);
+            // Compressing a small body costs both ends more than it saves (cf. nginx
+            // gzip_min_length); an explicit identity encoding tells Compress to leave it.
+            if b.len() < MIN_COMPRESSED_BYTES {
+                out.insert_header(("Content-Encoding", "identity"));
+            }
             if head {
                 out.finish()
             } else {
@@ -259,6 +266,20 @@ fn percent_decode(s: &str) -> Result<String> {
         .map(|(_, v)| v.into_owned().into_bytes())
         .unwrap_or_default();
     String::from_utf8(bytes).map_err(|_| Error::bad_request("invalid", "the URL is not valid UTF-8"))
+}
+
+/// `Content-Encoding: identity` only told `Compress` to leave a small body alone (RFC 9110
+/// says not to send it): remove it on the way out.
+pub async fn strip_identity_encoding(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    let mut res = next.call(req).await?;
+    let headers = res.headers_mut();
+    if headers.get(actix_web::http::header::CONTENT_ENCODING).is_some_and(|v| v == "identity") {
+        headers.remove(actix_web::http::header::CONTENT_ENCODING);
+    }
+    Ok(res)
 }
 
 /// Requests outside the base path, and methods actix would otherwise answer itself.

@@ -309,11 +309,16 @@ fn single_date_group(store: &Store, rtype: ResourceType, clauses: &[Clause], now
                 Prefix::Ne => {}
             }
         }
+        let prefix = param_prefix(rtype, code);
+        // The widest value actually indexed bounds how far before `rh_lo` a match can start.
+        let width = match store.date_width(&prefix) {
+            Some(w) => w.min(width),
+            None => return Ok(Some((group, BTreeSet::new()))),
+        };
         let from = rl_lo.max(rh_lo.saturating_sub(width));
         if from == i64::MIN || rl_hi == i64::MAX {
             continue;
         }
-        let prefix = param_prefix(rtype, code);
         let plen = prefix.len();
         let mut ids = BTreeSet::new();
         if from <= rl_hi {

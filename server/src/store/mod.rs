@@ -40,6 +40,8 @@ pub const DERIVED_FAMILIES: [&str; 2] = [CF_INDEX, CF_VALUES];
 
 pub const META_LAST_TX: &[u8] = b"last_tx";
 pub const META_LAST_TS: &[u8] = b"last_timestamp";
+/// `date_width` + param prefix -> the widest date range (ms) ever indexed for that parameter.
+pub const META_DATE_WIDTH: &[u8] = b"date_width";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -169,6 +171,9 @@ pub struct HistoryPage {
 
 pub struct Store {
     db: DB,
+    /// Widest indexed date range per parameter prefix. Only ever grows (deletions do not
+    /// shrink it), so a scan window derived from it never misses a value.
+    date_widths: std::sync::RwLock<std::collections::HashMap<Vec<u8>, i64>>,
 }
 
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -190,7 +195,36 @@ impl Store {
         opts.increase_parallelism(2);
         let cfs = COLUMN_FAMILIES.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| Error::Storage(format!("opening {}: {e}", path.display())))?;
-        Ok(Store { db })
+        let store = Store { db, date_widths: Default::default() };
+        let mut widths = std::collections::HashMap::new();
+        for item in store.db.iterator_cf(store.cf(CF_META), IteratorMode::From(META_DATE_WIDTH, Direction::Forward)) {
+            let (k, v) = item?;
+            let Some(prefix) = k.strip_prefix(META_DATE_WIDTH) else { break };
+            if let Ok(b) = <[u8; 8]>::try_from(&v[..]) {
+                widths.insert(prefix.to_vec(), i64::from_be_bytes(b));
+            }
+        }
+        *store.date_widths.write().unwrap_or_else(|p| p.into_inner()) = widths;
+        Ok(store)
+    }
+
+    /// The widest date range indexed so far for a parameter, if any date was indexed.
+    pub fn date_width(&self, prefix: &[u8]) -> Option<i64> {
+        self.date_widths.read().unwrap_or_else(|p| p.into_inner()).get(prefix).copied()
+    }
+
+    /// Record that a date range of `width` ms is about to be indexed under `prefix`; returns the
+    /// meta key and value to persist when the recorded width grew.
+    pub(crate) fn widen_date(&self, prefix: &[u8], width: i64) -> Option<(Vec<u8>, Vec<u8>)> {
+        let mut widths = self.date_widths.write().unwrap_or_else(|p| p.into_inner());
+        let w = widths.entry(prefix.to_vec()).or_insert(i64::MIN);
+        if width <= *w {
+            return None;
+        }
+        *w = width;
+        let mut key = META_DATE_WIDTH.to_vec();
+        key.extend_from_slice(prefix);
+        Some((key, width.to_be_bytes().to_vec()))
     }
 
     pub(crate) fn db(&self) -> &DB {

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::fhir::{format_instant, new_id, now_ms, ResourceType};
 use crate::search::keys::{index_entries, param_prefix, values_key};
 use crate::search::query::SearchQuery;
-use crate::search::value::{decode_values, encode_values};
+use crate::search::value::{decode_values, encode_values, IndexValue};
 use crate::search::{exec, extract, Registry};
 
 /// How many submissions one group commit takes at most.
@@ -401,12 +401,28 @@ impl Committer {
             for (k, _) in index_entries(&prefix, id, &decode_values(&old).unwrap_or_default(), &self.base) {
                 own.put(CF_INDEX, k, None);
             }
-            for (k, v) in index_entries(&prefix, id, &decode_values(encoded).unwrap_or_default(), &self.base) {
+            let new = decode_values(encoded).unwrap_or_default();
+            self.record_date_widths(own, &prefix, &new);
+            for (k, v) in index_entries(&prefix, id, &new, &self.base) {
                 own.put(CF_INDEX, k, Some(v));
             }
             own.put(CF_VALUES, vkey, if encoded.is_empty() { None } else { Some(encoded.clone()) });
         }
         Ok(())
+    }
+}
+
+impl Committer {
+    /// Widen the recorded date width before the entries become visible, so a concurrent search
+    /// never uses a window narrower than the data.
+    fn record_date_widths(&self, own: &mut Overlay, prefix: &[u8], values: &[IndexValue]) {
+        for v in values {
+            if let IndexValue::Date { lo, hi } = v {
+                if let Some((k, w)) = self.store.widen_date(prefix, hi.saturating_sub(*lo)) {
+                    own.put(CF_META, k, Some(w));
+                }
+            }
+        }
     }
 }
 
@@ -466,7 +482,15 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
                     if values.is_empty() {
                         continue;
                     }
-                    for (k, val) in index_entries(&param_prefix(rtype, &p.code), id, &values, base) {
+                    let prefix = param_prefix(rtype, &p.code);
+                    for v in &values {
+                        if let IndexValue::Date { lo, hi } = v {
+                            if let Some((k, w)) = store.widen_date(&prefix, hi.saturating_sub(*lo)) {
+                                batch.put_cf(store.cf(CF_META), k, w);
+                            }
+                        }
+                    }
+                    for (k, val) in index_entries(&prefix, id, &values, base) {
                         batch.put_cf(store.cf(CF_INDEX), k, val);
                     }
                     batch.put_cf(store.cf(CF_VALUES), values_key(rtype, &p.code, id), encode_values(&values));
