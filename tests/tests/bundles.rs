@@ -72,6 +72,12 @@ fn a_failing_transaction_stores_nothing() {
         {"resource": consent_for("Patient?identifier=urn:none|0"), "request": {"method": "POST", "url": "Consent"}}
     ]});
     assert_outcome(s.post("", &dangling), 412);
+    // A urn:uuid reference that no entry declares.
+    let unknown = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": consent_for("urn:uuid:0b1d3a4e-0000-4000-8000-000000000000"), "request": {"method": "POST", "url": "Consent"}}
+    ]});
+    let oo = assert_outcome(s.post("", &unknown), 400);
+    assert!(oo["issue"][0]["diagnostics"].as_str().unwrap().contains("urn:uuid:0b1d3a4e"), "{oo}");
     // Malformed entries.
     for broken in [
         json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": patient("X", "X", "2000-01-01")}]}),

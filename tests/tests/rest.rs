@@ -263,3 +263,45 @@ fn capability_statement_tells_the_truth() {
         }
     }
 }
+
+#[test]
+fn validate_operation_reports_issues_without_storing() {
+    let s = TestServer::start();
+    let (st, oo) = {
+        let r = s.post("Patient/$validate", &patient("Val", "V", "1990-01-01"));
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    assert_eq!(st, 200);
+    assert_eq!(oo["issue"][0]["severity"], "information");
+    let r = s.post("Patient/$validate", &json!({"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": {"resourceType": "Patient", "gender": "robot"}}]}));
+    assert_eq!(r.status(), 200);
+    let oo: Value = r.json().unwrap();
+    assert_eq!(oo["issue"][0]["severity"], "error");
+    assert_eq!(oo["issue"][0]["expression"][0], "Patient.gender");
+    let r = s.post("Patient/abc/$validate", &json!({"resourceType": "Patient", "id": "xyz"}));
+    assert!(r.json::<Value>().unwrap()["issue"].as_array().unwrap().iter().any(|i| i["expression"][0] == "id"));
+    assert_eq!(s.get_json("Patient").1["total"], 0);
+}
+
+#[test]
+fn reindex_command_rebuilds_search_after_restart() {
+    let mut s = TestServer::start();
+    let id = s.create(&patient("Reidx", "R", "1960-03-03"))["id"].as_str().unwrap().to_string();
+    s.kill9();
+    let out = std::process::Command::new(binary()).arg("reindex").arg("--data-dir").arg(&s.data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "reindexed 1 resources");
+    s.launch();
+    let (_, b) = s.get_json("Patient?family=reidx&birthdate=1960-03-03");
+    assert_eq!(match_ids(&b), vec![id]);
+}
+
+#[test]
+fn a_bad_config_file_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "listen = 12\n").unwrap();
+    let out = std::process::Command::new(binary()).arg("serve").arg("--config").arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml"));
+}

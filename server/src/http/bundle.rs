@@ -187,6 +187,18 @@ fn conditional_references(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// The first `urn:` reference in a resource that no fullUrl of the Bundle declares.
+fn unresolved_urn(v: &Value, map: &HashMap<String, String>) -> Option<String> {
+    match v {
+        Value::Object(o) => o.iter().find_map(|(k, child)| match child.as_str() {
+            Some(s) if k == "reference" && s.starts_with("urn:") && !map.contains_key(s) => Some(s.to_string()),
+            _ => unresolved_urn(child, map),
+        }),
+        Value::Array(a) => a.iter().find_map(|c| unresolved_urn(c, map)),
+        _ => None,
+    }
+}
+
 enum Planned {
     /// Index into the change list.
     Write,
@@ -267,6 +279,17 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
                 [] => return Err(entry_error(i, Error::PreconditionFailed(format!("conditional reference '{c}' matches nothing")))),
                 _ => return Err(entry_error(i, Error::MultipleMatches(format!("conditional reference '{c}' matches more than one resource")))),
             }
+        }
+    }
+
+    // Every urn: reference must name an entry of this Bundle.
+    for (i, e) in entries.iter().enumerate() {
+        let Some(r) = &e.resource else { continue };
+        if let Some(dangling) = unresolved_urn(r, &map) {
+            return Err(entry_error(
+                i,
+                Error::BadRequest(Issue::error("not-found", format!("reference '{dangling}' names no entry of this Bundle")).at("reference")),
+            ));
         }
     }
 
