@@ -89,6 +89,13 @@ fn string_token_date_reference_and_uri_parameters() {
     assert_eq!(ids(&s, &format!("DocumentReference?subject={}", s.url(&format!("Patient/{peter}")))), vec![doc.clone()]);
     assert_eq!(ids(&s, &format!("DocumentReference?subject:Patient={peter}")), vec![doc.clone()]);
     assert_eq!(ids(&s, &format!("DocumentReference?patient={peter}")), vec![doc.clone()]);
+    // :identifier matches Reference.identifier
+    let by_identifier = s.create(&json!({"resourceType": "DocumentReference", "status": "current",
+        "subject": {"identifier": {"system": "urn:mrn", "value": "M-77"}}, "content": [{"attachment": {"contentType": "text/plain"}}]}))["id"]
+        .as_str().unwrap().to_string();
+    assert_eq!(ids(&s, "DocumentReference?subject:identifier=urn:mrn|M-77"), vec![by_identifier.clone()]);
+    assert_eq!(ids(&s, "DocumentReference?subject:identifier=M-77"), vec![by_identifier]);
+    assert!(ids(&s, "DocumentReference?subject:identifier=urn:other|M-77").is_empty());
     // uri
     assert_eq!(ids(&s, "DocumentReference?location=http://example.org/doc/1"), vec![doc.clone()]);
     assert_eq!(ids(&s, "DocumentReference?location:below=http://example.org/"), vec![doc.clone()]);
