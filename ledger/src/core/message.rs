@@ -1,0 +1,332 @@
+//! PBFT messages (Castro & Liskov), their canonical encoding, and Ed25519 signatures over it.
+//!
+//! Every signature covers `DOMAIN || chain id || membership hash || encoding(payload)`, so a
+//! message signed for one chain, membership or message type never verifies as another.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use sha2::{Digest as _, Sha256};
+
+use crate::merkle;
+
+pub type ReplicaId = u32;
+pub type View = u64;
+pub type Seq = u64;
+pub type Digest = [u8; 32];
+
+const DOMAIN: &[u8] = b"fhirmament-ledger/pbft/v1";
+
+/// An ordered batch of opaque entries, proposed by the primary with its timestamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub timestamp: u64,
+    pub entries: Vec<Vec<u8>>,
+}
+
+impl Batch {
+    /// The batch a new primary proposes for a sequence number nobody prepared.
+    pub fn null() -> Batch {
+        Batch { timestamp: 0, entries: vec![] }
+    }
+
+    pub fn merkle_root(&self) -> Digest {
+        let refs: Vec<&[u8]> = self.entries.iter().map(Vec::as_slice).collect();
+        merkle::root(&refs)
+    }
+
+    pub fn digest(&self) -> Digest {
+        let mut h = Sha256::new();
+        h.update(b"batch");
+        h.update(self.timestamp.to_be_bytes());
+        h.update((self.entries.len() as u64).to_be_bytes());
+        h.update(self.merkle_root());
+        h.finalize().into()
+    }
+}
+
+/// The block hash chain: the state root after executing `batch` at `seq` on top of `prev`.
+pub fn chain(prev: &Digest, seq: Seq, batch: &Batch) -> Digest {
+    let mut h = Sha256::new();
+    h.update(b"block");
+    h.update(prev);
+    h.update(seq.to_be_bytes());
+    h.update(batch.digest());
+    h.finalize().into()
+}
+
+/// A prepared certificate: a pre-prepare and 2f matching prepares from other replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    pub pre_prepare: Signed,
+    pub prepares: Vec<Signed>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// A request forwarded to the primary by a backup.
+    Forward { entries: Vec<Vec<u8>> },
+    PrePrepare { view: View, seq: Seq, digest: Digest, batch: Batch },
+    Prepare { view: View, seq: Seq, digest: Digest },
+    Commit { view: View, seq: Seq, digest: Digest },
+    Checkpoint { seq: Seq, root: Digest },
+    /// Sent when moving to `view`: the sender's stable checkpoint (with its 2f+1 proof) and
+    /// its prepared certificates above it.
+    ViewChange { view: View, stable_seq: Seq, stable_root: Digest, proof: Vec<Signed>, prepared: Vec<Prepared> },
+    /// The new primary's 2f+1 view changes and the pre-prepares they imply.
+    NewView { view: View, view_changes: Vec<Signed>, pre_prepares: Vec<Signed> },
+    /// State transfer: blocks (from_seq, to_seq] please.
+    BlockRequest { from_seq: Seq, to_seq: Seq },
+    Blocks { first_seq: Seq, batches: Vec<Batch> },
+    /// Periodic: how far the sender has executed, so peers ahead of it can help.
+    Status { last_executed: Seq },
+}
+
+impl Payload {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Payload::Forward { .. } => "forward",
+            Payload::PrePrepare { .. } => "pre-prepare",
+            Payload::Prepare { .. } => "prepare",
+            Payload::Commit { .. } => "commit",
+            Payload::Checkpoint { .. } => "checkpoint",
+            Payload::ViewChange { .. } => "view-change",
+            Payload::NewView { .. } => "new-view",
+            Payload::BlockRequest { .. } => "block-request",
+            Payload::Blocks { .. } => "blocks",
+            Payload::Status { .. } => "status",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    pub from: ReplicaId,
+    pub payload: Payload,
+    pub signature: [u8; 64],
+}
+
+// ---- canonical encoding ----
+
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u64(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+    fn batch(&mut self, b: &Batch) {
+        self.u64(b.timestamp);
+        self.u64(b.entries.len() as u64);
+        for e in &b.entries {
+            self.bytes(e);
+        }
+    }
+    fn signed(&mut self, s: &Signed) {
+        self.u64(s.from as u64);
+        self.payload(&s.payload);
+        self.0.extend_from_slice(&s.signature);
+    }
+    fn signed_list(&mut self, list: &[Signed]) {
+        self.u64(list.len() as u64);
+        list.iter().for_each(|s| self.signed(s));
+    }
+    fn payload(&mut self, p: &Payload) {
+        match p {
+            Payload::Forward { entries } => {
+                self.u8(1);
+                self.u64(entries.len() as u64);
+                entries.iter().for_each(|e| self.bytes(e));
+            }
+            Payload::PrePrepare { view, seq, digest, batch } => {
+                self.u8(2);
+                self.u64(*view);
+                self.u64(*seq);
+                self.0.extend_from_slice(digest);
+                self.batch(batch);
+            }
+            Payload::Prepare { view, seq, digest } => {
+                self.u8(3);
+                self.u64(*view);
+                self.u64(*seq);
+                self.0.extend_from_slice(digest);
+            }
+            Payload::Commit { view, seq, digest } => {
+                self.u8(4);
+                self.u64(*view);
+                self.u64(*seq);
+                self.0.extend_from_slice(digest);
+            }
+            Payload::Checkpoint { seq, root } => {
+                self.u8(5);
+                self.u64(*seq);
+                self.0.extend_from_slice(root);
+            }
+            Payload::ViewChange { view, stable_seq, stable_root, proof, prepared } => {
+                self.u8(6);
+                self.u64(*view);
+                self.u64(*stable_seq);
+                self.0.extend_from_slice(stable_root);
+                self.signed_list(proof);
+                self.u64(prepared.len() as u64);
+                for p in prepared {
+                    self.signed(&p.pre_prepare);
+                    self.signed_list(&p.prepares);
+                }
+            }
+            Payload::NewView { view, view_changes, pre_prepares } => {
+                self.u8(7);
+                self.u64(*view);
+                self.signed_list(view_changes);
+                self.signed_list(pre_prepares);
+            }
+            Payload::BlockRequest { from_seq, to_seq } => {
+                self.u8(8);
+                self.u64(*from_seq);
+                self.u64(*to_seq);
+            }
+            Payload::Blocks { first_seq, batches } => {
+                self.u8(9);
+                self.u64(*first_seq);
+                self.u64(batches.len() as u64);
+                batches.iter().for_each(|b| self.batch(b));
+            }
+            Payload::Status { last_executed } => {
+                self.u8(10);
+                self.u64(*last_executed);
+            }
+        }
+    }
+}
+
+pub fn encode_payload(p: &Payload) -> Vec<u8> {
+    let mut e = Enc(Vec::new());
+    e.payload(p);
+    e.0
+}
+
+/// Size of a signed message on the wire (its canonical encoding).
+pub fn encoded_len(s: &Signed) -> usize {
+    let mut e = Enc(Vec::new());
+    e.signed(s);
+    e.0.len()
+}
+
+/// Who may sign, and for which chain: the domain every signature is bound to.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    pub chain_id: String,
+    pub keys: Vec<VerifyingKey>,
+    hash: Digest,
+}
+
+impl Membership {
+    pub fn new(chain_id: impl Into<String>, keys: Vec<VerifyingKey>) -> Membership {
+        let chain_id = chain_id.into();
+        let mut h = Sha256::new();
+        h.update(b"membership");
+        h.update(chain_id.as_bytes());
+        for k in &keys {
+            h.update(k.as_bytes());
+        }
+        Membership { chain_id, keys, hash: h.finalize().into() }
+    }
+
+    pub fn n(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn hash(&self) -> Digest {
+        self.hash
+    }
+
+    fn signing_bytes(&self, from: ReplicaId, payload: &Payload) -> Vec<u8> {
+        let mut e = Enc(Vec::with_capacity(128));
+        e.bytes(DOMAIN);
+        e.bytes(self.chain_id.as_bytes());
+        e.0.extend_from_slice(&self.hash);
+        e.u64(from as u64);
+        e.payload(payload);
+        e.0
+    }
+
+    pub fn sign(&self, key: &SigningKey, from: ReplicaId, payload: Payload) -> Signed {
+        let signature = key.sign(&self.signing_bytes(from, &payload)).to_bytes();
+        Signed { from, payload, signature }
+    }
+
+    /// Is this signed by the member it names?
+    pub fn verify(&self, s: &Signed) -> bool {
+        let Some(key) = self.keys.get(s.from as usize) else { return false };
+        key.verify(&self.signing_bytes(s.from, &s.payload), &Signature::from_bytes(&s.signature)).is_ok()
+    }
+
+    /// Verify many signatures at once (ed25519 batch verification); true only if all verify.
+    pub fn verify_all(&self, list: &[Signed]) -> bool {
+        if list.iter().any(|s| s.from as usize >= self.keys.len()) {
+            return false;
+        }
+        if list.len() < 4 {
+            return list.iter().all(|s| self.verify(s));
+        }
+        let messages: Vec<Vec<u8>> = list.iter().map(|s| self.signing_bytes(s.from, &s.payload)).collect();
+        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+        let sigs: Vec<Signature> = list.iter().map(|s| Signature::from_bytes(&s.signature)).collect();
+        let keys: Vec<VerifyingKey> = list.iter().map(|s| self.keys[s.from as usize]).collect();
+        ed25519_dalek::verify_batch(&refs, &sigs, &keys).is_ok()
+    }
+}
+
+/// A deterministic key for tests and simulations (never for production keys).
+pub fn test_key(seed: u64, id: ReplicaId) -> SigningKey {
+    let mut h = Sha256::new();
+    h.update(b"test-key");
+    h.update(seed.to_be_bytes());
+    h.update(id.to_be_bytes());
+    SigningKey::from_bytes(&h.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn membership(chain: &str) -> (Membership, Vec<SigningKey>) {
+        let keys: Vec<SigningKey> = (0..4).map(|i| test_key(1, i)).collect();
+        (Membership::new(chain, keys.iter().map(|k| k.verifying_key()).collect()), keys)
+    }
+
+    #[test]
+    fn signatures_bind_sender_chain_and_content() {
+        let (m, keys) = membership("chain-a");
+        let p = Payload::Prepare { view: 1, seq: 2, digest: [7; 32] };
+        let s = m.sign(&keys[1], 1, p.clone());
+        assert!(m.verify(&s));
+        // Another sender id, another payload, another chain: no.
+        assert!(!m.verify(&Signed { from: 2, ..s.clone() }));
+        assert!(!m.verify(&Signed { payload: Payload::Commit { view: 1, seq: 2, digest: [7; 32] }, ..s.clone() }));
+        let (other_chain, _) = membership("chain-b");
+        assert!(!other_chain.verify(&s));
+        // Not a member.
+        assert!(!m.verify(&Signed { from: 9, ..s.clone() }));
+        // Batch verification agrees, and fails on one bad signature.
+        let many: Vec<Signed> = (0..4).map(|i| m.sign(&keys[i], i as u32, p.clone())).collect();
+        assert!(m.verify_all(&many));
+        let mut bad = many.clone();
+        bad[2].signature[0] ^= 1;
+        assert!(!m.verify_all(&bad));
+    }
+
+    #[test]
+    fn batch_digests_and_the_chain_depend_on_everything() {
+        let a = Batch { timestamp: 5, entries: vec![b"x".to_vec(), b"y".to_vec()] };
+        let mut b = a.clone();
+        b.entries.swap(0, 1);
+        assert_ne!(a.digest(), b.digest());
+        assert_ne!(a.digest(), Batch { timestamp: 6, ..a.clone() }.digest());
+        assert_ne!(chain(&[0; 32], 1, &a), chain(&[0; 32], 2, &a));
+    }
+}

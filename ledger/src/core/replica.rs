@@ -1,0 +1,1253 @@
+//! One PBFT replica as a pure state machine: inputs are client entries, signed peer
+//! messages and clock ticks; each call returns a `Step` of actions for the shell to carry out
+//! in order (persist before the sends that follow it) and faults observed. No I/O, no clock,
+//! no randomness: a run is a function of its inputs.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use ed25519_dalek::SigningKey;
+
+use super::message::{chain, encoded_len, Batch, Digest, Membership, Payload, Prepared, ReplicaId, Seq, Signed, View};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Checkpoint every K sequence numbers.
+    pub checkpoint_interval: u64,
+    /// High watermark = low + window (a multiple of the checkpoint interval).
+    pub window: u64,
+    /// Most batches proposed and not yet executed.
+    pub pipeline: u64,
+    pub max_batch_entries: usize,
+    /// Ticks the primary waits to fill a batch.
+    pub batch_delay: u64,
+    /// Ticks without progress before a view change; doubles on each failed attempt.
+    pub view_change_timeout: u64,
+    pub retransmit_interval: u64,
+    pub max_message_bytes: usize,
+    /// How far ahead of a backup's clock a primary's batch timestamp may be.
+    pub max_clock_skew: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            checkpoint_interval: 16,
+            window: 64,
+            pipeline: 8,
+            max_batch_entries: 256,
+            batch_delay: 2,
+            view_change_timeout: 400,
+            retransmit_interval: 100,
+            max_message_bytes: 8 << 20,
+            max_clock_skew: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A message this replica signed; durable before it is sent.
+    Sent(Signed),
+    /// A peer message accepted into the log.
+    Accepted(Signed),
+    /// An executed block.
+    Block { seq: Seq, batch: Batch, root: Digest },
+    /// A checkpoint became stable; everything at or below `seq` may be garbage collected.
+    Stable { seq: Seq, root: Digest, proof: Vec<Signed> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Make this durable before carrying out any later action of the step.
+    Persist(Record),
+    Send { to: ReplicaId, message: Signed },
+    Broadcast(Signed),
+    /// Committed, strictly in sequence order. `certificate` is 2f+1 commits (or the checkpoint
+    /// proof the block was verified against after a state transfer).
+    Execute { seq: Seq, batch: Batch, root: Digest, certificate: Vec<Signed> },
+    /// Send blocks (from_seq, to_seq] from the store to a replica that is catching up.
+    ServeBlocks { to: ReplicaId, from_seq: Seq, to_seq: Seq },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FaultKind {
+    BadSignature,
+    NotMember,
+    Oversized,
+    OutsideWatermarks,
+    NotFromPrimary,
+    WrongDigest,
+    Equivocation,
+    DoubleVote,
+    BadViewChange,
+    BadNewView,
+    BadCheckpoint,
+    BadBlocks,
+    BadTimestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub from: ReplicaId,
+    pub kind: FaultKind,
+    pub detail: String,
+}
+
+#[must_use = "a Step carries messages and commits that must be executed"]
+#[derive(Debug, Default)]
+pub struct Step {
+    pub actions: Vec<Action>,
+    pub faults: Vec<Fault>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Slot {
+    view: View,
+    digest: Option<Digest>,
+    batch: Option<Batch>,
+    pre_prepare: Option<Signed>,
+    prepares: BTreeMap<ReplicaId, Signed>,
+    commits: BTreeMap<ReplicaId, Signed>,
+    prepared: bool,
+    committed: bool,
+}
+
+pub struct Replica {
+    id: ReplicaId,
+    cfg: Config,
+    key: SigningKey,
+    members: Membership,
+    f: usize,
+    view: View,
+    view_active: bool,
+    /// Stable checkpoint: low watermark.
+    low: Seq,
+    stable_root: Digest,
+    stable_proof: Vec<Signed>,
+    last_exec: Seq,
+    head: Digest,
+    last_timestamp: u64,
+    next_seq: Seq,
+    slots: BTreeMap<Seq, Slot>,
+    prepared_certs: BTreeMap<Seq, Prepared>,
+    /// Own votes: (view, seq) -> digest. Never sign a different digest for the same key.
+    voted: BTreeMap<(View, Seq), Digest>,
+    own_checkpoints: BTreeMap<Seq, Signed>,
+    checkpoint_votes: BTreeMap<Seq, BTreeMap<ReplicaId, Signed>>,
+    view_changes: BTreeMap<View, BTreeMap<ReplicaId, Signed>>,
+    own_view_change: Option<Signed>,
+    new_view: Option<Signed>,
+    /// Entries waiting to be proposed (at the primary) or forwarded (elsewhere).
+    pending: VecDeque<Vec<u8>>,
+    /// Entries clients gave this replica, kept until executed: if a view change drops the
+    /// batch that carried one, it is proposed again (the replica acts as PBFT's retrying client).
+    waiting: BTreeSet<Vec<u8>>,
+    /// Recently executed entries, so a late retransmission is not proposed twice.
+    recent: VecDeque<Vec<u8>>,
+    batch_deadline: Option<u64>,
+    progress_deadline: Option<u64>,
+    view_change_attempt: u32,
+    next_retransmit: u64,
+    /// Learning without voting (while changing views, or about an older view): batches seen in
+    /// valid pre-prepares, and commits by (seq, view, digest).
+    learned_batches: BTreeMap<Seq, BTreeMap<Digest, Batch>>,
+    learned_commits: BTreeMap<(Seq, View, Digest), BTreeMap<ReplicaId, Signed>>,
+    /// Catching up to a certified checkpoint: (seq, root, proof, peer asked last).
+    fetching: Option<(Seq, Digest, Vec<Signed>, ReplicaId)>,
+    replaying: bool,
+    step: Step,
+}
+
+const GENESIS_ROOT: Digest = [0; 32];
+/// View-change timeouts double per failed attempt, up to 2^3 times the base: unbounded
+/// backoff leaves correct replicas in different views waiting far longer than the network
+/// needs to heal.
+const MAX_BACKOFF_DOUBLINGS: u32 = 3;
+
+impl Replica {
+    pub fn new(id: ReplicaId, cfg: Config, key: SigningKey, members: Membership) -> Replica {
+        assert!(members.n() >= 1, "a membership has members");
+        assert!(cfg.window % cfg.checkpoint_interval == 0 && cfg.window >= 2 * cfg.checkpoint_interval, "window is a multiple (>= 2) of the checkpoint interval");
+        assert_eq!(members.keys[id as usize], key.verifying_key(), "the key belongs to this replica");
+        let f = (members.n() - 1) / 3;
+        Replica {
+            id,
+            cfg,
+            key,
+            members,
+            f,
+            view: 0,
+            view_active: true,
+            low: 0,
+            stable_root: GENESIS_ROOT,
+            stable_proof: vec![],
+            last_exec: 0,
+            head: GENESIS_ROOT,
+            last_timestamp: 0,
+            next_seq: 0,
+            slots: BTreeMap::new(),
+            prepared_certs: BTreeMap::new(),
+            voted: BTreeMap::new(),
+            own_checkpoints: BTreeMap::new(),
+            checkpoint_votes: BTreeMap::new(),
+            view_changes: BTreeMap::new(),
+            own_view_change: None,
+            new_view: None,
+            pending: VecDeque::new(),
+            waiting: BTreeSet::new(),
+            recent: VecDeque::new(),
+            batch_deadline: None,
+            progress_deadline: None,
+            view_change_attempt: 0,
+            next_retransmit: 0,
+            learned_batches: BTreeMap::new(),
+            learned_commits: BTreeMap::new(),
+            fetching: None,
+            replaying: false,
+            step: Step::default(),
+        }
+    }
+
+    /// Rebuild a replica from what it persisted before a crash. Blocks that the replayed log
+    /// shows committed but that were not yet executed come out with the next `Step`.
+    pub fn restore(id: ReplicaId, cfg: Config, key: SigningKey, members: Membership, records: &[Record]) -> Replica {
+        let mut r = Replica::new(id, cfg, key, members);
+        r.replaying = true;
+        for rec in records {
+            match rec {
+                Record::Block { seq, batch, root } => {
+                    if *seq == r.last_exec + 1 {
+                        r.last_exec = *seq;
+                        r.head = *root;
+                        r.last_timestamp = r.last_timestamp.max(batch.timestamp);
+                    }
+                }
+                Record::Stable { seq, root, proof } => {
+                    if *seq > r.low {
+                        r.low = *seq;
+                        r.stable_root = *root;
+                        r.stable_proof = proof.clone();
+                    }
+                }
+                Record::Sent(m) => r.replay_own(m),
+                Record::Accepted(m) => {
+                    let _ = r.handle_message(0, m.clone());
+                }
+            }
+        }
+        r.next_seq = r.next_seq.max(r.last_exec);
+        r.gc();
+        r.replaying = false;
+        r.step = Step::default();
+        // Decisions completed by the replayed messages execute now, for real: their blocks are
+        // persisted and delivered with the first step after the restart.
+        r.execute_ready();
+        r
+    }
+
+    fn replay_own(&mut self, m: &Signed) {
+        match &m.payload {
+            Payload::PrePrepare { view, seq, digest, .. } | Payload::Prepare { view, seq, digest } | Payload::Commit { view, seq, digest } => {
+                self.voted.insert((*view, *seq), *digest);
+                if matches!(m.payload, Payload::PrePrepare { .. }) {
+                    self.next_seq = self.next_seq.max(*seq);
+                }
+                let _ = self.handle_message(0, m.clone());
+            }
+            Payload::ViewChange { view, .. } => {
+                if *view > self.view || (*view == self.view && self.view_active) {
+                    self.view = *view;
+                    self.view_active = false;
+                }
+                self.own_view_change = Some(m.clone());
+                self.view_changes.entry(*view).or_default().insert(self.id, m.clone());
+            }
+            Payload::NewView { .. } | Payload::Checkpoint { .. } => {
+                let _ = self.handle_message(0, m.clone());
+            }
+            _ => {}
+        }
+    }
+
+    // ---- accessors ----
+
+    pub fn id(&self) -> ReplicaId {
+        self.id
+    }
+    pub fn view(&self) -> View {
+        self.view
+    }
+    pub fn is_view_active(&self) -> bool {
+        self.view_active
+    }
+    pub fn last_executed(&self) -> Seq {
+        self.last_exec
+    }
+    pub fn head(&self) -> Digest {
+        self.head
+    }
+    pub fn low_watermark(&self) -> Seq {
+        self.low
+    }
+    pub fn stable_root(&self) -> Digest {
+        self.stable_root
+    }
+    pub fn primary_of(&self, view: View) -> ReplicaId {
+        (view % self.members.n() as u64) as ReplicaId
+    }
+    pub fn is_primary(&self) -> bool {
+        self.primary_of(self.view) == self.id
+    }
+    /// Entries held in the consensus log (for boundedness checks).
+    pub fn log_len(&self) -> usize {
+        self.slots.len() + self.prepared_certs.len() + self.checkpoint_votes.len() + self.view_changes.len() + self.voted.len() + self.learned_batches.len() + self.learned_commits.len()
+    }
+    /// A one-line summary of the log, for diagnosing simulation failures.
+    pub fn describe(&self) -> String {
+        let slots: Vec<String> = self
+            .slots
+            .iter()
+            .map(|(s, x)| format!("{s}:v{}{}{}p{}c{}{}", x.view, if x.batch.is_some() { "B" } else { "-" }, if x.prepared { "P" } else { "" }, x.prepares.len(), x.commits.len(), if x.committed { "C" } else { "" }))
+            .collect();
+        format!(
+            "view {} active {} exec {} low {} fetching {:?} slots [{}] learned {:?}",
+            self.view,
+            self.view_active,
+            self.last_exec,
+            self.low,
+            self.fetching.as_ref().map(|f| f.0),
+            slots.join(" "),
+            self.learned_commits.iter().map(|((s, v, _), m)| (*s, *v, m.len())).collect::<Vec<_>>()
+        )
+    }
+
+    fn quorum(&self) -> usize {
+        2 * self.f + 1
+    }
+    pub fn sign(&self, payload: Payload) -> Signed {
+        self.members.sign(&self.key, self.id, payload)
+    }
+
+    // ---- inputs ----
+
+    /// A client entry submitted at this replica.
+    pub fn handle_request(&mut self, now: u64, entry: Vec<u8>) -> Step {
+        self.waiting.insert(entry.clone());
+        if self.is_primary() && self.view_active {
+            self.pending.push_back(entry);
+            if self.batch_deadline.is_none() {
+                self.batch_deadline = Some(now + self.cfg.batch_delay);
+            }
+            self.propose(now);
+        } else {
+            let to = self.primary_of(self.view);
+            let fwd = self.sign(Payload::Forward { entries: vec![entry.clone()] });
+            self.pending.push_back(entry);
+            self.emit(Action::Send { to, message: fwd });
+        }
+        self.arm_progress_timer(now);
+        self.take_step()
+    }
+
+    pub fn handle_tick(&mut self, now: u64) -> Step {
+        if self.batch_deadline.is_some_and(|d| now >= d) {
+            self.batch_deadline = None;
+            self.propose_now(now, true);
+        }
+        if self.progress_deadline.is_some_and(|d| now >= d) {
+            self.progress_deadline = None;
+            let next = self.view + 1;
+            self.start_view_change(now, next);
+        }
+        if now >= self.next_retransmit {
+            self.next_retransmit = now + self.cfg.retransmit_interval;
+            self.retransmit();
+        }
+        self.take_step()
+    }
+
+    pub fn handle_message(&mut self, now: u64, m: Signed) -> Step {
+        if m.from as usize >= self.members.n() {
+            self.fault(m.from, FaultKind::NotMember, "sender is not a member".into());
+            return self.take_step();
+        }
+        if encoded_len(&m) > self.cfg.max_message_bytes {
+            self.fault(m.from, FaultKind::Oversized, format!("{} message over the size limit", m.payload.kind()));
+            return self.take_step();
+        }
+        if !self.members.verify(&m) {
+            self.fault(m.from, FaultKind::BadSignature, format!("{} with a bad signature", m.payload.kind()));
+            return self.take_step();
+        }
+        // Our own messages can come back relayed inside certificates help: each handler dedups
+        // by sender, so they are processed like any other.
+        match m.payload.clone() {
+            Payload::Forward { entries } => {
+                let fresh: Vec<Vec<u8>> = entries.into_iter().filter(|e| !self.pending.contains(e) && !self.in_flight_or_done(e)).collect();
+                if fresh.is_empty() {
+                    return self.take_step();
+                }
+                self.pending.extend(fresh.iter().cloned());
+                if self.is_primary() && self.view_active {
+                    if self.batch_deadline.is_none() {
+                        self.batch_deadline = Some(now + self.cfg.batch_delay);
+                    }
+                    self.propose(now);
+                } else if self.view_active && m.from != self.primary_of(self.view) && !self.replaying {
+                    // As in PBFT, a backup passes a request on to its primary and starts its own
+                    // timer: if the primary ignores it, this backup will ask for a view change too.
+                    let to = self.primary_of(self.view);
+                    let fwd = self.sign(Payload::Forward { entries: fresh });
+                    self.emit(Action::Send { to, message: fwd });
+                }
+                self.arm_progress_timer(now);
+            }
+            Payload::PrePrepare { view, seq, digest, batch } => self.on_pre_prepare(now, m, view, seq, digest, batch),
+            Payload::Prepare { view, seq, digest } => self.on_vote(now, m, view, seq, digest, false),
+            Payload::Commit { view, seq, digest } => self.on_vote(now, m, view, seq, digest, true),
+            Payload::Checkpoint { seq, root } => self.on_checkpoint(m, seq, root),
+            Payload::ViewChange { view, .. } => self.on_view_change(now, m, view),
+            Payload::NewView { view, .. } => self.on_new_view(now, m, view),
+            Payload::BlockRequest { from_seq, to_seq } => {
+                let to_seq = to_seq.min(self.last_exec);
+                if to_seq > from_seq && !self.replaying {
+                    self.emit(Action::ServeBlocks { to: m.from, from_seq, to_seq });
+                }
+            }
+            Payload::Blocks { first_seq, batches } => self.on_blocks(now, m.from, first_seq, batches),
+            Payload::Status { last_executed } => {
+                if last_executed < self.last_exec {
+                    self.send_decided(m.from, last_executed);
+                }
+            }
+        }
+        self.take_step()
+    }
+
+    // ---- normal case ----
+
+    fn propose(&mut self, now: u64) {
+        let full = self.pending.len() >= self.cfg.max_batch_entries;
+        self.propose_now(now, full);
+    }
+
+    fn propose_now(&mut self, now: u64, cut: bool) {
+        if !cut || !self.is_primary() || !self.view_active {
+            return;
+        }
+        while !self.pending.is_empty() && self.next_seq < self.low + self.cfg.window && self.next_seq < self.last_exec + self.cfg.pipeline {
+            let take = self.pending.len().min(self.cfg.max_batch_entries);
+            let entries: Vec<Vec<u8>> = self.pending.drain(..take).collect();
+            let entries: Vec<Vec<u8>> = entries.into_iter().filter(|e| !self.in_flight_or_done(e)).collect();
+            if entries.is_empty() {
+                continue;
+            }
+            let timestamp = now.max(self.last_timestamp);
+            self.last_timestamp = timestamp;
+            let batch = Batch { timestamp, entries };
+            self.next_seq += 1;
+            let (view, seq, digest) = (self.view, self.next_seq, batch.digest());
+            if self.voted.get(&(view, seq)).is_some_and(|d| *d != digest) {
+                // Never propose two batches for one (view, seq), even after a restart.
+                self.pending.extend(batch.entries);
+                return;
+            }
+            self.voted.insert((view, seq), digest);
+            let pp = self.sign(Payload::PrePrepare { view, seq, digest, batch: batch.clone() });
+            self.emit(Action::Persist(Record::Sent(pp.clone())));
+            self.emit(Action::Broadcast(pp.clone()));
+            let slot = self.slots.entry(seq).or_default();
+            *slot = Slot { view, digest: Some(digest), batch: Some(batch), pre_prepare: Some(pp), ..Slot::default() };
+        }
+        if !self.pending.is_empty() {
+            self.batch_deadline = Some(now + self.cfg.batch_delay);
+        }
+    }
+
+    /// Is this entry in a batch proposed and not yet executed, or executed recently?
+    fn in_flight_or_done(&self, e: &Vec<u8>) -> bool {
+        self.recent.contains(e) || self.slots.range(self.last_exec + 1..).any(|(_, s)| s.batch.as_ref().is_some_and(|b| b.entries.contains(e)))
+    }
+
+    fn in_window(&self, seq: Seq) -> bool {
+        seq > self.low && seq <= self.low + self.cfg.window
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_pre_prepare(&mut self, now: u64, m: Signed, view: View, seq: Seq, digest: Digest, batch: Batch) {
+        if view < self.view || (view == self.view && !self.view_active) {
+            // Not voting in that view any more, but its batch may be decided: keep it to learn.
+            if m.from == self.primary_of(view) && seq > self.last_exec && self.in_window(seq) && batch.digest() == digest {
+                self.learned_batches.entry(seq).or_default().insert(digest, batch);
+                self.try_learn(seq);
+            }
+            return;
+        }
+        if view != self.view {
+            return;
+        }
+        if m.from != self.primary_of(view) {
+            self.fault(m.from, FaultKind::NotFromPrimary, format!("pre-prepare for view {view} from a backup"));
+            return;
+        }
+        if seq <= self.last_exec {
+            // Already decided and executed here.
+            return;
+        }
+        if !self.in_window(seq) {
+            if seq > self.low + self.cfg.window {
+                self.fault(m.from, FaultKind::OutsideWatermarks, format!("pre-prepare seq {seq} above the high watermark"));
+            }
+            return;
+        }
+        if batch.digest() != digest {
+            self.fault(m.from, FaultKind::WrongDigest, format!("pre-prepare {view}/{seq} digest does not match its batch"));
+            return;
+        }
+        if !self.replaying && batch.timestamp > now + self.cfg.max_clock_skew && batch.timestamp != 0 {
+            self.fault(m.from, FaultKind::BadTimestamp, format!("batch timestamp {} is ahead of the clock", batch.timestamp));
+            return;
+        }
+        self.accept_pre_prepare(now, m, view, seq, digest, batch);
+    }
+
+    fn accept_pre_prepare(&mut self, now: u64, m: Signed, view: View, seq: Seq, digest: Digest, batch: Batch) {
+        let existing = self.slots.get(&seq).filter(|s| s.view == view).and_then(|s| s.digest);
+        if let Some(d) = existing {
+            if d != digest {
+                self.fault(m.from, FaultKind::Equivocation, format!("two pre-prepares for {view}/{seq}"));
+                // Both batches are signed by the primary; a commit certificate will say which one
+                // was decided, so keep this one to learn it if need be.
+                self.learned_batches.entry(seq).or_default().insert(digest, batch);
+                self.try_learn(seq);
+            }
+            return;
+        }
+        if !self.replaying {
+            self.emit(Action::Persist(Record::Accepted(m.clone())));
+        }
+        let slot = self.slots.entry(seq).or_default();
+        if slot.view != view {
+            // Votes from an older view do not count towards this one.
+            *slot = Slot { view, ..Slot::default() };
+        }
+        slot.digest = Some(digest);
+        slot.batch = Some(batch);
+        slot.pre_prepare = Some(m);
+        // Votes that arrived before the pre-prepare stay if they match it.
+        slot.prepares.retain(|_, p| matches!(p.payload, Payload::Prepare { digest: d, .. } if d == digest));
+        slot.commits.retain(|_, p| matches!(p.payload, Payload::Commit { digest: d, .. } if d == digest));
+        if self.primary_of(view) != self.id {
+            self.vote(view, seq, digest, false);
+        }
+        self.arm_progress_timer(now);
+        self.check_prepared(seq);
+    }
+
+    /// Sign and send a prepare or commit, unless it would conflict with an earlier vote.
+    fn vote(&mut self, view: View, seq: Seq, digest: Digest, commit: bool) {
+        match self.voted.get(&(view, seq)) {
+            Some(d) if *d != digest => return,
+            _ => {}
+        }
+        self.voted.insert((view, seq), digest);
+        let payload = if commit { Payload::Commit { view, seq, digest } } else { Payload::Prepare { view, seq, digest } };
+        let msg = self.sign(payload);
+        if let Some(slot) = self.slots.get_mut(&seq) {
+            if commit {
+                slot.commits.insert(self.id, msg.clone());
+            } else {
+                slot.prepares.insert(self.id, msg.clone());
+            }
+        }
+        if !self.replaying {
+            self.emit(Action::Persist(Record::Sent(msg.clone())));
+            self.emit(Action::Broadcast(msg));
+        }
+    }
+
+    fn on_vote(&mut self, now: u64, m: Signed, view: View, seq: Seq, digest: Digest, commit: bool) {
+        if commit && seq > self.last_exec && self.in_window(seq) && (view < self.view || !self.view_active) {
+            self.learn_commit(m, view, seq, digest);
+            return;
+        }
+        if view != self.view || !self.in_window(seq) {
+            if seq > self.low + self.cfg.window {
+                self.fault(m.from, FaultKind::OutsideWatermarks, format!("vote for seq {seq} above the high watermark"));
+            }
+            return;
+        }
+        if seq <= self.last_exec {
+            // Decided and executed here; the slot keeps the certificate it was decided with.
+            return;
+        }
+        if !commit && m.from == self.primary_of(view) {
+            self.fault(m.from, FaultKind::NotFromPrimary, "the primary sent a prepare".into());
+            return;
+        }
+        let slot = self.slots.entry(seq).or_default();
+        if slot.view != view {
+            if slot.view > view {
+                return;
+            }
+            *slot = Slot { view, ..Slot::default() };
+        }
+        if slot.digest.is_some_and(|d| d != digest) {
+            // A vote for another digest than the pre-prepare we accepted: the primary may have
+            // equivocated. Prepares for it are ignored; commits may add up to a certificate
+            // that proves the other batch was decided.
+            if commit {
+                self.learn_commit(m, view, seq, digest);
+            }
+            return;
+        }
+        let map = if commit { &mut slot.commits } else { &mut slot.prepares };
+        if let Some(prev) = map.get(&m.from) {
+            if prev.payload != m.payload {
+                self.fault(m.from, FaultKind::DoubleVote, format!("two {} votes for {view}/{seq}", if commit { "commit" } else { "prepare" }));
+            }
+            return;
+        }
+        map.insert(m.from, m.clone());
+        if !self.replaying {
+            self.emit(Action::Persist(Record::Accepted(m)));
+        }
+        let _ = now;
+        self.check_prepared(seq);
+    }
+
+    /// 2f+1 commits for (view, seq, digest) from distinct replicas: at least f+1 correct
+    /// replicas prepared it, so it is the decision at `seq` whatever view comes next. A replica
+    /// that no longer votes in `view` may still execute it.
+    fn learn_commit(&mut self, m: Signed, view: View, seq: Seq, digest: Digest) {
+        let votes = self.learned_commits.entry((seq, view, digest)).or_default();
+        votes.insert(m.from, m);
+        self.try_learn(seq);
+    }
+
+    fn try_learn(&mut self, seq: Seq) {
+        let quorum = self.quorum();
+        let decided: Option<(Digest, Vec<Signed>)> = self
+            .learned_commits
+            .range((seq, 0, [0; 32])..=(seq, View::MAX, [0xff; 32]))
+            .find(|(_, v)| v.len() >= quorum)
+            .map(|((_, _, d), v)| (*d, v.values().cloned().collect()));
+        let Some((digest, cert)) = decided else { return };
+        let batch = self
+            .learned_batches
+            .get(&seq)
+            .and_then(|b| b.get(&digest).cloned())
+            .or_else(|| self.slots.get(&seq).filter(|s| s.digest == Some(digest)).and_then(|s| s.batch.clone()));
+        let Some(batch) = batch else { return };
+        let slot = self.slots.entry(seq).or_default();
+        slot.digest = Some(digest);
+        slot.batch = Some(batch);
+        slot.prepared = true;
+        slot.committed = true;
+        slot.commits = cert.into_iter().map(|c| (c.from, c)).collect();
+        self.execute_ready();
+    }
+
+    fn check_prepared(&mut self, seq: Seq) {
+        let need = 2 * self.f;
+        let Some(slot) = self.slots.get(&seq) else { return };
+        let (Some(digest), Some(pp)) = (slot.digest, slot.pre_prepare.clone()) else { return };
+        let view = slot.view;
+        if !slot.prepared {
+            let primary = self.primary_of(view);
+            let prepares: Vec<Signed> = slot.prepares.iter().filter(|(r, _)| **r != primary).map(|(_, p)| p.clone()).collect();
+            if prepares.len() >= need {
+                let slot = self.slots.get_mut(&seq).expect("slot");
+                slot.prepared = true;
+                let better = self.prepared_certs.get(&seq).map_or(true, |c| match c.pre_prepare.payload {
+                    Payload::PrePrepare { view: v, .. } => v <= view,
+                    _ => true,
+                });
+                if better {
+                    self.prepared_certs.insert(seq, Prepared { pre_prepare: pp, prepares: prepares.into_iter().take(need).collect() });
+                }
+                self.vote(view, seq, digest, true);
+            }
+        }
+        self.check_committed(seq);
+    }
+
+    /// Committed: 2f+1 matching commits from distinct replicas. (Correct replicas commit only
+    /// what they prepared, so such a certificate means f+1 correct replicas prepared it; this
+    /// replica need not have prepared it itself to execute it.)
+    fn check_committed(&mut self, seq: Seq) {
+        let quorum = self.quorum();
+        let Some(slot) = self.slots.get_mut(&seq) else { return };
+        if !slot.committed && slot.batch.is_some() && slot.commits.len() >= quorum {
+            slot.committed = true;
+            self.execute_ready();
+        }
+    }
+
+    fn execute_ready(&mut self) {
+        if self.replaying {
+            return;
+        }
+        while let Some(slot) = self.slots.get(&(self.last_exec + 1)) {
+            if !slot.committed {
+                break;
+            }
+            let seq = self.last_exec + 1;
+            let batch = slot.batch.clone().expect("committed slots have batches");
+            let certificate: Vec<Signed> = slot.commits.values().take(self.quorum()).cloned().collect();
+            self.apply_block(seq, batch, certificate);
+        }
+    }
+
+    fn apply_block(&mut self, seq: Seq, batch: Batch, certificate: Vec<Signed>) {
+        debug_assert_eq!(seq, self.last_exec + 1, "blocks execute in order");
+        let root = chain(&self.head, seq, &batch);
+        self.head = root;
+        self.last_exec = seq;
+        self.last_timestamp = self.last_timestamp.max(batch.timestamp);
+        for e in &batch.entries {
+            if let Some(i) = self.pending.iter().position(|p| p == e) {
+                self.pending.remove(i);
+            }
+            self.waiting.remove(e);
+            self.recent.push_back(e.clone());
+        }
+        while self.recent.len() > 4 * self.cfg.window as usize * self.cfg.max_batch_entries.min(64) {
+            self.recent.pop_front();
+        }
+        if !self.replaying {
+            self.emit(Action::Persist(Record::Block { seq, batch: batch.clone(), root }));
+            self.emit(Action::Execute { seq, batch, root, certificate });
+        }
+        if self.fetching.as_ref().is_some_and(|f| f.0 <= seq) {
+            self.fetching = None;
+        }
+        self.learned_batches.remove(&seq);
+        self.learned_commits = self.learned_commits.split_off(&(seq + 1, 0, [0; 32]));
+        // Progress: the view works; reset the view-change backoff.
+        self.view_change_attempt = 0;
+        self.progress_deadline = None;
+        if seq % self.cfg.checkpoint_interval == 0 {
+            let cp = self.sign(Payload::Checkpoint { seq, root });
+            self.own_checkpoints.insert(seq, cp.clone());
+            self.checkpoint_votes.entry(seq).or_default().insert(self.id, cp.clone());
+            if !self.replaying {
+                self.emit(Action::Persist(Record::Sent(cp.clone())));
+                self.emit(Action::Broadcast(cp));
+            }
+            self.check_stable(seq);
+        }
+    }
+
+    // ---- checkpoints ----
+
+    fn on_checkpoint(&mut self, m: Signed, seq: Seq, _root: Digest) {
+        if seq <= self.low || seq % self.cfg.checkpoint_interval != 0 {
+            return;
+        }
+        // Keep at most the latest few checkpoint votes per replica: memory stays bounded even
+        // against a flood of far-future checkpoints.
+        let votes = self.checkpoint_votes.entry(seq).or_default();
+        if votes.contains_key(&m.from) {
+            return;
+        }
+        votes.insert(m.from, m.clone());
+        if !self.replaying {
+            self.emit(Action::Persist(Record::Accepted(m)));
+        }
+        while self.checkpoint_votes.len() > 2 * (self.cfg.window / self.cfg.checkpoint_interval) as usize + 4 {
+            let first = *self.checkpoint_votes.keys().next().expect("non-empty");
+            self.checkpoint_votes.remove(&first);
+        }
+        self.check_stable(seq);
+    }
+
+    fn check_stable(&mut self, seq: Seq) {
+        let Some(votes) = self.checkpoint_votes.get(&seq) else { return };
+        let mut by_root: BTreeMap<Digest, Vec<Signed>> = BTreeMap::new();
+        for v in votes.values() {
+            if let Payload::Checkpoint { root, .. } = v.payload {
+                by_root.entry(root).or_default().push(v.clone());
+            }
+        }
+        let Some((root, proof)) = by_root.into_iter().find(|(_, v)| v.len() >= self.quorum()) else { return };
+        if seq <= self.low {
+            return;
+        }
+        if self.last_exec >= seq {
+            let own = self.own_checkpoints.get(&seq).and_then(|c| match c.payload {
+                Payload::Checkpoint { root, .. } => Some(root),
+                _ => None,
+            });
+            debug_assert!(own.is_none() || own == Some(root), "a correct replica's state root differs from a certified checkpoint");
+        }
+        self.make_stable(seq, root, proof);
+    }
+
+    fn make_stable(&mut self, seq: Seq, root: Digest, proof: Vec<Signed>) {
+        self.low = seq;
+        self.stable_root = root;
+        self.stable_proof = proof.clone();
+        if !self.replaying {
+            self.emit(Action::Persist(Record::Stable { seq, root, proof: proof.clone() }));
+        }
+        self.gc();
+        if self.next_seq < seq {
+            self.next_seq = seq;
+        }
+        if self.last_exec < seq {
+            self.start_fetch(seq, root, proof);
+        }
+    }
+
+    /// Drop everything at or below the stable checkpoint: the log stays bounded.
+    fn gc(&mut self) {
+        let low = self.low;
+        self.slots = self.slots.split_off(&(low + 1));
+        self.prepared_certs = self.prepared_certs.split_off(&(low + 1));
+        self.checkpoint_votes = self.checkpoint_votes.split_off(&(low + 1));
+        let exec = self.last_exec;
+        self.learned_batches = self.learned_batches.split_off(&(exec + 1));
+        self.learned_commits = self.learned_commits.split_off(&(exec + 1, 0, [0; 32]));
+        self.own_checkpoints = self.own_checkpoints.split_off(&low);
+        self.voted.retain(|(_, s), _| *s > low);
+        let view = self.view;
+        self.view_changes = self.view_changes.split_off(&view);
+    }
+
+    // ---- state transfer ----
+
+    fn start_fetch(&mut self, seq: Seq, root: Digest, proof: Vec<Signed>) {
+        let peer = proof.iter().map(|p| p.from).find(|r| *r != self.id).unwrap_or((self.id + 1) % self.members.n() as u32);
+        self.fetching = Some((seq, root, proof, peer));
+        self.request_blocks();
+    }
+
+    fn request_blocks(&mut self) {
+        let Some((seq, _, _, peer)) = &self.fetching else { return };
+        if self.replaying {
+            return;
+        }
+        let req = self.sign(Payload::BlockRequest { from_seq: self.last_exec, to_seq: *seq });
+        let to = *peer;
+        self.emit(Action::Send { to, message: req });
+    }
+
+    fn on_blocks(&mut self, _now: u64, from: ReplicaId, first_seq: Seq, batches: Vec<Batch>) {
+        let Some((target, root, proof, _)) = self.fetching.clone() else { return };
+        if first_seq != self.last_exec + 1 || first_seq + batches.len() as u64 - 1 < target || batches.is_empty() {
+            return;
+        }
+        // Verify the whole run against the certified root before applying any of it.
+        let mut h = self.head;
+        for (i, b) in batches.iter().enumerate() {
+            let seq = first_seq + i as u64;
+            h = chain(&h, seq, b);
+            if seq == target {
+                break;
+            }
+        }
+        if h != root {
+            self.fault(from, FaultKind::BadBlocks, format!("blocks up to {target} do not match the certified checkpoint"));
+            // Ask someone else.
+            let next = (from + 1) % self.members.n() as u32;
+            let next = if next == self.id { (next + 1) % self.members.n() as u32 } else { next };
+            if let Some(f) = self.fetching.as_mut() {
+                f.3 = next;
+            }
+            self.request_blocks();
+            return;
+        }
+        for (i, b) in batches.into_iter().enumerate() {
+            let seq = first_seq + i as u64;
+            if seq > target {
+                break;
+            }
+            self.apply_block(seq, b, proof.clone());
+        }
+        self.fetching = None;
+        self.execute_ready();
+    }
+
+    // ---- view change ----
+
+    fn arm_progress_timer(&mut self, now: u64) {
+        let waiting = !self.pending.is_empty() || !self.waiting.is_empty() || self.slots.range(self.last_exec + 1..).any(|(_, s)| s.digest.is_some() && s.batch.as_ref().is_some_and(|b| !b.entries.is_empty()));
+        if waiting && self.progress_deadline.is_none() {
+            let backoff = 1u64 << self.view_change_attempt.min(MAX_BACKOFF_DOUBLINGS);
+            self.progress_deadline = Some(now + self.cfg.view_change_timeout * backoff);
+        }
+    }
+
+    fn start_view_change(&mut self, now: u64, view: View) {
+        if view <= self.view && !self.view_active {
+            return;
+        }
+        if view < self.view {
+            return;
+        }
+        self.view = view;
+        self.view_active = false;
+        self.view_change_attempt += 1;
+        let prepared: Vec<Prepared> = self.prepared_certs.range(self.low + 1..).map(|(_, c)| c.clone()).collect();
+        let vc = self.sign(Payload::ViewChange { view, stable_seq: self.low, stable_root: self.stable_root, proof: self.stable_proof.clone(), prepared });
+        self.own_view_change = Some(vc.clone());
+        self.view_changes.entry(view).or_default().insert(self.id, vc.clone());
+        self.emit(Action::Persist(Record::Sent(vc.clone())));
+        self.emit(Action::Broadcast(vc));
+        // PBFT's liveness rule: the timer to give up on this view starts only once 2f+1 replicas
+        // asked for it, so no correct replica races ahead into views the others never reach.
+        self.progress_deadline = None;
+        self.arm_view_change_timer(now);
+        self.gc();
+        self.try_new_view(now, view);
+    }
+
+    fn arm_view_change_timer(&mut self, now: u64) {
+        if self.view_active || self.progress_deadline.is_some() {
+            return;
+        }
+        if self.view_changes.get(&self.view).map_or(0, BTreeMap::len) >= self.quorum() {
+            let backoff = 1u64 << self.view_change_attempt.min(MAX_BACKOFF_DOUBLINGS);
+            self.progress_deadline = Some(now + self.cfg.view_change_timeout * backoff);
+        }
+    }
+
+    /// Check a view change's checkpoint proof and prepared certificates.
+    fn valid_view_change(&self, m: &Signed) -> Result<(), String> {
+        let Payload::ViewChange { view, stable_seq, stable_root, proof, prepared } = &m.payload else { return Err("not a view change".into()) };
+        if *stable_seq > 0 {
+            if *stable_seq % self.cfg.checkpoint_interval != 0 {
+                return Err("stable checkpoint not on an interval".into());
+            }
+            let signers: BTreeSet<ReplicaId> = proof
+                .iter()
+                .filter(|c| matches!(c.payload, Payload::Checkpoint { seq, root } if seq == *stable_seq && root == *stable_root))
+                .map(|c| c.from)
+                .collect();
+            if signers.len() < self.quorum() || !self.members.verify_all(proof) {
+                return Err("checkpoint proof lacks 2f+1 valid signatures".into());
+            }
+        } else if *stable_root != GENESIS_ROOT {
+            return Err("genesis checkpoint with a non-genesis root".into());
+        }
+        for p in prepared {
+            let Payload::PrePrepare { view: pv, seq, digest, batch } = &p.pre_prepare.payload else { return Err("prepared certificate without a pre-prepare".into()) };
+            if *pv >= *view || *seq <= *stable_seq || *seq > stable_seq + self.cfg.window {
+                return Err(format!("prepared certificate {pv}/{seq} out of range"));
+            }
+            if p.pre_prepare.from != self.primary_of(*pv) || batch.digest() != *digest {
+                return Err(format!("prepared certificate {pv}/{seq} has a bad pre-prepare"));
+            }
+            let signers: BTreeSet<ReplicaId> = p
+                .prepares
+                .iter()
+                .filter(|x| x.from != self.primary_of(*pv) && matches!(x.payload, Payload::Prepare { view: v, seq: s, digest: d } if v == *pv && s == *seq && d == *digest))
+                .map(|x| x.from)
+                .collect();
+            if signers.len() < 2 * self.f {
+                return Err(format!("prepared certificate {pv}/{seq} lacks 2f prepares"));
+            }
+            let mut all = p.prepares.clone();
+            all.push(p.pre_prepare.clone());
+            if !self.members.verify_all(&all) {
+                return Err(format!("prepared certificate {pv}/{seq} has a bad signature"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Help a replica that has executed only up to `after`: send it what was decided above that
+    /// (pre-prepares and commit certificates, from which it can learn without voting), or, if those
+    /// slots are garbage collected, the stable checkpoint proof it can state-transfer against.
+    fn send_decided(&mut self, to: ReplicaId, after: Seq) {
+        if self.replaying {
+            return;
+        }
+        let mut out = Vec::new();
+        if after < self.low {
+            out.extend(self.stable_proof.iter().cloned());
+        }
+        let from = after.max(self.low) + 1;
+        let decided = if from <= self.last_exec { self.slots.range(from..=self.last_exec).collect::<Vec<_>>() } else { vec![] };
+        for (_, slot) in decided {
+            if let Some(pp) = &slot.pre_prepare {
+                out.push(pp.clone());
+            }
+            // The whole certificate: each commit is signed by its own sender.
+            out.extend(slot.commits.values().cloned());
+        }
+        for message in out {
+            self.emit(Action::Send { to, message });
+        }
+    }
+
+    fn on_view_change(&mut self, now: u64, m: Signed, view: View) {
+        if view < self.view || (view == self.view && self.view_active) {
+            // A replica behind us: help it with the new view we installed.
+            if view <= self.view && self.view_active && self.is_primary() && !self.replaying {
+                if let Some(nv) = self.new_view.clone() {
+                    self.emit(Action::Send { to: m.from, message: nv });
+                }
+            }
+            return;
+        }
+        if let Err(e) = self.valid_view_change(&m) {
+            self.fault(m.from, FaultKind::BadViewChange, e);
+            return;
+        }
+        let entry = self.view_changes.entry(view).or_default();
+        if entry.contains_key(&m.from) {
+            return;
+        }
+        entry.insert(m.from, m.clone());
+        if !self.replaying {
+            self.emit(Action::Persist(Record::Accepted(m)));
+        }
+        // Bound memory: only views within a small distance above ours are kept.
+        while self.view_changes.len() > 8 {
+            let last = *self.view_changes.keys().next_back().expect("non-empty");
+            self.view_changes.remove(&last);
+        }
+        // Join: f+1 replicas want a view above ours.
+        let above: BTreeMap<ReplicaId, View> = self
+            .view_changes
+            .range(self.view + 1..)
+            .flat_map(|(v, senders)| senders.keys().map(move |r| (*r, *v)))
+            .fold(BTreeMap::new(), |mut acc, (r, v)| {
+                let e = acc.entry(r).or_insert(v);
+                *e = (*e).min(v);
+                acc
+            });
+        if above.len() > self.f {
+            let target = *above.values().min().expect("non-empty");
+            if target > self.view || (target == self.view && self.view_active) {
+                self.start_view_change(now, target);
+            }
+        }
+        self.arm_view_change_timer(now);
+        self.try_new_view(now, view);
+    }
+
+    /// The pre-prepares a new view must carry, computed from a set of view changes (PBFT's O).
+    fn new_view_plan(&self, vcs: &[Signed]) -> (Seq, Digest, Vec<Signed>, Vec<(Seq, Batch)>) {
+        let mut min_s = 0;
+        let mut min_root = GENESIS_ROOT;
+        let mut min_proof = vec![];
+        let mut best: BTreeMap<Seq, (View, Batch)> = BTreeMap::new();
+        for vc in vcs {
+            if let Payload::ViewChange { stable_seq, stable_root, proof, prepared, .. } = &vc.payload {
+                if *stable_seq > min_s {
+                    min_s = *stable_seq;
+                    min_root = *stable_root;
+                    min_proof = proof.clone();
+                }
+                for p in prepared {
+                    if let Payload::PrePrepare { view, seq, batch, .. } = &p.pre_prepare.payload {
+                        if best.get(seq).map_or(true, |(v, _)| view > v) {
+                            best.insert(*seq, (*view, batch.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        let max_s = best.keys().next_back().copied().unwrap_or(min_s).max(min_s);
+        let plan = (min_s + 1..=max_s).map(|s| (s, best.get(&s).map(|(_, b)| b.clone()).unwrap_or_else(Batch::null))).collect();
+        (min_s, min_root, min_proof, plan)
+    }
+
+    fn try_new_view(&mut self, now: u64, view: View) {
+        if self.primary_of(view) != self.id || self.view != view || self.view_active {
+            return;
+        }
+        let Some(vcs) = self.view_changes.get(&view) else { return };
+        if vcs.len() < self.quorum() {
+            return;
+        }
+        let vcs: Vec<Signed> = vcs.values().take(self.quorum()).cloned().collect();
+        let (_, _, _, plan) = self.new_view_plan(&vcs);
+        let pre_prepares: Vec<Signed> = plan
+            .iter()
+            .map(|(seq, batch)| self.sign(Payload::PrePrepare { view, seq: *seq, digest: batch.digest(), batch: batch.clone() }))
+            .collect();
+        let nv = self.sign(Payload::NewView { view, view_changes: vcs, pre_prepares });
+        self.emit(Action::Persist(Record::Sent(nv.clone())));
+        self.emit(Action::Broadcast(nv.clone()));
+        self.install_new_view(now, nv);
+    }
+
+    fn on_new_view(&mut self, now: u64, m: Signed, view: View) {
+        if view < self.view || (view == self.view && self.view_active) {
+            return;
+        }
+        if m.from != self.primary_of(view) {
+            self.fault(m.from, FaultKind::NotFromPrimary, format!("new-view for {view} from a backup"));
+            return;
+        }
+        let Payload::NewView { view_changes, pre_prepares, .. } = &m.payload else { return };
+        let senders: BTreeSet<ReplicaId> = view_changes.iter().map(|v| v.from).collect();
+        if senders.len() < self.quorum() || senders.len() != view_changes.len() {
+            self.fault(m.from, FaultKind::BadNewView, "new-view without 2f+1 distinct view changes".into());
+            return;
+        }
+        for vc in view_changes {
+            if !matches!(vc.payload, Payload::ViewChange { view: v, .. } if v == view) || !self.members.verify(vc) {
+                self.fault(m.from, FaultKind::BadNewView, "new-view carries an invalid view change".into());
+                return;
+            }
+            if let Err(e) = self.valid_view_change(vc) {
+                self.fault(m.from, FaultKind::BadNewView, format!("new-view carries a bad view change: {e}"));
+                return;
+            }
+        }
+        let (_, _, _, plan) = self.new_view_plan(view_changes);
+        let matches = plan.len() == pre_prepares.len()
+            && plan.iter().zip(pre_prepares).all(|((seq, batch), pp)| {
+                pp.from == m.from && matches!(&pp.payload, Payload::PrePrepare { view: v, seq: s, digest: d, .. } if *v == view && s == seq && *d == batch.digest())
+            })
+            && self.members.verify_all(pre_prepares);
+        if !matches {
+            self.fault(m.from, FaultKind::BadNewView, "new-view pre-prepares do not follow from its view changes".into());
+            return;
+        }
+        if !self.replaying {
+            self.emit(Action::Persist(Record::Accepted(m.clone())));
+        }
+        self.install_new_view(now, m);
+    }
+
+    fn install_new_view(&mut self, now: u64, nv: Signed) {
+        let Payload::NewView { view, view_changes, pre_prepares } = nv.payload.clone() else { return };
+        let (min_s, min_root, min_proof, _) = self.new_view_plan(&view_changes);
+        self.view = view;
+        self.view_active = true;
+        self.new_view = Some(nv);
+        self.own_view_change = None;
+        self.progress_deadline = None;
+        if min_s > self.low {
+            self.make_stable(min_s, min_root, min_proof);
+        }
+        // Slots above what we executed restart in the new view from the carried pre-prepares;
+        // executed ones keep their certificates until a checkpoint collects them (others may
+        // still need them to catch up).
+        let keep = self.low.max(self.last_exec);
+        self.slots.retain(|s, _| *s <= keep);
+        let mut max_seq = self.low.max(self.last_exec);
+        for pp in pre_prepares {
+            if let Payload::PrePrepare { view: v, seq, digest, batch } = pp.payload.clone() {
+                max_seq = max_seq.max(seq);
+                if seq > self.low && seq > self.last_exec {
+                    self.accept_pre_prepare(now, pp, v, seq, digest, batch);
+                }
+            }
+        }
+        self.next_seq = max_seq;
+        self.gc();
+        // Requests still waiting go to the new primary.
+        if !self.pending.is_empty() {
+            if self.is_primary() {
+                self.batch_deadline = Some(now);
+            } else if !self.replaying {
+                let fwd = self.sign(Payload::Forward { entries: self.pending.iter().cloned().collect() });
+                let to = self.primary_of(view);
+                self.emit(Action::Send { to, message: fwd });
+            }
+        }
+        self.arm_progress_timer(now);
+    }
+
+    // ---- retransmission ----
+
+    /// Messages may be lost; resend what others may still need.
+    fn retransmit(&mut self) {
+        if self.replaying {
+            return;
+        }
+        let status = self.sign(Payload::Status { last_executed: self.last_exec });
+        self.emit(Action::Broadcast(status));
+        // A state transfer in progress is retried whatever the view state.
+        if self.fetching.is_some() {
+            self.request_blocks();
+        }
+        if !self.view_active {
+            if let Some(vc) = self.own_view_change.clone() {
+                self.emit(Action::Broadcast(vc));
+            }
+            // Requests held here reach whoever is primary through the others.
+            let mut entries: Vec<Vec<u8>> = self.pending.iter().cloned().collect();
+            entries.extend(self.waiting.iter().filter(|e| !self.pending.contains(e)).cloned());
+            if !entries.is_empty() {
+                let fwd = self.sign(Payload::Forward { entries });
+                self.emit(Action::Broadcast(fwd));
+            }
+            return;
+        }
+        if let Some(nv) = self.new_view.clone().filter(|_| self.is_primary()) {
+            if self.slots.range(self.last_exec + 1..).next().is_some() {
+                self.emit(Action::Broadcast(nv));
+            }
+        }
+        let mut resend = Vec::new();
+        for (_, slot) in self.slots.range(self.last_exec + 1..) {
+            if let Some(pp) = &slot.pre_prepare {
+                if pp.from == self.id {
+                    resend.push(pp.clone());
+                }
+            }
+            if let Some(p) = slot.prepares.get(&self.id) {
+                resend.push(p.clone());
+            }
+            if let Some(c) = slot.commits.get(&self.id) {
+                resend.push(c.clone());
+            }
+        }
+        if let Some((_, cp)) = self.own_checkpoints.iter().next_back() {
+            resend.push(cp.clone());
+        }
+        // Entries this replica was given that are neither proposed nor executed go (again) to
+        // the primary, or into the primary's own queue.
+        let lost: Vec<Vec<u8>> = self.waiting.iter().filter(|e| !self.in_flight_or_done(e)).cloned().collect();
+        if self.is_primary() {
+            for e in lost {
+                if !self.pending.contains(&e) {
+                    self.pending.push_back(e);
+                }
+            }
+            if !self.pending.is_empty() && self.batch_deadline.is_none() {
+                self.batch_deadline = Some(0);
+            }
+        } else {
+            let mut entries: Vec<Vec<u8>> = self.pending.iter().cloned().collect();
+            entries.extend(lost.into_iter().filter(|e| !self.pending.contains(e)));
+            if !entries.is_empty() {
+                resend.push(self.sign(Payload::Forward { entries }));
+            }
+        }
+        for m in resend {
+            if matches!(m.payload, Payload::Forward { .. }) {
+                let to = self.primary_of(self.view);
+                self.emit(Action::Send { to, message: m });
+            } else {
+                self.emit(Action::Broadcast(m));
+            }
+        }
+    }
+
+    // ---- plumbing ----
+
+    fn emit(&mut self, a: Action) {
+        if !self.replaying {
+            self.step.actions.push(a);
+        }
+    }
+
+    fn fault(&mut self, from: ReplicaId, kind: FaultKind, detail: String) {
+        if !self.replaying {
+            self.step.faults.push(Fault { from, kind, detail });
+        }
+    }
+
+    fn take_step(&mut self) -> Step {
+        std::mem::take(&mut self.step)
+    }
+}
