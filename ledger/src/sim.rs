@@ -126,6 +126,9 @@ pub struct Report {
     pub faults_reported: BTreeMap<FaultKind, usize>,
     pub max_log_len: usize,
     pub messages: u64,
+    /// What each replica persisted, for checks after the run.
+    pub records: Vec<Vec<Record>>,
+    pub membership: Membership,
 }
 
 pub struct Sim {
@@ -533,7 +536,17 @@ impl Sim {
         }
         let committed = self.agreed.keys().next_back().copied().unwrap_or(0);
         let views = self.nodes.iter().filter_map(|n| n.replica.as_ref().map(Replica::view)).max().unwrap_or(0);
-        Ok(Report { seed: self.sc.seed, trace_hash: self.trace.finalize().into(), committed, views, faults_reported: self.faults, max_log_len: self.max_log_len, messages: self.messages })
+        Ok(Report {
+            seed: self.sc.seed,
+            trace_hash: self.trace.finalize().into(),
+            committed,
+            views,
+            faults_reported: self.faults,
+            max_log_len: self.max_log_len,
+            messages: self.messages,
+            records: self.nodes.into_iter().map(|n| n.disk).collect(),
+            membership: self.members,
+        })
     }
 
     /// Every submitted entry executed by every correct replica, all at the same height.

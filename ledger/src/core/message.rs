@@ -43,14 +43,19 @@ impl Batch {
     }
 }
 
-/// The block hash chain: the state root after executing `batch` at `seq` on top of `prev`.
-pub fn chain(prev: &Digest, seq: Seq, batch: &Batch) -> Digest {
-    let mut h = Sha256::new();
-    h.update(b"block");
-    h.update(prev);
-    h.update(seq.to_be_bytes());
-    h.update(batch.digest());
-    h.finalize().into()
+/// The leaf a block adds to the ledger's Merkle log: it names the state root before it (so
+/// blocks are hash-chained), its sequence number, and its batch (whose digest carries the
+/// batch's own Merkle root of entries). The state root after a block is the RFC 6962 tree head
+/// over all block leaves so far, so a block (and, through its batch root, an entry) has a
+/// logarithmic inclusion proof against any later checkpoint, and two checkpoints have a
+/// consistency proof.
+pub fn block_leaf(prev_root: &Digest, seq: Seq, batch: &Batch) -> Digest {
+    let mut bytes = Vec::with_capacity(5 + 32 + 8 + 32);
+    bytes.extend_from_slice(b"block");
+    bytes.extend_from_slice(prev_root);
+    bytes.extend_from_slice(&seq.to_be_bytes());
+    bytes.extend_from_slice(&batch.digest());
+    merkle::leaf_hash(&bytes)
 }
 
 /// A prepared certificate: a pre-prepare and 2f matching prepares from other replicas.
@@ -327,6 +332,7 @@ mod tests {
         b.entries.swap(0, 1);
         assert_ne!(a.digest(), b.digest());
         assert_ne!(a.digest(), Batch { timestamp: 6, ..a.clone() }.digest());
-        assert_ne!(chain(&[0; 32], 1, &a), chain(&[0; 32], 2, &a));
+        assert_ne!(block_leaf(&[0; 32], 1, &a), block_leaf(&[0; 32], 2, &a));
+        assert_ne!(block_leaf(&[0; 32], 1, &a), block_leaf(&[1; 32], 1, &a));
     }
 }

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use ed25519_dalek::SigningKey;
 
-use super::message::{chain, encoded_len, Batch, Digest, Membership, Payload, Prepared, ReplicaId, Seq, Signed, View};
+use crate::merkle::Frontier;
+
+use super::message::{block_leaf, encoded_len, Batch, Digest, Membership, Payload, Prepared, ReplicaId, Seq, Signed, View};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -125,6 +127,8 @@ pub struct Replica {
     stable_root: Digest,
     stable_proof: Vec<Signed>,
     last_exec: Seq,
+    /// The Merkle log of executed blocks, and its head (the state root).
+    frontier: Frontier,
     head: Digest,
     last_timestamp: u64,
     next_seq: Seq,
@@ -158,7 +162,10 @@ pub struct Replica {
     step: Step,
 }
 
-const GENESIS_ROOT: Digest = [0; 32];
+/// The state root before any block: the hash of the empty tree.
+fn genesis_root() -> Digest {
+    Frontier::default().root()
+}
 /// View-change timeouts double per failed attempt, up to 2^3 times the base: unbounded
 /// backoff leaves correct replicas in different views waiting far longer than the network
 /// needs to heal.
@@ -179,10 +186,11 @@ impl Replica {
             view: 0,
             view_active: true,
             low: 0,
-            stable_root: GENESIS_ROOT,
+            stable_root: genesis_root(),
             stable_proof: vec![],
             last_exec: 0,
-            head: GENESIS_ROOT,
+            frontier: Frontier::default(),
+            head: genesis_root(),
             last_timestamp: 0,
             next_seq: 0,
             slots: BTreeMap::new(),
@@ -217,8 +225,10 @@ impl Replica {
             match rec {
                 Record::Block { seq, batch, root } => {
                     if *seq == r.last_exec + 1 {
+                        r.frontier.push(block_leaf(&r.head, *seq, batch));
+                        r.head = r.frontier.root();
+                        debug_assert_eq!(r.head, *root, "a persisted block's root does not follow from the blocks before it");
                         r.last_exec = *seq;
-                        r.head = *root;
                         r.last_timestamp = r.last_timestamp.max(batch.timestamp);
                     }
                 }
@@ -701,7 +711,8 @@ impl Replica {
 
     fn apply_block(&mut self, seq: Seq, batch: Batch, certificate: Vec<Signed>) {
         debug_assert_eq!(seq, self.last_exec + 1, "blocks execute in order");
-        let root = chain(&self.head, seq, &batch);
+        self.frontier.push(block_leaf(&self.head, seq, &batch));
+        let root = self.frontier.root();
         self.head = root;
         self.last_exec = seq;
         self.last_timestamp = self.last_timestamp.max(batch.timestamp);
@@ -839,10 +850,12 @@ impl Replica {
             return;
         }
         // Verify the whole run against the certified root before applying any of it.
+        let mut frontier = self.frontier.clone();
         let mut h = self.head;
         for (i, b) in batches.iter().enumerate() {
             let seq = first_seq + i as u64;
-            h = chain(&h, seq, b);
+            frontier.push(block_leaf(&h, seq, b));
+            h = frontier.root();
             if seq == target {
                 break;
             }
@@ -928,7 +941,7 @@ impl Replica {
             if signers.len() < self.quorum() || !self.members.verify_all(proof) {
                 return Err("checkpoint proof lacks 2f+1 valid signatures".into());
             }
-        } else if *stable_root != GENESIS_ROOT {
+        } else if *stable_root != genesis_root() {
             return Err("genesis checkpoint with a non-genesis root".into());
         }
         for p in prepared {
@@ -1032,7 +1045,7 @@ impl Replica {
     /// The pre-prepares a new view must carry, computed from a set of view changes (PBFT's O).
     fn new_view_plan(&self, vcs: &[Signed]) -> (Seq, Digest, Vec<Signed>, Vec<(Seq, Batch)>) {
         let mut min_s = 0;
-        let mut min_root = GENESIS_ROOT;
+        let mut min_root = genesis_root();
         let mut min_proof = vec![];
         let mut best: BTreeMap<Seq, (View, Batch)> = BTreeMap::new();
         for vc in vcs {
