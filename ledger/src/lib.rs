@@ -5,8 +5,11 @@
 //! - `sim`: a deterministic, seeded simulator of a cluster with injected faults.
 //! - `merkle`: RFC 6962 / RFC 9162 Merkle tree hashing with inclusion proofs.
 //!
-//! Its RocksDB store and network transport (the I/O shell around `core`) are still to come.
+//! - `store`: RocksDB persistence for a replica's records and the ledger's blocks.
+//!
+//! The network transport and process driver (the rest of the I/O shell) are still to come.
 
 pub mod core;
 pub mod merkle;
 pub mod sim;
+pub mod store;

@@ -176,3 +176,13 @@ fn entries_have_inclusion_proofs_against_quorum_signed_checkpoints() {
     let proof = merkle::consistency_proof(&leaves[..b.0 as usize], a.0 as usize).unwrap();
     assert!(merkle::verify_consistency(a.0, b.0, &a.1, &b.1, &proof));
 }
+
+#[test]
+fn a_single_replica_commits_alone() {
+    // n = 1 (f = 0): the development configuration of a single organization.
+    let mut sc = quiet(6);
+    sc.n = 1;
+    let r = run(sc);
+    assert!(r.committed > 0);
+    assert_eq!(r.views, 0);
+}

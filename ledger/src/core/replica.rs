@@ -468,6 +468,8 @@ impl Replica {
             self.emit(Action::Broadcast(pp.clone()));
             let slot = self.slots.entry(seq).or_default();
             *slot = Slot { view, digest: Some(digest), batch: Some(batch), pre_prepare: Some(pp), ..Slot::default() };
+            // With n = 1 (f = 0) the primary's own proposal is already prepared.
+            self.check_prepared(seq);
         }
         if !self.pending.is_empty() {
             self.batch_deadline = Some(now + self.cfg.batch_delay);
