@@ -6,10 +6,10 @@
 //! - `merkle`: RFC 6962 / RFC 9162 Merkle tree hashing with inclusion proofs.
 //!
 //! - `store`: RocksDB persistence for a replica's records and the ledger's blocks.
-//!
-//! The network transport and process driver (the rest of the I/O shell) are still to come.
+//! - `node`: the replica process: genesis and keys, TCP transport, the driver loop.
 
 pub mod core;
 pub mod merkle;
+pub mod node;
 pub mod sim;
 pub mod store;

@@ -1,0 +1,261 @@
+//! The I/O shell around the pure core: a replica process. One driver thread owns the
+//! `Replica` and the `LedgerStore` and is the only place that reads the clock; a small tokio
+//! runtime carries TCP traffic. Queues are bounded: when the driver falls behind, peer messages
+//! are dropped (PBFT retransmits) and clients are told `busy`.
+//!
+//! Wire frames: `u32 length | u8 kind | body`. Kinds: 0 a signed peer message; 1 a client
+//! submission (body: the entry); 2 a commit reply (sha256(entry) | seq | state root);
+//! 3 busy (sha256(entry)).
+
+pub mod client;
+pub mod genesis;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::SigningKey;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc as amp;
+
+use crate::core::message::{decode_signed, encode_signed};
+use crate::core::{Action, Config, Payload, Record, Replica, ReplicaId, Step};
+use crate::store::{LedgerStore, StoreError};
+use genesis::Genesis;
+
+pub const FRAME_PEER: u8 = 0;
+pub const FRAME_SUBMIT: u8 = 1;
+pub const FRAME_COMMITTED: u8 = 2;
+pub const FRAME_BUSY: u8 = 3;
+/// Largest frame accepted from the network.
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
+const INPUT_QUEUE: usize = 65_536;
+const PEER_QUEUE: usize = 16_384;
+const INPUTS_PER_ROUND: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("genesis: {0}")]
+    Genesis(String),
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub struct NodeConfig {
+    pub id: ReplicaId,
+    pub genesis: Genesis,
+    pub key: SigningKey,
+    pub data_dir: PathBuf,
+    pub consensus: Config,
+    pub tick: Duration,
+}
+
+enum Input {
+    Peer(crate::core::Signed),
+    Submit { entry: Vec<u8>, reply: amp::Sender<Vec<u8>> },
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(5 + body.len());
+    f.extend_from_slice(&((body.len() + 1) as u32).to_be_bytes());
+    f.push(kind);
+    f.extend_from_slice(body);
+    f
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Serve one inbound connection: peer messages and client submissions.
+async fn serve_connection(stream: TcpStream, inputs: SyncSender<Input>) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let (reply_tx, mut reply_rx) = amp::channel::<Vec<u8>>(PEER_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(f) = reply_rx.recv().await {
+            if wr.write_all(&f).await.is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let mut len = [0u8; 4];
+        if rd.read_exact(&mut len).await.is_err() {
+            break;
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len == 0 || len > MAX_FRAME_BYTES {
+            break;
+        }
+        let mut body = vec![0u8; len];
+        if rd.read_exact(&mut body).await.is_err() {
+            break;
+        }
+        let kind = body.remove(0);
+        match kind {
+            FRAME_PEER => match decode_signed(&body) {
+                // Undecodable bytes are not even a message: drop the connection.
+                Err(_) => break,
+                Ok(m) => {
+                    let _ = inputs.try_send(Input::Peer(m));
+                }
+            },
+            FRAME_SUBMIT => {
+                let hash: [u8; 32] = Sha256::digest(&body).into();
+                if let Err(TrySendError::Full(_)) = inputs.try_send(Input::Submit { entry: body, reply: reply_tx.clone() }) {
+                    let _ = reply_tx.try_send(frame(FRAME_BUSY, &hash));
+                }
+            }
+            _ => break,
+        }
+    }
+    writer.abort();
+}
+
+/// Keep a connection to one peer and write its queued frames; reconnect on failure.
+async fn peer_writer(addr: SocketAddr, mut queue: amp::Receiver<Vec<u8>>) {
+    let mut conn: Option<TcpStream> = None;
+    while let Some(f) = queue.recv().await {
+        if conn.is_none() {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    conn = Some(s);
+                }
+                // Peer down: this frame is lost; PBFT retransmits what matters.
+                Err(_) => continue,
+            }
+        }
+        if let Some(s) = conn.as_mut() {
+            if s.write_all(&f).await.is_err() {
+                conn = None;
+            }
+        }
+    }
+}
+
+/// Start a replica process's services and run its driver on this thread until the process ends.
+pub fn run(cfg: NodeConfig) -> Result<(), NodeError> {
+    let members = cfg.genesis.membership().map_err(NodeError::Genesis)?;
+    let me = cfg.genesis.replicas.get(cfg.id as usize).ok_or_else(|| NodeError::Genesis(format!("no replica {} in the genesis", cfg.id)))?;
+    if members.keys[cfg.id as usize] != cfg.key.verifying_key() {
+        return Err(NodeError::Genesis(format!("the key does not belong to replica {}", cfg.id)));
+    }
+    let mut store = LedgerStore::open(&cfg.data_dir)?;
+    let records = store.load()?;
+    let mut replica = Replica::restore(cfg.id, cfg.consensus.clone(), cfg.key.clone(), members, &records);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let (inputs_tx, inputs) = mpsc::sync_channel::<Input>(INPUT_QUEUE);
+    let listener = rt.block_on(TcpListener::bind(me.address))?;
+    let accept_inputs = inputs_tx.clone();
+    rt.spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve_connection(s, accept_inputs.clone()));
+        }
+    });
+    let mut peers: HashMap<ReplicaId, amp::Sender<Vec<u8>>> = HashMap::new();
+    for r in &cfg.genesis.replicas {
+        if r.id != cfg.id {
+            let (tx, rx) = amp::channel(PEER_QUEUE);
+            rt.spawn(peer_writer(r.address, rx));
+            peers.insert(r.id, tx);
+        }
+    }
+    drive(&mut replica, &mut store, &inputs, &peers, cfg.tick)
+}
+
+fn drive(replica: &mut Replica, store: &mut LedgerStore, inputs: &Receiver<Input>, peers: &HashMap<ReplicaId, amp::Sender<Vec<u8>>>, tick: Duration) -> Result<(), NodeError> {
+    // Clients waiting for their entries, by entry hash.
+    let mut waiting: HashMap<[u8; 32], Vec<amp::Sender<Vec<u8>>>> = HashMap::new();
+    let mut next_tick = std::time::Instant::now();
+    loop {
+        let mut steps: Vec<Step> = Vec::new();
+        let timeout = next_tick.saturating_duration_since(std::time::Instant::now());
+        let first = match inputs.recv_timeout(timeout) {
+            Ok(i) => Some(i),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        };
+        let now = now_ms();
+        let mut batch: Vec<Input> = first.into_iter().collect();
+        while batch.len() < INPUTS_PER_ROUND {
+            match inputs.try_recv() {
+                Ok(i) => batch.push(i),
+                Err(_) => break,
+            }
+        }
+        for input in batch {
+            match input {
+                Input::Peer(m) => steps.push(replica.handle_message(now, m)),
+                Input::Submit { entry, reply } => {
+                    waiting.entry(Sha256::digest(&entry).into()).or_default().push(reply);
+                    steps.push(replica.handle_request(now, entry));
+                }
+            }
+        }
+        if std::time::Instant::now() >= next_tick {
+            steps.push(replica.handle_tick(now));
+            next_tick = std::time::Instant::now() + tick;
+        }
+        // Every record of the round is durable before any of its messages leave.
+        let actions: Vec<Action> = steps.into_iter().flat_map(|s| s.actions).collect();
+        let records: Vec<Record> = actions.iter().filter_map(|a| if let Action::Persist(r) = a { Some(r.clone()) } else { None }).collect();
+        store.append(&records)?;
+        for a in actions {
+            match a {
+                Action::Persist(_) => {}
+                Action::Send { to, message } => {
+                    if let Some(q) = peers.get(&to) {
+                        let _ = q.try_send(frame(FRAME_PEER, &encode_signed(&message)));
+                    }
+                }
+                Action::Broadcast(message) => {
+                    let f = frame(FRAME_PEER, &encode_signed(&message));
+                    for q in peers.values() {
+                        let _ = q.try_send(f.clone());
+                    }
+                }
+                Action::Execute { seq, batch, root, .. } => {
+                    for e in &batch.entries {
+                        let hash: [u8; 32] = Sha256::digest(e).into();
+                        if let Some(clients) = waiting.remove(&hash) {
+                            let mut body = hash.to_vec();
+                            body.extend_from_slice(&seq.to_be_bytes());
+                            body.extend_from_slice(&root);
+                            let f = frame(FRAME_COMMITTED, &body);
+                            for c in clients {
+                                let _ = c.try_send(f.clone());
+                            }
+                        }
+                    }
+                }
+                Action::ServeBlocks { to, from_seq, to_seq } => {
+                    let batches = store.blocks(from_seq, to_seq)?;
+                    let m = replica.sign(Payload::Blocks { first_seq: from_seq + 1, batches });
+                    if let Some(q) = peers.get(&to) {
+                        let _ = q.try_send(frame(FRAME_PEER, &encode_signed(&m)));
+                    }
+                }
+            }
+        }
+        // Forget clients whose connections went away.
+        waiting.retain(|_, v| {
+            v.retain(|c| !c.is_closed());
+            !v.is_empty()
+        });
+    }
+}
+
+/// A frame on a blocking socket (for clients).
+pub(crate) fn client_frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    frame(kind, body)
+}
+
