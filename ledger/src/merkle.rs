@@ -79,12 +79,24 @@ pub fn inclusion_proof_of_leaves(leaves: &[Hash], index: usize) -> Option<Vec<Ha
 }
 
 /// Verify an inclusion proof (RFC 9162 §2.1.3.2).
-pub fn verify_inclusion(entry: &[u8], index: u64, tree_size: u64, proof: &[Hash], root: &Hash) -> bool {
+pub fn verify_inclusion(
+    entry: &[u8],
+    index: u64,
+    tree_size: u64,
+    proof: &[Hash],
+    root: &Hash,
+) -> bool {
     verify_inclusion_of_leaf(&leaf_hash(entry), index, tree_size, proof, root)
 }
 
 /// Verify an inclusion proof for a leaf given by its leaf hash.
-pub fn verify_inclusion_of_leaf(leaf: &Hash, index: u64, tree_size: u64, proof: &[Hash], root: &Hash) -> bool {
+pub fn verify_inclusion_of_leaf(
+    leaf: &Hash,
+    index: u64,
+    tree_size: u64,
+    proof: &[Hash],
+    root: &Hash,
+) -> bool {
     if index >= tree_size {
         return false;
     }
@@ -227,9 +239,15 @@ mod tests {
     #[test]
     fn empty_and_single_trees_match_the_rfc_definitions() {
         // MTH({}) = SHA-256("")
-        assert_eq!(hex(&root(&[])), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            hex(&root(&[])),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
         // MTH({""}) = SHA-256(0x00)
-        assert_eq!(hex(&root(&[b""])), "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d");
+        assert_eq!(
+            hex(&root(&[b""])),
+            "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d"
+        );
         let two = root(&[b"a", b"b"]);
         assert_eq!(two, node_hash(&leaf_hash(b"a"), &leaf_hash(b"b")));
     }

@@ -11,7 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::core::{test_key, Action, Batch, Config, Digest, FaultKind, Membership, Payload, Record, Replica, ReplicaId, Seq, Signed, View};
+use crate::core::{
+    test_key, Action, Batch, Config, Digest, FaultKind, Membership, Payload, Record, Replica,
+    ReplicaId, Seq, Signed, View,
+};
 
 /// SplitMix64: small, seedable, and the same everywhere.
 #[derive(Debug, Clone)]
@@ -48,6 +51,8 @@ pub enum Byzantine {
     ForgeAndReplay,
     /// Floods view changes for ever higher views.
     ViewChangeFlood,
+    /// Floods checkpoints for far-future sequence numbers with made-up roots.
+    CheckpointFlood,
     /// Sends nothing at all (a primary that stops proposing, when it is the primary).
     Silent,
 }
@@ -73,16 +78,26 @@ impl Scenario {
     /// A scenario whose faults are chosen by the seed.
     pub fn from_seed(seed: u64) -> Scenario {
         let mut r = Rng::new(seed ^ 0x5EED);
-        let byzantine = match r.below(8) {
+        let byzantine = match r.below(9) {
             0 => Some(Byzantine::Equivocate),
             1 => Some(Byzantine::DoubleVote),
             2 => Some(Byzantine::WrongDigest),
             3 => Some(Byzantine::ForgeAndReplay),
             4 => Some(Byzantine::ViewChangeFlood),
             5 => Some(Byzantine::Silent),
+            6 => Some(Byzantine::CheckpointFlood),
             _ => None,
         };
-        let config = Config { checkpoint_interval: 4, window: 16, pipeline: 4, max_batch_entries: 4, batch_delay: 2, view_change_timeout: 150, retransmit_interval: 40, ..Config::default() };
+        let config = Config {
+            checkpoint_interval: 4,
+            window: 16,
+            pipeline: 4,
+            max_batch_entries: 4,
+            batch_delay: 2,
+            view_change_timeout: 150,
+            retransmit_interval: 40,
+            ..Config::default()
+        };
         Scenario {
             n: 4,
             seed,
@@ -94,7 +109,11 @@ impl Scenario {
             crash_per_mille: if byzantine.is_none() { r.below(3) } else { 0 },
             partition_per_mille: r.below(3),
             byzantine: byzantine.map(|b| (r.below(4) as ReplicaId, b)),
-            slow: if r.chance(300) { Some(r.below(4) as ReplicaId) } else { None },
+            slow: if r.chance(300) {
+                Some(r.below(4) as ReplicaId)
+            } else {
+                None
+            },
             config,
         }
     }
@@ -155,6 +174,8 @@ pub struct Sim {
     max_log_len: usize,
     messages: u64,
     old_messages: Vec<Signed>,
+    /// LEDGER_SIM_TRACE=1: print the network's load every 250 virtual ms.
+    trace_progress: bool,
 }
 
 fn violation(seed: u64, what: String) -> String {
@@ -164,9 +185,22 @@ fn violation(seed: u64, what: String) -> String {
 impl Sim {
     pub fn new(sc: Scenario) -> Sim {
         let keys: Vec<_> = (0..sc.n as u32).map(|i| test_key(sc.seed, i)).collect();
-        let members = Membership::new(format!("sim-{}", sc.seed), keys.iter().map(|k| k.verifying_key()).collect());
+        let members = Membership::new(
+            format!("sim-{}", sc.seed),
+            keys.iter().map(|k| k.verifying_key()).collect(),
+        );
         let nodes = (0..sc.n as u32)
-            .map(|i| Node { replica: Some(Replica::new(i, sc.config.clone(), keys[i as usize].clone(), members.clone())), disk: vec![], executed: BTreeMap::new(), down_until: 0 })
+            .map(|i| Node {
+                replica: Some(Replica::new(
+                    i,
+                    sc.config.clone(),
+                    keys[i as usize].clone(),
+                    members.clone(),
+                )),
+                disk: vec![],
+                executed: BTreeMap::new(),
+                down_until: 0,
+            })
             .collect();
         Sim {
             rng: Rng::new(sc.seed),
@@ -187,6 +221,7 @@ impl Sim {
             max_log_len: 0,
             messages: 0,
             old_messages: vec![],
+            trace_progress: std::env::var_os("LEDGER_SIM_TRACE").is_some(),
         }
     }
 
@@ -200,7 +235,10 @@ impl Sim {
         }
         if faulty_network {
             if let Some((side, until, one_way)) = &self.partition {
-                if self.now < *until && (side.contains(&from) != side.contains(&to)) && (!*one_way || side.contains(&from)) {
+                if self.now < *until
+                    && (side.contains(&from) != side.contains(&to))
+                    && (!*one_way || side.contains(&from))
+                {
                     return;
                 }
             }
@@ -208,23 +246,50 @@ impl Sim {
                 return;
             }
         }
-        let copies = if faulty_network && self.rng.chance(self.sc.dup_per_mille) { 2 } else { 1 };
+        let copies = if faulty_network && self.rng.chance(self.sc.dup_per_mille) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
-            let mut delay = 1 + if faulty_network { self.rng.below(self.sc.max_delay_ms) } else { self.rng.below(3) };
+            let mut delay = 1 + if faulty_network {
+                self.rng.below(self.sc.max_delay_ms)
+            } else {
+                self.rng.below(3)
+            };
             if self.sc.slow == Some(to) || self.sc.slow == Some(from) {
                 delay += 20;
             }
             self.order += 1;
-            self.queue.insert(InFlight { at: self.now + delay, order: self.order, to, from }, m.clone());
+            self.queue.insert(
+                InFlight {
+                    at: self.now + delay,
+                    order: self.order,
+                    to,
+                    from,
+                },
+                m.clone(),
+            );
         }
     }
 
     /// Carry out a node's step; with a crash, stop part way and lose the rest.
-    fn run_step(&mut self, id: ReplicaId, actions: Vec<Action>, faults: Vec<crate::core::Fault>, faulty: bool) -> Result<(), String> {
+    fn run_step(
+        &mut self,
+        id: ReplicaId,
+        actions: Vec<Action>,
+        faults: Vec<crate::core::Fault>,
+        faulty: bool,
+    ) -> Result<(), String> {
         for f in faults {
             *self.faults.entry(f.kind).or_default() += 1;
         }
-        let crash_at = if faulty && !self.is_byzantine(id) && self.rng.chance(self.sc.crash_per_mille) { Some(self.rng.below(actions.len() as u64 + 1) as usize) } else { None };
+        let crash_at =
+            if faulty && !self.is_byzantine(id) && self.rng.chance(self.sc.crash_per_mille) {
+                Some(self.rng.below(actions.len() as u64 + 1) as usize)
+            } else {
+                None
+            };
         for (i, action) in actions.into_iter().enumerate() {
             if crash_at == Some(i) {
                 return self.crash(id);
@@ -246,23 +311,36 @@ impl Sim {
                         self.send(id, to, o, faulty);
                     }
                 }
-                Action::Execute { seq, root, batch, .. } => {
+                Action::Execute {
+                    seq, root, batch, ..
+                } => {
                     if !self.is_byzantine(id) {
                         self.done.extend(batch.entries.iter().cloned());
                     }
                     self.executed(id, seq, root, &batch)?
                 }
-                Action::ServeBlocks { to, from_seq, to_seq } => {
+                Action::ServeBlocks {
+                    to,
+                    from_seq,
+                    to_seq,
+                } => {
                     let batches: Vec<Batch> = self.nodes[id as usize]
                         .disk
                         .iter()
                         .filter_map(|r| match r {
-                            Record::Block { seq, batch, .. } if *seq > from_seq && *seq <= to_seq => Some(batch.clone()),
+                            Record::Block { seq, batch, .. }
+                                if *seq > from_seq && *seq <= to_seq =>
+                            {
+                                Some(batch.clone())
+                            }
                             _ => None,
                         })
                         .collect();
                     if let Some(rep) = &self.nodes[id as usize].replica {
-                        let mut m = rep.sign(Payload::Blocks { first_seq: from_seq + 1, batches });
+                        let mut m = rep.sign(Payload::Blocks {
+                            first_seq: from_seq + 1,
+                            batches,
+                        });
                         if self.sc.byzantine == Some((id, Byzantine::ForgeAndReplay)) {
                             // A Byzantine peer serves corrupted blocks.
                             if let Payload::Blocks { batches, .. } = &mut m.payload {
@@ -295,11 +373,23 @@ impl Sim {
         for id in 0..self.sc.n as u32 {
             let node = &self.nodes[id as usize];
             if node.replica.is_none() && self.now >= node.down_until {
-                let r = Replica::restore(id, self.sc.config.clone(), self.keys[id as usize].clone(), self.members.clone(), &node.disk);
+                let r = Replica::restore(
+                    id,
+                    self.sc.config.clone(),
+                    self.keys[id as usize].clone(),
+                    self.members.clone(),
+                    &node.disk,
+                );
                 // Committed entries survive the restart.
                 if let Some(root) = node.executed.get(&r.last_executed()) {
                     if *root != r.head() {
-                        return Err(violation(self.sc.seed, format!("replica {id} restarted with a different state root at {}", r.last_executed())));
+                        return Err(violation(
+                            self.sc.seed,
+                            format!(
+                                "replica {id} restarted with a different state root at {}",
+                                r.last_executed()
+                            ),
+                        ));
                     }
                 }
                 // As a shell does on restart: deliver durable blocks the application has not seen
@@ -331,7 +421,9 @@ impl Sim {
             return Ok(());
         }
         let (kind, view, seq, digest) = match &m.payload {
-            Payload::PrePrepare { view, seq, digest, .. } => (0, *view, *seq, *digest),
+            Payload::PrePrepare {
+                view, seq, digest, ..
+            } => (0, *view, *seq, *digest),
             Payload::Prepare { view, seq, digest } => (1, *view, *seq, *digest),
             Payload::Commit { view, seq, digest } => (2, *view, *seq, *digest),
             _ => return Ok(()),
@@ -340,7 +432,10 @@ impl Sim {
         for k in [0u8, 1, 2] {
             if let Some(d) = self.votes.get(&(id, k, view, seq)) {
                 if *d != digest {
-                    return Err(violation(self.sc.seed, format!("replica {id} signed conflicting votes for {view}/{seq}")));
+                    return Err(violation(
+                        self.sc.seed,
+                        format!("replica {id} signed conflicting votes for {view}/{seq}"),
+                    ));
                 }
             }
         }
@@ -348,7 +443,13 @@ impl Sim {
         Ok(())
     }
 
-    fn executed(&mut self, id: ReplicaId, seq: Seq, root: Digest, _batch: &Batch) -> Result<(), String> {
+    fn executed(
+        &mut self,
+        id: ReplicaId,
+        seq: Seq,
+        root: Digest,
+        _batch: &Batch,
+    ) -> Result<(), String> {
         self.trace.update(format!("exec {id} {seq}"));
         self.trace.update(root);
         if self.is_byzantine(id) {
@@ -357,12 +458,18 @@ impl Sim {
         let node = &mut self.nodes[id as usize];
         if let Some((last, _)) = node.executed.iter().next_back() {
             if seq != last + 1 && !node.executed.contains_key(&seq) {
-                return Err(violation(self.sc.seed, format!("replica {id} executed {seq} after {last}: a gap")));
+                return Err(violation(
+                    self.sc.seed,
+                    format!("replica {id} executed {seq} after {last}: a gap"),
+                ));
             }
         }
         node.executed.insert(seq, root);
         match self.agreed.get(&seq) {
-            Some(r) if *r != root => Err(violation(self.sc.seed, format!("agreement broken at seq {seq}: replica {id} differs"))),
+            Some(r) if *r != root => Err(violation(
+                self.sc.seed,
+                format!("agreement broken at seq {seq}: replica {id} differs"),
+            )),
             Some(_) => Ok(()),
             None => {
                 self.agreed.insert(seq, root);
@@ -373,26 +480,80 @@ impl Sim {
 
     /// What a Byzantine replica actually sends in place of `m`.
     fn byzantine_rewrite(&mut self, id: ReplicaId, to: ReplicaId, m: Signed) -> Vec<Signed> {
-        let Some((b, kind)) = self.sc.byzantine else { return vec![m] };
+        let Some((b, kind)) = self.sc.byzantine else {
+            return vec![m];
+        };
         if b != id {
             return vec![m];
         }
         let key = self.keys[id as usize].clone();
         match (kind, &m.payload) {
             (Byzantine::Silent, _) => vec![],
-            (Byzantine::Equivocate, Payload::PrePrepare { view, seq, batch, .. }) if to % 2 == 0 => {
+            (
+                Byzantine::Equivocate,
+                Payload::PrePrepare {
+                    view, seq, batch, ..
+                },
+            ) if to % 2 == 0 => {
                 let mut other = batch.clone();
-                other.entries.push(format!("equivocation-{seq}").into_bytes());
-                vec![self.members.sign(&key, id, Payload::PrePrepare { view: *view, seq: *seq, digest: other.digest(), batch: other })]
+                other
+                    .entries
+                    .push(format!("equivocation-{seq}").into_bytes());
+                vec![self.members.sign(
+                    &key,
+                    id,
+                    Payload::PrePrepare {
+                        view: *view,
+                        seq: *seq,
+                        digest: other.digest(),
+                        batch: other,
+                    },
+                )]
             }
-            (Byzantine::WrongDigest, Payload::PrePrepare { view, seq, batch, .. }) => {
-                vec![self.members.sign(&key, id, Payload::PrePrepare { view: *view, seq: *seq, digest: [0xAB; 32], batch: batch.clone() })]
+            (
+                Byzantine::WrongDigest,
+                Payload::PrePrepare {
+                    view, seq, batch, ..
+                },
+            ) => {
+                vec![self.members.sign(
+                    &key,
+                    id,
+                    Payload::PrePrepare {
+                        view: *view,
+                        seq: *seq,
+                        digest: [0xAB; 32],
+                        batch: batch.clone(),
+                    },
+                )]
             }
             (Byzantine::DoubleVote, Payload::Prepare { view, seq, .. }) => {
-                vec![m.clone(), self.members.sign(&key, id, Payload::Prepare { view: *view, seq: *seq, digest: [to as u8; 32] })]
+                vec![
+                    m.clone(),
+                    self.members.sign(
+                        &key,
+                        id,
+                        Payload::Prepare {
+                            view: *view,
+                            seq: *seq,
+                            digest: [to as u8; 32],
+                        },
+                    ),
+                ]
             }
             (Byzantine::DoubleVote, Payload::Commit { view, seq, .. }) => {
-                vec![m.clone(), self.members.sign(&key, id, Payload::Commit { view: *view, seq: *seq, digest: [to as u8; 32] })]
+                vec![
+                    m.clone(),
+                    self.members.sign(
+                        &key,
+                        id,
+                        Payload::Commit {
+                            view: *view,
+                            seq: *seq,
+                            digest: [to as u8; 32],
+                        },
+                    ),
+                ]
             }
             (Byzantine::ForgeAndReplay, _) => {
                 let mut out = vec![m.clone()];
@@ -415,10 +576,33 @@ impl Sim {
                 }
                 out
             }
+            (Byzantine::CheckpointFlood, _) => {
+                let mut out = vec![m];
+                for _ in 0..4 {
+                    let seq = self.sc.config.checkpoint_interval * (1 + self.rng.below(1 << 20));
+                    let mut root = [0u8; 32];
+                    root[..8].copy_from_slice(&self.rng.next().to_be_bytes());
+                    out.push(
+                        self.members
+                            .sign(&key, id, Payload::Checkpoint { seq, root }),
+                    );
+                }
+                out
+            }
             (Byzantine::ViewChangeFlood, _) => {
                 let mut out = vec![m];
                 let view = 1 + self.now / 10;
-                out.push(self.members.sign(&key, id, Payload::ViewChange { view, stable_seq: 0, stable_root: [0; 32], proof: vec![], prepared: vec![] }));
+                out.push(self.members.sign(
+                    &key,
+                    id,
+                    Payload::ViewChange {
+                        view,
+                        stable_seq: 0,
+                        stable_root: [0; 32],
+                        proof: vec![],
+                        prepared: vec![],
+                    },
+                ));
                 out
             }
             _ => vec![m],
@@ -434,7 +618,12 @@ impl Sim {
 
     /// Clients retry, as PBFT's do: an entry not executed yet goes to a live replica again.
     fn retry_requests(&mut self, faulty: bool) -> Result<(), String> {
-        let missing: Vec<Vec<u8>> = self.submitted.iter().filter(|e| !self.done.contains(*e)).cloned().collect();
+        let missing: Vec<Vec<u8>> = self
+            .submitted
+            .iter()
+            .filter(|e| !self.done.contains(*e))
+            .cloned()
+            .collect();
         for e in missing {
             self.send_request(e, faulty)?;
         }
@@ -443,18 +632,38 @@ impl Sim {
 
     fn send_request(&mut self, entry: Vec<u8>, faulty: bool) -> Result<(), String> {
         // Clients talk to correct, live replicas.
-        let candidates: Vec<ReplicaId> = (0..self.sc.n as u32).filter(|r| !self.is_byzantine(*r) && self.nodes[*r as usize].replica.is_some()).collect();
+        let candidates: Vec<ReplicaId> = (0..self.sc.n as u32)
+            .filter(|r| !self.is_byzantine(*r) && self.nodes[*r as usize].replica.is_some())
+            .collect();
         if candidates.is_empty() {
             return Ok(());
         }
         let to = candidates[self.rng.below(candidates.len() as u64) as usize];
         let now = self.now;
-        let step = self.nodes[to as usize].replica.as_mut().expect("live").handle_request(now, entry);
+        let step = self.nodes[to as usize]
+            .replica
+            .as_mut()
+            .expect("live")
+            .handle_request(now, entry);
         self.run_step(to, step.actions, step.faults, faulty)
     }
 
     fn tick(&mut self, faulty: bool) -> Result<(), String> {
         self.restart_due()?;
+        if self.trace_progress && self.now % 250 == 0 {
+            let kinds: BTreeMap<&str, usize> =
+                self.queue.values().fold(BTreeMap::new(), |mut acc, m| {
+                    *acc.entry(m.payload.kind()).or_default() += 1;
+                    acc
+                });
+            eprintln!(
+                "t={} in flight {} delivered {} {:?}",
+                self.now,
+                self.queue.len(),
+                self.messages,
+                kinds
+            );
+        }
         // Deliver everything due.
         while let Some((k, _)) = self.queue.first_key_value() {
             if k.at > self.now {
@@ -462,7 +671,9 @@ impl Sim {
             }
             let (k, m) = self.queue.pop_first().expect("non-empty");
             self.messages += 1;
-            let Some(rep) = self.nodes[k.to as usize].replica.as_mut() else { continue };
+            let Some(rep) = self.nodes[k.to as usize].replica.as_mut() else {
+                continue;
+            };
             self.trace.update([k.to as u8, k.from as u8]);
             self.trace.update(m.signature);
             let now = self.now;
@@ -471,14 +682,19 @@ impl Sim {
         }
         for id in 0..self.sc.n as u32 {
             let now = self.now;
-            let Some(rep) = self.nodes[id as usize].replica.as_mut() else { continue };
+            let Some(rep) = self.nodes[id as usize].replica.as_mut() else {
+                continue;
+            };
             let step = rep.handle_tick(now);
             let log = rep.log_len();
             if !self.is_byzantine(id) {
                 self.max_log_len = self.max_log_len.max(log);
                 let bound = 8 * (self.sc.config.window as usize) + 64;
                 if log > bound {
-                    return Err(violation(self.sc.seed, format!("replica {id} holds {log} log entries (bound {bound})")));
+                    return Err(violation(
+                        self.sc.seed,
+                        format!("replica {id} holds {log} log entries (bound {bound})"),
+                    ));
                 }
             }
             self.run_step(id, step.actions, step.faults, faulty)?;
@@ -495,8 +711,12 @@ impl Sim {
                 self.submit(true)?;
                 next_request = self.now + 1 + self.rng.below(total / self.sc.requests as u64 + 1);
             }
-            if self.partition.as_ref().map_or(true, |p| self.now >= p.1) && self.rng.chance(self.sc.partition_per_mille) {
-                let side: BTreeSet<ReplicaId> = (0..self.sc.n as u32).filter(|_| self.rng.chance(500)).collect();
+            if self.partition.as_ref().map_or(true, |p| self.now >= p.1)
+                && self.rng.chance(self.sc.partition_per_mille)
+            {
+                let side: BTreeSet<ReplicaId> = (0..self.sc.n as u32)
+                    .filter(|_| self.rng.chance(500))
+                    .collect();
                 let until = self.now + 100 + self.rng.below(400);
                 let one_way = self.rng.chance(300);
                 self.partition = Some((side, until, one_way));
@@ -532,10 +752,21 @@ impl Sim {
                 .iter()
                 .map(|n| n.replica.as_ref().map_or("down".into(), Replica::describe))
                 .collect();
-            return Err(violation(self.sc.seed, format!("not live after healing: {} requests, replicas {state:?}", self.sc.requests)));
+            return Err(violation(
+                self.sc.seed,
+                format!(
+                    "not live after healing: {} requests, replicas {state:?}",
+                    self.sc.requests
+                ),
+            ));
         }
         let committed = self.agreed.keys().next_back().copied().unwrap_or(0);
-        let views = self.nodes.iter().filter_map(|n| n.replica.as_ref().map(Replica::view)).max().unwrap_or(0);
+        let views = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.replica.as_ref().map(Replica::view))
+            .max()
+            .unwrap_or(0);
         Ok(Report {
             seed: self.sc.seed,
             trace_hash: self.trace.finalize().into(),
@@ -551,8 +782,17 @@ impl Sim {
 
     /// Every submitted entry executed by every correct replica, all at the same height.
     fn all_done(&self) -> bool {
-        let correct: Vec<&Node> = self.nodes.iter().enumerate().filter(|(i, _)| !self.is_byzantine(*i as u32)).map(|(_, n)| n).collect();
-        let heights: BTreeSet<Seq> = correct.iter().map(|n| n.replica.as_ref().map_or(0, Replica::last_executed)).collect();
+        let correct: Vec<&Node> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.is_byzantine(*i as u32))
+            .map(|(_, n)| n)
+            .collect();
+        let heights: BTreeSet<Seq> = correct
+            .iter()
+            .map(|n| n.replica.as_ref().map_or(0, Replica::last_executed))
+            .collect();
         if heights.len() != 1 {
             return false;
         }

@@ -8,7 +8,9 @@
 
 use std::path::Path;
 
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 
 use crate::core::message::{decode_batch, decode_signed, encode_batch, encode_signed, DecodeError};
 use crate::core::{Batch, Digest, Payload, Record, Seq, Signed};
@@ -38,7 +40,7 @@ pub struct LedgerStore {
     next: u64,
 }
 
-fn encode_signed_list(list: &[Signed]) -> Vec<u8> {
+pub fn encode_signed_list(list: &[Signed]) -> Vec<u8> {
     let mut out = (list.len() as u64).to_be_bytes().to_vec();
     for s in list {
         let b = encode_signed(s);
@@ -48,13 +50,14 @@ fn encode_signed_list(list: &[Signed]) -> Vec<u8> {
     out
 }
 
-fn decode_signed_list(mut b: &[u8]) -> Result<Vec<Signed>, StoreError> {
+pub fn decode_signed_list(mut b: &[u8]) -> Result<Vec<Signed>, StoreError> {
     let corrupt = || StoreError::Corrupt("bad signed list".into());
     let n = u64::from_be_bytes(b.get(..8).ok_or_else(corrupt)?.try_into().expect("8"));
     b = &b[8..];
     let mut out = Vec::new();
     for _ in 0..n {
-        let len = u64::from_be_bytes(b.get(..8).ok_or_else(corrupt)?.try_into().expect("8")) as usize;
+        let len =
+            u64::from_be_bytes(b.get(..8).ok_or_else(corrupt)?.try_into().expect("8")) as usize;
         let body = b.get(8..8 + len).ok_or_else(corrupt)?;
         out.push(decode_signed(body)?);
         b = &b[8 + len..];
@@ -65,7 +68,10 @@ fn decode_signed_list(mut b: &[u8]) -> Result<Vec<Signed>, StoreError> {
 /// The sequence number a logged message is about, for garbage collection.
 fn seq_of(m: &Signed) -> Option<Seq> {
     match &m.payload {
-        Payload::PrePrepare { seq, .. } | Payload::Prepare { seq, .. } | Payload::Commit { seq, .. } | Payload::Checkpoint { seq, .. } => Some(*seq),
+        Payload::PrePrepare { seq, .. }
+        | Payload::Prepare { seq, .. }
+        | Payload::Commit { seq, .. }
+        | Payload::Checkpoint { seq, .. } => Some(*seq),
         Payload::ViewChange { stable_seq, .. } => Some(*stable_seq),
         _ => None,
     }
@@ -76,7 +82,8 @@ impl LedgerStore {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [CF_BLOCKS, CF_LOG, CF_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let cfs = [CF_BLOCKS, CF_LOG, CF_META]
+            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let next = db
             .get_cf(db.cf_handle(CF_META).expect("meta"), META_NEXT)?
@@ -100,7 +107,11 @@ impl LedgerStore {
         let mut stable = None;
         for r in records {
             match r {
-                Record::Block { seq, batch: b, root } => {
+                Record::Block {
+                    seq,
+                    batch: b,
+                    root,
+                } => {
                     let mut v = root.to_vec();
                     v.extend_from_slice(&encode_batch(b));
                     batch.put_cf(self.cf(CF_BLOCKS), seq.to_be_bytes(), v);
@@ -147,19 +158,48 @@ impl LedgerStore {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_BLOCKS), IteratorMode::Start) {
             let (k, v) = item?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt("block key".into()))?);
-            let root: Digest = v.get(..32).ok_or_else(|| StoreError::Corrupt("block root".into()))?.try_into().expect("32");
-            out.push(Record::Block { seq, root, batch: decode_batch(&v[32..])? });
+            let seq = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("block key".into()))?,
+            );
+            let root: Digest = v
+                .get(..32)
+                .ok_or_else(|| StoreError::Corrupt("block root".into()))?
+                .try_into()
+                .expect("32");
+            out.push(Record::Block {
+                seq,
+                root,
+                batch: decode_batch(&v[32..])?,
+            });
         }
         if let Some(v) = self.db.get_cf(self.cf(CF_META), META_STABLE)? {
-            let seq = u64::from_be_bytes(v.get(..8).ok_or_else(|| StoreError::Corrupt("stable".into()))?.try_into().expect("8"));
-            let root: Digest = v.get(8..40).ok_or_else(|| StoreError::Corrupt("stable".into()))?.try_into().expect("32");
-            out.push(Record::Stable { seq, root, proof: decode_signed_list(&v[40..])? });
+            let seq = u64::from_be_bytes(
+                v.get(..8)
+                    .ok_or_else(|| StoreError::Corrupt("stable".into()))?
+                    .try_into()
+                    .expect("8"),
+            );
+            let root: Digest = v
+                .get(8..40)
+                .ok_or_else(|| StoreError::Corrupt("stable".into()))?
+                .try_into()
+                .expect("32");
+            out.push(Record::Stable {
+                seq,
+                root,
+                proof: decode_signed_list(&v[40..])?,
+            });
         }
         for item in self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::Start) {
             let (_, v) = item?;
             let m = decode_signed(v.get(1..).unwrap_or_default())?;
-            out.push(if v.first() == Some(&1) { Record::Sent(m) } else { Record::Accepted(m) });
+            out.push(if v.first() == Some(&1) {
+                Record::Sent(m)
+            } else {
+                Record::Accepted(m)
+            });
         }
         Ok(out)
     }
@@ -168,9 +208,16 @@ impl LedgerStore {
     pub fn blocks(&self, from_seq: Seq, to_seq: Seq) -> Result<Vec<Batch>, StoreError> {
         let mut out = Vec::new();
         let start = (from_seq + 1).to_be_bytes();
-        for item in self.db.iterator_cf(self.cf(CF_BLOCKS), IteratorMode::From(&start, Direction::Forward)) {
+        for item in self.db.iterator_cf(
+            self.cf(CF_BLOCKS),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
             let (k, v) = item?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt("block key".into()))?);
+            let seq = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("block key".into()))?,
+            );
             if seq > to_seq {
                 break;
             }
@@ -181,7 +228,9 @@ impl LedgerStore {
 
     /// Number of consensus-log records held (bounded by the checkpoint window).
     pub fn log_len(&self) -> usize {
-        self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::Start).count()
+        self.db
+            .iterator_cf(self.cf(CF_LOG), IteratorMode::Start)
+            .count()
     }
 }
 
@@ -197,7 +246,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = test_key(5, 0);
         let members = Membership::new("store-test", vec![key.verifying_key()]);
-        let cfg = Config { checkpoint_interval: 4, window: 8, max_batch_entries: 2, ..Config::default() };
+        let cfg = Config {
+            checkpoint_interval: 4,
+            window: 8,
+            max_batch_entries: 2,
+            ..Config::default()
+        };
         let mut executed = Vec::new();
         {
             let mut store = LedgerStore::open(dir.path()).unwrap();
@@ -207,7 +261,9 @@ mod tests {
                 for a in step.actions {
                     match a {
                         crate::core::Action::Persist(rec) => persist.push(rec),
-                        crate::core::Action::Execute { seq, root, .. } => executed.push((seq, root)),
+                        crate::core::Action::Execute { seq, root, .. } => {
+                            executed.push((seq, root))
+                        }
                         _ => {}
                     }
                 }
@@ -221,7 +277,11 @@ mod tests {
             carry_out(step, &mut store);
             assert_eq!(r.last_executed(), 11, "21 entries in batches of 2");
             // Garbage collection keeps the consensus log within the window.
-            assert!(store.log_len() <= 3 * cfg.window as usize, "{}", store.log_len());
+            assert!(
+                store.log_len() <= 3 * cfg.window as usize,
+                "{}",
+                store.log_len()
+            );
         }
         let store = LedgerStore::open(dir.path()).unwrap();
         let records = store.load().unwrap();

@@ -27,21 +27,45 @@ fn quiet(seed: u64) -> Scenario {
 
 #[test]
 fn many_seeds() {
-    let count: u64 = std::env::var("LEDGER_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
-    let first: u64 = std::env::var("LEDGER_SIM_FIRST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let count: u64 = std::env::var("LEDGER_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let first: u64 = std::env::var("LEDGER_SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut committed = 0;
     let mut view_changes = 0;
+    let mut slowest = (0, std::time::Duration::ZERO);
+    let start = std::time::Instant::now();
     for seed in first..first + count {
+        let t0 = std::time::Instant::now();
         let r = run(Scenario::from_seed(seed));
+        if t0.elapsed() > slowest.1 {
+            slowest = (seed, t0.elapsed());
+        }
         committed += r.committed;
         view_changes += r.views;
+        if (seed - first + 1) % 100 == 0 {
+            println!(
+                "{} seeds in {:.0?} (slowest so far: seed {} in {:.1?})",
+                seed - first + 1,
+                start.elapsed(),
+                slowest.0,
+                slowest.1
+            );
+        }
     }
-    println!("{count} seeds: {committed} blocks committed, {view_changes} views advanced");
+    println!("{count} seeds: {committed} blocks committed, {view_changes} views advanced; slowest seed {} took {:.1?}", slowest.0, slowest.1);
 }
 
 #[test]
 fn replay_one_seed() {
-    let seed: u64 = std::env::var("LEDGER_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let seed: u64 = std::env::var("LEDGER_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
     let sc = Scenario::from_seed(seed);
     println!("{sc:?}");
     let r = run(sc);
@@ -56,7 +80,10 @@ fn the_same_seed_gives_the_same_trace() {
         assert_eq!(a.trace_hash, b.trace_hash, "seed {seed}");
         assert_eq!(a.messages, b.messages);
     }
-    assert_ne!(run(Scenario::from_seed(3)).trace_hash, run(Scenario::from_seed(4)).trace_hash);
+    assert_ne!(
+        run(Scenario::from_seed(3)).trace_hash,
+        run(Scenario::from_seed(4)).trace_hash
+    );
 }
 
 #[test]
@@ -90,7 +117,11 @@ fn byzantine_primaries_and_voters_are_detected_and_survived() {
         sc.byzantine = Some((culprit, kind));
         let r = run(sc);
         if let Some(k) = expected {
-            assert!(r.faults_reported.contains_key(&k), "{kind:?} by {culprit}: {:?}", r.faults_reported);
+            assert!(
+                r.faults_reported.contains_key(&k),
+                "{kind:?} by {culprit}: {:?}",
+                r.faults_reported
+            );
         }
     }
 }
@@ -104,6 +135,18 @@ fn a_view_change_flood_from_one_replica_does_not_move_the_others() {
 }
 
 #[test]
+fn a_checkpoint_flood_neither_stalls_the_cluster_nor_grows_memory() {
+    for culprit in [0, 3] {
+        let mut sc = quiet(60 + culprit as u64);
+        sc.byzantine = Some((culprit, Byzantine::CheckpointFlood));
+        sc.requests = 60;
+        let r = run(sc);
+        assert!(r.committed > 10);
+        assert!(r.max_log_len < 200, "log stayed bounded: {}", r.max_log_len);
+    }
+}
+
+#[test]
 fn crashes_and_partitions_with_checkpoints_and_state_transfer() {
     for seed in 100..110 {
         let mut sc = quiet(seed);
@@ -111,7 +154,11 @@ fn crashes_and_partitions_with_checkpoints_and_state_transfer() {
         sc.partition_per_mille = 3;
         sc.drop_per_mille = 30;
         sc.requests = 60;
-        sc.config = Config { checkpoint_interval: 2, window: 8, ..sc.config.clone() };
+        sc.config = Config {
+            checkpoint_interval: 2,
+            window: 8,
+            ..sc.config.clone()
+        };
         let r = run(sc);
         assert!(r.max_log_len < 200, "log stayed bounded: {}", r.max_log_len);
     }
@@ -158,15 +205,27 @@ fn entries_have_inclusion_proofs_against_quorum_signed_checkpoints() {
             let entries: Vec<&[u8]> = batch.entries.iter().map(Vec::as_slice).collect();
             for (j, entry) in entries.iter().enumerate() {
                 let in_batch = merkle::inclusion_proof(&entries, j).unwrap();
-                assert!(merkle::verify_inclusion(entry, j as u64, entries.len() as u64, &in_batch, &batch.merkle_root()));
+                assert!(merkle::verify_inclusion(
+                    entry,
+                    j as u64,
+                    entries.len() as u64,
+                    &in_batch,
+                    &batch.merkle_root()
+                ));
             }
             let in_log = merkle::inclusion_proof_of_leaves(&leaves[..*seq as usize], i).unwrap();
-            assert!(merkle::verify_inclusion_of_leaf(&leaves[i], i as u64, *seq, &in_log, root));
+            assert!(merkle::verify_inclusion_of_leaf(
+                &leaves[i], i as u64, *seq, &in_log, root
+            ));
             // A tampered batch no longer matches its leaf.
             if let Some(first) = batch.entries.first() {
                 let mut forged = batch.clone();
                 forged.entries[0] = [first.as_slice(), b"!"].concat();
-                let prev_root = if i == 0 { merkle::Frontier::default().root() } else { merkle::root_of_leaves(&leaves[..i]) };
+                let prev_root = if i == 0 {
+                    merkle::Frontier::default().root()
+                } else {
+                    merkle::root_of_leaves(&leaves[..i])
+                };
                 assert_ne!(block_leaf(&prev_root, i as u64 + 1, &forged), leaves[i]);
             }
         }

@@ -76,35 +76,61 @@ impl Config {
             Some(path) => Self::read_file(path)?,
             None => FileConfig::default(),
         };
-        let listen = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default address"));
-        let base_url = args.base_url.clone().or(file.base_url).unwrap_or_else(|| format!("http://{listen}/fhir"));
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default address"));
+        let base_url = args
+            .base_url
+            .clone()
+            .or(file.base_url)
+            .unwrap_or_else(|| format!("http://{listen}/fhir"));
         let base_url = base_url.trim_end_matches('/').to_string();
         if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            return Err(ConfigError::Invalid(format!("base-url '{base_url}' must be an http(s) URL")));
+            return Err(ConfigError::Invalid(format!(
+                "base-url '{base_url}' must be an http(s) URL"
+            )));
         }
-        let max_body_bytes = args.max_body_bytes.or(file.max_body_bytes).unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        let max_body_bytes = args
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if max_body_bytes < 1024 {
-            return Err(ConfigError::Invalid("max-body-bytes must be at least 1024".into()));
+            return Err(ConfigError::Invalid(
+                "max-body-bytes must be at least 1024".into(),
+            ));
         }
         Ok(Config {
             listen,
-            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             base_url,
             max_body_bytes,
             profiles_dir: args.profiles_dir.clone().or(file.profiles_dir),
-            workers: args.workers.or(file.workers).unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1),
+            workers: args
+                .workers
+                .or(file.workers)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+                .max(1),
         })
     }
 
     fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(shown.clone(), e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(shown.clone(), e))?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse(shown, e))
     }
 
     /// The path part of the base URL (`/fhir`), where the API is mounted.
     pub fn base_path(&self) -> String {
-        let after_scheme = self.base_url.split_once("://").map_or(self.base_url.as_str(), |(_, r)| r);
+        let after_scheme = self
+            .base_url
+            .split_once("://")
+            .map_or(self.base_url.as_str(), |(_, r)| r);
         match after_scheme.find('/') {
             Some(i) => after_scheme[i..].trim_end_matches('/').to_string(),
             None => String::new(),
@@ -129,8 +155,16 @@ mod tests {
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndata-dir = \"/var/x\"\nmax-body-bytes = 2048\n").unwrap();
-        let args = ServeArgs { config: Some(path), data_dir: Some("/flag".into()), ..Default::default() };
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\ndata-dir = \"/var/x\"\nmax-body-bytes = 2048\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            data_dir: Some("/flag".into()),
+            ..Default::default()
+        };
         let c = Config::resolve(&args).unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.data_dir, PathBuf::from("/flag"));
@@ -143,7 +177,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.toml");
         std::fs::write(&path, "lisen = \"x\"\n").unwrap();
-        assert!(Config::resolve(&ServeArgs { config: Some(path), ..Default::default() }).is_err());
-        assert!(Config::resolve(&ServeArgs { base_url: Some("ftp://x".into()), ..Default::default() }).is_err());
+        assert!(Config::resolve(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Config::resolve(&ServeArgs {
+            base_url: Some("ftp://x".into()),
+            ..Default::default()
+        })
+        .is_err());
     }
 }

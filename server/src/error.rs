@@ -18,20 +18,36 @@ pub struct Issue {
 
 impl Issue {
     pub fn error(code: &'static str, diagnostics: impl Into<String>) -> Self {
-        Issue { severity: "error", code, diagnostics: diagnostics.into(), expression: vec![] }
+        Issue {
+            severity: "error",
+            code,
+            diagnostics: diagnostics.into(),
+            expression: vec![],
+        }
     }
     pub fn warning(code: &'static str, diagnostics: impl Into<String>) -> Self {
-        Issue { severity: "warning", code, diagnostics: diagnostics.into(), expression: vec![] }
+        Issue {
+            severity: "warning",
+            code,
+            diagnostics: diagnostics.into(),
+            expression: vec![],
+        }
     }
     pub fn information(diagnostics: impl Into<String>) -> Self {
-        Issue { severity: "information", code: "informational", diagnostics: diagnostics.into(), expression: vec![] }
+        Issue {
+            severity: "information",
+            code: "informational",
+            diagnostics: diagnostics.into(),
+            expression: vec![],
+        }
     }
     pub fn at(mut self, expression: impl Into<String>) -> Self {
         self.expression.push(expression.into());
         self
     }
     pub fn to_json(&self) -> Value {
-        let mut v = json!({"severity": self.severity, "code": self.code, "diagnostics": self.diagnostics});
+        let mut v =
+            json!({"severity": self.severity, "code": self.code, "diagnostics": self.diagnostics});
         if !self.expression.is_empty() {
             v["expression"] = json!(self.expression);
         }
@@ -60,7 +76,11 @@ pub enum Error {
     #[error("{0}")]
     NotFound(String),
     #[error("{rtype}/{id} was deleted")]
-    Gone { rtype: String, id: String, version: u64 },
+    Gone {
+        rtype: String,
+        id: String,
+        version: u64,
+    },
     #[error("{0}")]
     VersionConflict(String),
     #[error("{0}")]
@@ -108,7 +128,9 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Gone { .. } => StatusCode::GONE,
             Error::VersionConflict(_) => StatusCode::CONFLICT,
-            Error::PreconditionFailed(_) | Error::MultipleMatches(_) => StatusCode::PRECONDITION_FAILED,
+            Error::PreconditionFailed(_) | Error::MultipleMatches(_) => {
+                StatusCode::PRECONDITION_FAILED
+            }
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
@@ -125,22 +147,33 @@ impl Error {
             Error::UnknownSearchParameter(m) => vec![Issue::error("not-supported", m.clone())],
             Error::NotFound(m) => vec![Issue::error("not-found", m.clone())],
             Error::Gone { .. } => vec![Issue::error("deleted", self.to_string())],
-            Error::VersionConflict(m) | Error::PreconditionFailed(m) => vec![Issue::error("conflict", m.clone())],
+            Error::VersionConflict(m) | Error::PreconditionFailed(m) => {
+                vec![Issue::error("conflict", m.clone())]
+            }
             Error::MultipleMatches(m) => vec![Issue::error("multiple-matches", m.clone())],
             Error::MethodNotAllowed(m) => vec![Issue::error("not-supported", m.clone())],
-            Error::UnsupportedMediaType(m) | Error::NotAcceptable(m) => vec![Issue::error("not-supported", m.clone())],
+            Error::UnsupportedMediaType(m) | Error::NotAcceptable(m) => {
+                vec![Issue::error("not-supported", m.clone())]
+            }
             Error::PayloadTooLarge(_) => vec![Issue::error("too-long", self.to_string())],
             Error::TransactionEntry { index, source } => source
                 .issues()
                 .into_iter()
                 .map(|mut i| {
                     i.diagnostics = format!("Bundle.entry[{index}]: {}", i.diagnostics);
-                    i.expression = i.expression.into_iter().map(|e| format!("Bundle.entry[{index}].resource.{e}")).collect();
+                    i.expression = i
+                        .expression
+                        .into_iter()
+                        .map(|e| format!("Bundle.entry[{index}].resource.{e}"))
+                        .collect();
                     i
                 })
                 .collect(),
             // Never leak internals to the client; the detail goes to the log.
-            Error::Storage(_) => vec![Issue::error("exception", "the storage engine failed; nothing was written")],
+            Error::Storage(_) => vec![Issue::error(
+                "exception",
+                "the storage engine failed; nothing was written",
+            )],
             Error::Internal(_) => vec![Issue::error("exception", "internal server error")],
         }
     }
@@ -173,10 +206,16 @@ mod tests {
 
     #[test]
     fn transaction_entry_errors_point_into_the_bundle() {
-        let e = Error::TransactionEntry { index: 2, source: Box::new(Error::invalid_at("Patient.gender", "bad code")) };
+        let e = Error::TransactionEntry {
+            index: 2,
+            source: Box::new(Error::invalid_at("Patient.gender", "bad code")),
+        };
         assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
         let oo = e.outcome();
-        assert_eq!(oo["issue"][0]["expression"][0], "Bundle.entry[2].resource.Patient.gender");
+        assert_eq!(
+            oo["issue"][0]["expression"][0],
+            "Bundle.entry[2].resource.Patient.gender"
+        );
     }
 
     #[test]

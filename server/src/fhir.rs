@@ -16,8 +16,12 @@ pub enum ResourceType {
 }
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 4] =
-        [ResourceType::Patient, ResourceType::Consent, ResourceType::DocumentReference, ResourceType::AuditEvent];
+    pub const ALL: [ResourceType; 4] = [
+        ResourceType::Patient,
+        ResourceType::Consent,
+        ResourceType::DocumentReference,
+        ResourceType::AuditEvent,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -41,20 +45,31 @@ impl FromStr for ResourceType {
         ResourceType::ALL
             .into_iter()
             .find(|t| t.as_str() == s)
-            .ok_or_else(|| Error::NotFound(format!("resource type '{s}' is not supported by this server")))
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "resource type '{s}' is not supported by this server"
+                ))
+            })
     }
 }
 
 /// R4 `id`: `[A-Za-z0-9\-\.]{1,64}`.
 pub fn is_valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 pub fn check_id(id: &str) -> Result<(), Error> {
     if is_valid_id(id) {
         Ok(())
     } else {
-        Err(Error::BadRequest(Issue::error("invalid", format!("'{id}' is not a valid FHIR id ([A-Za-z0-9-.]{{1,64}})"))))
+        Err(Error::BadRequest(Issue::error(
+            "invalid",
+            format!("'{id}' is not a valid FHIR id ([A-Za-z0-9-.]{{1,64}})"),
+        )))
     }
 }
 
@@ -64,14 +79,18 @@ pub fn new_id() -> String {
 
 /// Milliseconds since the Unix epoch, formatted as an R4 `instant` in UTC.
 pub fn format_instant(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     t.format(&f).unwrap_or_default()
 }
 
 /// RFC 7231 HTTP-date, for `Last-Modified`.
 pub fn format_http_date(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     let f = time::macros::format_description!(
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );
@@ -99,13 +118,22 @@ mod tests {
     #[test]
     fn instants_and_http_dates() {
         assert_eq!(format_instant(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_instant(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
-        assert_eq!(format_http_date(1_700_000_000_123), "Tue, 14 Nov 2023 22:13:20 GMT");
+        assert_eq!(
+            format_instant(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(
+            format_http_date(1_700_000_000_123),
+            "Tue, 14 Nov 2023 22:13:20 GMT"
+        );
     }
 
     #[test]
     fn only_served_types_parse() {
-        assert_eq!("Patient".parse::<ResourceType>().unwrap(), ResourceType::Patient);
+        assert_eq!(
+            "Patient".parse::<ResourceType>().unwrap(),
+            ResourceType::Patient
+        );
         assert!("Observation".parse::<ResourceType>().is_err());
         assert!("patient".parse::<ResourceType>().is_err());
     }

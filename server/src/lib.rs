@@ -46,10 +46,22 @@ impl Service {
         let validator = Arc::new(Validator::new(profiles.clone()));
         let warm = validator.clone();
         std::thread::spawn(move || warm.warm());
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| Error::Storage(format!("creating {}: {e}", config.data_dir.display())))?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| Error::Storage(format!("creating {}: {e}", config.data_dir.display())))?;
         let store = Arc::new(Store::open(&config.data_dir)?);
-        let txlog: Arc<dyn TxLog> = Arc::new(LocalTxLog::start(store.clone(), registry.clone(), config.base_url.clone())?);
-        Ok(Service { config, profiles, registry, validator, store, txlog })
+        let txlog: Arc<dyn TxLog> = Arc::new(LocalTxLog::start(
+            store.clone(),
+            registry.clone(),
+            config.base_url.clone(),
+        )?);
+        Ok(Service {
+            config,
+            profiles,
+            registry,
+            validator,
+            store,
+            txlog,
+        })
     }
 }
 
@@ -61,7 +73,11 @@ pub async fn serve(svc: Service) -> std::io::Result<()> {
     let data = web::Data::new(svc);
     tracing::info!(%listen, base = %data.config.base_url, "fhirmament listening");
     HttpServer::new(move || {
-        let scope = if base_path.is_empty() { "".to_string() } else { base_path.clone() };
+        let scope = if base_path.is_empty() {
+            "".to_string()
+        } else {
+            base_path.clone()
+        };
         App::new()
             .app_data(data.clone())
             .app_data(web::PayloadConfig::new(usize::MAX))

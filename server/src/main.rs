@@ -25,7 +25,10 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FHIRMAMENT_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FHIRMAMENT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -46,7 +49,9 @@ fn run_serve(args: &ServeArgs) -> Result<(), String> {
     let config = Config::resolve(args).map_err(|e| e.to_string())?;
     let svc = Service::open(config).map_err(|e| e.to_string())?;
     let runtime = actix_web::rt::System::new();
-    runtime.block_on(fhirmament::serve(svc)).map_err(|e| format!("server failed: {e}"))
+    runtime
+        .block_on(fhirmament::serve(svc))
+        .map_err(|e| format!("server failed: {e}"))
 }
 
 fn run_reindex(args: &ServeArgs) -> Result<(), String> {
@@ -54,7 +59,8 @@ fn run_reindex(args: &ServeArgs) -> Result<(), String> {
     let profiles = fhirmament::load_profiles(&config).map_err(|e| e.to_string())?;
     let registry = fhirmament::search::Registry::from_profiles(&profiles);
     let store = fhirmament::store::Store::open(&config.data_dir).map_err(|e| e.to_string())?;
-    let n = fhirmament::store::txlog::reindex(&store, &registry, &config.base_url).map_err(|e| e.to_string())?;
+    let n = fhirmament::store::txlog::reindex(&store, &registry, &config.base_url)
+        .map_err(|e| e.to_string())?;
     println!("reindexed {n} resources");
     Ok(())
 }

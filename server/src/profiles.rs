@@ -16,18 +16,36 @@ const EMBEDDED_SCHEMA: &str = include_str!("../../profiles/fhir.schema.json");
 const EMBEDDED_SEARCH_PARAMETERS: &str = include_str!("../../profiles/search-parameters.json");
 const EMBEDDED_COMPARTMENT: &str = include_str!("../../profiles/compartment-patient.json");
 const EMBEDDED_STRUCTURE_DEFINITIONS: [(&str, &str); 4] = [
-    ("Patient", include_str!("../../profiles/structure-definitions/Patient.json")),
-    ("Consent", include_str!("../../profiles/structure-definitions/Consent.json")),
-    ("DocumentReference", include_str!("../../profiles/structure-definitions/DocumentReference.json")),
-    ("AuditEvent", include_str!("../../profiles/structure-definitions/AuditEvent.json")),
+    (
+        "Patient",
+        include_str!("../../profiles/structure-definitions/Patient.json"),
+    ),
+    (
+        "Consent",
+        include_str!("../../profiles/structure-definitions/Consent.json"),
+    ),
+    (
+        "DocumentReference",
+        include_str!("../../profiles/structure-definitions/DocumentReference.json"),
+    ),
+    (
+        "AuditEvent",
+        include_str!("../../profiles/structure-definitions/AuditEvent.json"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
     #[error("cannot read profile file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("profile file {path} is not valid JSON: {source}")]
-    Parse { path: String, source: serde_json::Error },
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
     #[error("profile file {path}: {message}")]
     Shape { path: String, message: String },
 }
@@ -59,25 +77,44 @@ pub struct Profiles {
 }
 
 fn parse(path: &str, text: &str) -> Result<Value, ProfileError> {
-    serde_json::from_str(text).map_err(|source| ProfileError::Parse { path: path.to_string(), source })
+    serde_json::from_str(text).map_err(|source| ProfileError::Parse {
+        path: path.to_string(),
+        source,
+    })
 }
 
 fn read(dir: &Path, name: &str) -> Result<(String, String), ProfileError> {
     let path = dir.join(name);
     let shown = path.display().to_string();
-    std::fs::read_to_string(&path).map(|t| (shown.clone(), t)).map_err(|source| ProfileError::Read { path: shown, source })
+    std::fs::read_to_string(&path)
+        .map(|t| (shown.clone(), t))
+        .map_err(|source| ProfileError::Read {
+            path: shown,
+            source,
+        })
 }
 
 impl Profiles {
     pub fn embedded() -> Result<Profiles, ProfileError> {
         let sds = EMBEDDED_STRUCTURE_DEFINITIONS
             .iter()
-            .map(|(t, text)| Ok((format!("embedded:structure-definitions/{t}.json"), parse(t, text)?)))
+            .map(|(t, text)| {
+                Ok((
+                    format!("embedded:structure-definitions/{t}.json"),
+                    parse(t, text)?,
+                ))
+            })
             .collect::<Result<Vec<_>, ProfileError>>()?;
         Self::build(
             parse("embedded:fhir.schema.json", EMBEDDED_SCHEMA)?,
-            ("embedded:search-parameters.json", parse("search-parameters.json", EMBEDDED_SEARCH_PARAMETERS)?),
-            ("embedded:compartment-patient.json", parse("compartment-patient.json", EMBEDDED_COMPARTMENT)?),
+            (
+                "embedded:search-parameters.json",
+                parse("search-parameters.json", EMBEDDED_SEARCH_PARAMETERS)?,
+            ),
+            (
+                "embedded:compartment-patient.json",
+                parse("compartment-patient.json", EMBEDDED_COMPARTMENT)?,
+            ),
             sds,
         )
     }
@@ -103,11 +140,19 @@ impl Profiles {
         (cp_path, compartment): (&str, Value),
         structure_definitions: Vec<(String, Value)>,
     ) -> Result<Profiles, ProfileError> {
-        let shape = |path: &str, message: &str| ProfileError::Shape { path: path.to_string(), message: message.to_string() };
+        let shape = |path: &str, message: &str| ProfileError::Shape {
+            path: path.to_string(),
+            message: message.to_string(),
+        };
         if schema.pointer("/definitions/Patient").is_none() {
-            return Err(shape("fhir.schema.json", "has no definitions/Patient: not the FHIR R4 JSON schema"));
+            return Err(shape(
+                "fhir.schema.json",
+                "has no definitions/Patient: not the FHIR R4 JSON schema",
+            ));
         }
-        let entries = search_bundle["entry"].as_array().ok_or_else(|| shape(sp_path, "not a Bundle with entries"))?;
+        let entries = search_bundle["entry"]
+            .as_array()
+            .ok_or_else(|| shape(sp_path, "not a Bundle with entries"))?;
         let search_parameters = entries
             .iter()
             .filter_map(|e| e.get("resource"))
@@ -116,9 +161,17 @@ impl Profiles {
             .collect::<Vec<_>>();
 
         let mut patient_compartment = BTreeMap::new();
-        for res in compartment["resource"].as_array().ok_or_else(|| shape(cp_path, "has no resource list"))? {
-            let (Some(code), Some(params)) = (res["code"].as_str(), res["param"].as_array()) else { continue };
-            let params: Vec<String> = params.iter().filter_map(|p| p.as_str().map(str::to_string)).collect();
+        for res in compartment["resource"]
+            .as_array()
+            .ok_or_else(|| shape(cp_path, "has no resource list"))?
+        {
+            let (Some(code), Some(params)) = (res["code"].as_str(), res["param"].as_array()) else {
+                continue;
+            };
+            let params: Vec<String> = params
+                .iter()
+                .filter_map(|p| p.as_str().map(str::to_string))
+                .collect();
             if !params.is_empty() {
                 patient_compartment.insert(code.to_string(), params);
             }
@@ -129,8 +182,16 @@ impl Profiles {
             let rtype: ResourceType = sd["type"]
                 .as_str()
                 .and_then(|t| t.parse().ok())
-                .ok_or_else(|| shape(&path, "StructureDefinition.type is not a served resource type"))?;
-            let snapshot = sd.pointer("/snapshot/element").and_then(Value::as_array).ok_or_else(|| shape(&path, "has no snapshot"))?;
+                .ok_or_else(|| {
+                    shape(
+                        &path,
+                        "StructureDefinition.type is not a served resource type",
+                    )
+                })?;
+            let snapshot = sd
+                .pointer("/snapshot/element")
+                .and_then(Value::as_array)
+                .ok_or_else(|| shape(&path, "has no snapshot"))?;
             let defs = snapshot
                 .iter()
                 .filter_map(|e| {
@@ -146,12 +207,21 @@ impl Profiles {
                         .flatten()
                         .filter(|t| t["code"] == "Reference")
                         .flat_map(|t| t["targetProfile"].as_array().cloned().unwrap_or_default())
-                        .filter_map(|p| p.as_str().and_then(|p| p.rsplit('/').next()).map(str::to_string))
+                        .filter_map(|p| {
+                            p.as_str()
+                                .and_then(|p| p.rsplit('/').next())
+                                .map(str::to_string)
+                        })
                         .filter(|t| t != "Resource")
                         .collect();
                     Some(ElementDefinition {
                         max_one: e["max"] == "1",
-                        types: e["type"].as_array().into_iter().flatten().filter_map(|t| t["code"].as_str().map(str::to_string)).collect(),
+                        types: e["type"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|t| t["code"].as_str().map(str::to_string))
+                            .collect(),
                         path: segments,
                         min: e["min"].as_u64().unwrap_or(0) as u32,
                         is_summary: e["isSummary"].as_bool().unwrap_or(false),
@@ -163,20 +233,36 @@ impl Profiles {
         }
         for rt in ResourceType::ALL {
             if !elements.contains_key(&rt) {
-                return Err(shape("structure-definitions", &format!("no StructureDefinition for {rt}")));
+                return Err(shape(
+                    "structure-definitions",
+                    &format!("no StructureDefinition for {rt}"),
+                ));
             }
         }
-        Ok(Profiles { schema, search_parameters, patient_compartment, elements })
+        Ok(Profiles {
+            schema,
+            search_parameters,
+            patient_compartment,
+            elements,
+        })
     }
 
     /// Top-level elements marked `isSummary` for a type (for `_summary=true`).
     pub fn summary_elements(&self, rtype: ResourceType) -> Vec<String> {
-        self.elements[&rtype].iter().filter(|e| e.path.len() == 1 && e.is_summary).map(|e| e.path[0].clone()).collect()
+        self.elements[&rtype]
+            .iter()
+            .filter(|e| e.path.len() == 1 && e.is_summary)
+            .map(|e| e.path[0].clone())
+            .collect()
     }
 
     /// Top-level elements with min >= 1 (kept by `_elements` and `_summary`).
     pub fn mandatory_elements(&self, rtype: ResourceType) -> Vec<String> {
-        self.elements[&rtype].iter().filter(|e| e.path.len() == 1 && e.min >= 1).map(|e| e.path[0].clone()).collect()
+        self.elements[&rtype]
+            .iter()
+            .filter(|e| e.path.len() == 1 && e.min >= 1)
+            .map(|e| e.path[0].clone())
+            .collect()
     }
 }
 
@@ -188,24 +274,37 @@ mod tests {
     fn embedded_profiles_load_and_cover_every_served_type() {
         let p = Profiles::embedded().unwrap();
         assert!(p.search_parameters.len() > 80);
-        assert_eq!(p.patient_compartment["Consent"], vec!["patient".to_string()]);
+        assert_eq!(
+            p.patient_compartment["Consent"],
+            vec!["patient".to_string()]
+        );
         assert!(p.patient_compartment["DocumentReference"].contains(&"subject".to_string()));
         let summary = p.summary_elements(ResourceType::Patient);
-        assert!(summary.contains(&"name".to_string()) && summary.contains(&"birthDate".to_string()));
+        assert!(
+            summary.contains(&"name".to_string()) && summary.contains(&"birthDate".to_string())
+        );
         assert!(!summary.contains(&"photo".to_string()));
-        assert_eq!(p.mandatory_elements(ResourceType::Consent), vec!["status", "scope", "category"]);
+        assert_eq!(
+            p.mandatory_elements(ResourceType::Consent),
+            vec!["status", "scope", "category"]
+        );
     }
 
     #[test]
     fn a_directory_copy_loads_the_same() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles");
         let p = Profiles::load(&dir).unwrap();
-        assert_eq!(p.search_parameters.len(), Profiles::embedded().unwrap().search_parameters.len());
+        assert_eq!(
+            p.search_parameters.len(),
+            Profiles::embedded().unwrap().search_parameters.len()
+        );
     }
 
     #[test]
     fn a_missing_directory_is_a_clear_error() {
         let err = Profiles::load(Path::new("/nonexistent/profiles")).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/profiles/fhir.schema.json"));
+        assert!(err
+            .to_string()
+            .contains("/nonexistent/profiles/fhir.schema.json"));
     }
 }

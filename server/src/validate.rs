@@ -19,7 +19,10 @@ pub struct Validator {
 }
 
 fn type_index(rtype: ResourceType) -> usize {
-    ResourceType::ALL.iter().position(|t| *t == rtype).expect("served type")
+    ResourceType::ALL
+        .iter()
+        .position(|t| *t == rtype)
+        .expect("served type")
 }
 
 /// `/name/0/given` -> `Patient.name[0].given`.
@@ -38,7 +41,10 @@ fn pointer_to_expression(rtype: ResourceType, pointer: &str) -> String {
 
 impl Validator {
     pub fn new(profiles: Arc<Profiles>) -> Self {
-        Validator { profiles, schemas: Default::default() }
+        Validator {
+            profiles,
+            schemas: Default::default(),
+        }
     }
 
     /// Compile the per-type schema validators (about 0.2 s each) before the first request needs them.
@@ -57,7 +63,10 @@ impl Validator {
                 let obj = schema.as_object_mut().expect("schema is an object");
                 obj.remove("oneOf");
                 obj.remove("discriminator");
-                obj.insert("$ref".into(), Value::String(format!("#/definitions/{rtype}")));
+                obj.insert(
+                    "$ref".into(),
+                    Value::String(format!("#/definitions/{rtype}")),
+                );
                 jsonschema::options()
                     .with_draft(jsonschema::Draft::Draft6)
                     .build(&schema)
@@ -70,13 +79,24 @@ impl Validator {
     /// Validate a resource that claims to be of `rtype`.
     pub fn validate(&self, rtype: ResourceType, resource: &Value) -> Result<(), Error> {
         let Some(obj) = resource.as_object() else {
-            return Err(Error::BadRequest(Issue::error("structure", "a resource must be a JSON object")));
+            return Err(Error::BadRequest(Issue::error(
+                "structure",
+                "a resource must be a JSON object",
+            )));
         };
         match obj.get("resourceType").and_then(Value::as_str) {
-            None => return Err(Error::BadRequest(Issue::error("required", "resourceType is missing").at("resourceType"))),
+            None => {
+                return Err(Error::BadRequest(
+                    Issue::error("required", "resourceType is missing").at("resourceType"),
+                ))
+            }
             Some(t) if t != rtype.as_str() => {
                 return Err(Error::BadRequest(
-                    Issue::error("invalid", format!("resourceType '{t}' does not match the endpoint type '{rtype}'")).at("resourceType"),
+                    Issue::error(
+                        "invalid",
+                        format!("resourceType '{t}' does not match the endpoint type '{rtype}'"),
+                    )
+                    .at("resourceType"),
                 ))
             }
             Some(_) => {}
@@ -90,16 +110,24 @@ impl Validator {
                 if issues.len() < MAX_REPORTED_ISSUES {
                     let mut expression = pointer_to_expression(rtype, err.instance_path().as_str());
                     // An unknown element is located at the element itself, not its parent.
-                    if let jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } = err.kind() {
+                    if let jsonschema::error::ValidationErrorKind::AdditionalProperties {
+                        unexpected,
+                    } = err.kind()
+                    {
                         if let [one] = unexpected.as_slice() {
                             expression = format!("{expression}.{one}");
                         }
                     }
-                    issues.push(Issue::error("structure", format!("{expression}: {err}")).at(expression));
+                    issues.push(
+                        Issue::error("structure", format!("{expression}: {err}")).at(expression),
+                    );
                 }
             }
             if total > issues.len() {
-                issues.push(Issue::information(format!("{} further schema errors not shown", total - issues.len())));
+                issues.push(Issue::information(format!(
+                    "{} further schema errors not shown",
+                    total - issues.len()
+                )));
             }
             return Err(Error::Invalid(issues));
         }
@@ -131,19 +159,27 @@ fn nodes_at<'a>(root: &'a Value, base: String, path: &[String]) -> Vec<(&'a Valu
     for seg in path {
         let mut next = Vec::new();
         for (node, loc) in current {
-            let Some(obj) = node.as_object() else { continue };
+            let Some(obj) = node.as_object() else {
+                continue;
+            };
             let matches: Vec<(&String, &Value)> = if let Some(stem) = seg.strip_suffix("[x]") {
                 obj.iter()
-                    .filter(|(k, _)| k.strip_prefix(stem).is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase())))
+                    .filter(|(k, _)| {
+                        k.strip_prefix(stem)
+                            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
+                    })
                     .collect()
             } else {
                 obj.get_key_value(seg.as_str()).into_iter().collect()
             };
             for (key, value) in matches {
                 match value {
-                    Value::Array(items) => {
-                        next.extend(items.iter().enumerate().map(|(i, item)| (item, format!("{loc}.{key}[{i}]"))))
-                    }
+                    Value::Array(items) => next.extend(
+                        items
+                            .iter()
+                            .enumerate()
+                            .map(|(i, item)| (item, format!("{loc}.{key}[{i}]"))),
+                    ),
                     v => next.push((v, format!("{loc}.{key}"))),
                 }
             }
@@ -153,13 +189,23 @@ fn nodes_at<'a>(root: &'a Value, base: String, path: &[String]) -> Vec<(&'a Valu
     current
 }
 
-fn check_min(rtype: ResourceType, def: &ElementDefinition, resource: &Value, issues: &mut Vec<Issue>) {
+fn check_min(
+    rtype: ResourceType,
+    def: &ElementDefinition,
+    resource: &Value,
+    issues: &mut Vec<Issue>,
+) {
     let (parent_path, last) = def.path.split_at(def.path.len() - 1);
     let name = &last[0];
     for (parent, loc) in nodes_at(resource, rtype.to_string(), parent_path) {
-        let Some(obj) = parent.as_object() else { continue };
+        let Some(obj) = parent.as_object() else {
+            continue;
+        };
         let present = if let Some(stem) = name.strip_suffix("[x]") {
-            obj.keys().any(|k| k.strip_prefix(stem).is_some_and(|r| r.starts_with(|c: char| c.is_ascii_uppercase())))
+            obj.keys().any(|k| {
+                k.strip_prefix(stem)
+                    .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_uppercase()))
+            })
         } else {
             let non_empty = |v: Option<&Value>| match v {
                 None | Some(Value::Null) => false,
@@ -170,14 +216,27 @@ fn check_min(rtype: ResourceType, def: &ElementDefinition, resource: &Value, iss
         };
         if !present {
             let expression = format!("{loc}.{}", name.trim_end_matches("[x]"));
-            issues.push(Issue::error("required", format!("{expression} is required (minimum cardinality {})", def.min)).at(expression));
+            issues.push(
+                Issue::error(
+                    "required",
+                    format!("{expression} is required (minimum cardinality {})", def.min),
+                )
+                .at(expression),
+            );
         }
     }
 }
 
-fn check_reference_targets(rtype: ResourceType, def: &ElementDefinition, resource: &Value, issues: &mut Vec<Issue>) {
+fn check_reference_targets(
+    rtype: ResourceType,
+    def: &ElementDefinition,
+    resource: &Value,
+    issues: &mut Vec<Issue>,
+) {
     for (node, loc) in nodes_at(resource, rtype.to_string(), &def.path) {
-        let Some(reference) = node.get("reference").and_then(Value::as_str) else { continue };
+        let Some(reference) = node.get("reference").and_then(Value::as_str) else {
+            continue;
+        };
         if reference.starts_with('#') || reference.starts_with("urn:") {
             continue;
         }
@@ -187,7 +246,13 @@ fn check_reference_targets(rtype: ResourceType, def: &ElementDefinition, resourc
             Some(h) if h >= 2 => parts[h - 2],
             _ if parts.len() >= 2 => parts[parts.len() - 2],
             _ => {
-                issues.push(Issue::error("value", format!("{loc}.reference '{reference}' is not a Type/id reference")).at(format!("{loc}.reference")));
+                issues.push(
+                    Issue::error(
+                        "value",
+                        format!("{loc}.reference '{reference}' is not a Type/id reference"),
+                    )
+                    .at(format!("{loc}.reference")),
+                );
                 continue;
             }
         };
@@ -195,7 +260,10 @@ fn check_reference_targets(rtype: ResourceType, def: &ElementDefinition, resourc
             issues.push(
                 Issue::error(
                     "value",
-                    format!("{loc} refers to a {target_type}; allowed targets are {}", def.reference_targets.join(", ")),
+                    format!(
+                        "{loc} refers to a {target_type}; allowed targets are {}",
+                        def.reference_targets.join(", ")
+                    ),
                 )
                 .at(format!("{loc}.reference")),
             );
@@ -229,12 +297,21 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_elements_bad_codes_and_bad_dates_name_the_element() {
-        let i = issues(ResourceType::Patient, json!({"resourceType":"Patient","name":[{"nickname":"x"}]}));
+        let i = issues(
+            ResourceType::Patient,
+            json!({"resourceType":"Patient","name":[{"nickname":"x"}]}),
+        );
         assert_eq!(i[0].expression, vec!["Patient.name[0].nickname"]);
         assert!(i[0].diagnostics.contains("nickname"));
-        let i = issues(ResourceType::Patient, json!({"resourceType":"Patient","gender":"robot"}));
+        let i = issues(
+            ResourceType::Patient,
+            json!({"resourceType":"Patient","gender":"robot"}),
+        );
         assert_eq!(i[0].expression, vec!["Patient.gender"]);
-        let i = issues(ResourceType::Patient, json!({"resourceType":"Patient","birthDate":"1974-13-45"}));
+        let i = issues(
+            ResourceType::Patient,
+            json!({"resourceType":"Patient","birthDate":"1974-13-45"}),
+        );
         assert_eq!(i[0].expression, vec!["Patient.birthDate"]);
     }
 
@@ -247,7 +324,10 @@ pub(crate) mod tests {
         assert_eq!(i.len(), 1, "{i:?}");
         assert_eq!(i[0].expression, vec!["Consent.status"]);
         assert_eq!(i[0].code, "required");
-        let i = issues(ResourceType::DocumentReference, json!({"resourceType":"DocumentReference","content":[{"attachment":{}}]}));
+        let i = issues(
+            ResourceType::DocumentReference,
+            json!({"resourceType":"DocumentReference","content":[{"attachment":{}}]}),
+        );
         assert_eq!(i[0].expression, vec!["DocumentReference.status"]);
     }
 
@@ -267,7 +347,9 @@ pub(crate) mod tests {
 
     #[test]
     fn wrong_resource_type_is_a_bad_request() {
-        let e = validator().validate(ResourceType::Patient, &json!({"resourceType":"Consent"})).unwrap_err();
+        let e = validator()
+            .validate(ResourceType::Patient, &json!({"resourceType":"Consent"}))
+            .unwrap_err();
         assert!(matches!(e, Error::BadRequest(_)));
     }
 }

@@ -23,7 +23,14 @@ pub fn binary() -> &'static Path {
             profile_dir = profile_dir.parent().expect("target/<profile>");
         }
         let target_dir = profile_dir.parent().expect("target dir");
-        let mut args = vec!["build", "--quiet", "-p", "fhirmament", "--bin", "fhirmament"];
+        let mut args = vec![
+            "build",
+            "--quiet",
+            "-p",
+            "fhirmament",
+            "--bin",
+            "fhirmament",
+        ];
         if profile_dir.ends_with("release") {
             args.push("--release");
         }
@@ -43,7 +50,11 @@ pub fn binary() -> &'static Path {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 pub struct TestServer {
@@ -70,7 +81,10 @@ impl TestServer {
             data,
             child: std::sync::Mutex::new(None),
             _dir: Some(dir),
-            client: Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
+            client: Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
         s.launch();
@@ -106,7 +120,11 @@ impl TestServer {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(Child::id)
+        self.child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Child::id)
     }
 
     /// SIGKILL: no shutdown path runs.
@@ -131,7 +149,13 @@ impl TestServer {
         (status, r.json().unwrap_or(Value::Null))
     }
 
-    pub fn send(&self, method: &str, path: &str, body: &Value, headers: &[(&str, &str)]) -> Response {
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> Response {
         let mut req = self
             .client
             .request(method.parse().expect("method"), self.url(path))
@@ -168,7 +192,14 @@ impl Drop for TestServer {
 
 /// Every entry's resource in a Bundle.
 pub fn resources(bundle: &Value) -> Vec<Value> {
-    bundle["entry"].as_array().map(|e| e.iter().filter_map(|x| x.get("resource").cloned()).collect()).unwrap_or_default()
+    bundle["entry"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter_map(|x| x.get("resource").cloned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Ids of the `match` entries in a searchset.
@@ -193,10 +224,18 @@ pub fn patient(family: &str, given: &str, birth: &str) -> Value {
 /// Assert an OperationOutcome body with at least one error issue.
 pub fn assert_outcome(r: Response, status: u16) -> Value {
     assert_eq!(r.status().as_u16(), status, "status");
-    let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     assert!(ct.starts_with(FHIR_JSON), "content type {ct}");
     let body: Value = r.json().expect("json body");
     assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
-    assert!(body["issue"].as_array().is_some_and(|i| !i.is_empty()), "{body}");
+    assert!(
+        body["issue"].as_array().is_some_and(|i| !i.is_empty()),
+        "{body}"
+    );
     body
 }

@@ -30,13 +30,24 @@ fn transaction_rewrites_urn_uuid_references_and_commits_atomically() {
     assert_eq!(entries[0]["response"]["status"], "201 Created");
     assert_eq!(entries[1]["response"]["status"], "201 Created");
     let pid = entries[0]["resource"]["id"].as_str().unwrap();
-    assert_eq!(entries[1]["resource"]["patient"]["reference"], format!("Patient/{pid}"));
-    assert!(entries[0]["response"]["location"].as_str().unwrap().contains(&format!("Patient/{pid}/_history/1")));
+    assert_eq!(
+        entries[1]["resource"]["patient"]["reference"],
+        format!("Patient/{pid}")
+    );
+    assert!(entries[0]["response"]["location"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("Patient/{pid}/_history/1")));
     // The read in the same transaction sees the commit.
     assert_eq!(entries[2]["resource"]["total"], 1);
     // Both entries were written in one position of the log.
     let (_, hist) = s.get_json("_history");
-    let times: Vec<&str> = hist["entry"].as_array().unwrap().iter().map(|e| e["resource"]["meta"]["lastUpdated"].as_str().unwrap()).collect();
+    let times: Vec<&str> = hist["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["meta"]["lastUpdated"].as_str().unwrap())
+        .collect();
     assert_eq!(times.len(), 2);
     assert_eq!(times[0], times[1]);
 
@@ -44,7 +55,10 @@ fn transaction_rewrites_urn_uuid_references_and_commits_atomically() {
     // its reference points at the existing patient.
     let r: Value = s.post("", &bundle).json().unwrap();
     assert_eq!(r["entry"][0]["response"]["status"], "200 OK");
-    assert_eq!(r["entry"][1]["resource"]["patient"]["reference"], format!("Patient/{pid}"));
+    assert_eq!(
+        r["entry"][1]["resource"]["patient"]["reference"],
+        format!("Patient/{pid}")
+    );
 }
 
 #[test]
@@ -57,16 +71,28 @@ fn a_failing_transaction_stores_nothing() {
         {"resource": {"resourceType": "Patient", "id": id, "gender": "other"}, "request": {"method": "PUT", "url": format!("Patient/{id}"), "ifMatch": "W/\"7\""}}
     ]});
     let oo = assert_outcome(s.post("", &bundle), 412);
-    assert!(oo["issue"][0]["diagnostics"].as_str().unwrap().contains("entry[1]"), "{oo}");
+    assert!(
+        oo["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("entry[1]"),
+        "{oo}"
+    );
     assert_eq!(s.get_json("Patient?family=New").1["total"], 0);
-    assert_eq!(s.get_json(&format!("Patient/{id}")).1["meta"]["versionId"], "1");
+    assert_eq!(
+        s.get_json(&format!("Patient/{id}")).1["meta"]["versionId"],
+        "1"
+    );
     // An invalid resource anywhere fails the whole transaction, naming the entry and element.
     let bad = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": patient("New", "N", "1999-09-09"), "request": {"method": "POST", "url": "Patient"}},
         {"resource": {"resourceType": "Patient", "gender": "robot"}, "request": {"method": "POST", "url": "Patient"}}
     ]});
     let oo = assert_outcome(s.post("", &bad), 422);
-    assert_eq!(oo["issue"][0]["expression"][0], "Bundle.entry[1].resource.Patient.gender");
+    assert_eq!(
+        oo["issue"][0]["expression"][0],
+        "Bundle.entry[1].resource.Patient.gender"
+    );
     // Broken references in a Bundle: a conditional reference that matches nothing.
     let dangling = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": consent_for("Patient?identifier=urn:none|0"), "request": {"method": "POST", "url": "Consent"}}
@@ -77,7 +103,13 @@ fn a_failing_transaction_stores_nothing() {
         {"resource": consent_for("urn:uuid:0b1d3a4e-0000-4000-8000-000000000000"), "request": {"method": "POST", "url": "Consent"}}
     ]});
     let oo = assert_outcome(s.post("", &unknown), 400);
-    assert!(oo["issue"][0]["diagnostics"].as_str().unwrap().contains("urn:uuid:0b1d3a4e"), "{oo}");
+    assert!(
+        oo["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("urn:uuid:0b1d3a4e"),
+        "{oo}"
+    );
     // Malformed entries.
     for broken in [
         json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": patient("X", "X", "2000-01-01")}]}),
@@ -97,7 +129,8 @@ fn batch_entries_succeed_or_fail_independently() {
     let s = TestServer::start();
     let p = s.create(&patient("Batch", "B", "1970-01-01"));
     let id = p["id"].as_str().unwrap();
-    let patch = base64::engine::general_purpose::STANDARD.encode(r#"[{"op":"add","path":"/active","value":true}]"#);
+    let patch = base64::engine::general_purpose::STANDARD
+        .encode(r#"[{"op":"add","path":"/active","value":true}]"#);
     let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
         {"resource": patient("Other", "O", "1971-01-01"), "request": {"method": "POST", "url": "Patient"}},
         {"request": {"method": "GET", "url": "Patient/does-not-exist"}},
@@ -107,9 +140,26 @@ fn batch_entries_succeed_or_fail_independently() {
     ]});
     let r: Value = s.post("", &bundle).json().unwrap();
     assert_eq!(r["type"], "batch-response");
-    let statuses: Vec<&str> = r["entry"].as_array().unwrap().iter().map(|e| e["response"]["status"].as_str().unwrap()).collect();
-    assert_eq!(statuses, vec!["201 Created", "404 Not Found", "422 Unprocessable Entity", "200 OK", "200 OK"]);
-    assert_eq!(r["entry"][1]["response"]["outcome"]["resourceType"], "OperationOutcome");
+    let statuses: Vec<&str> = r["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            "201 Created",
+            "404 Not Found",
+            "422 Unprocessable Entity",
+            "200 OK",
+            "200 OK"
+        ]
+    );
+    assert_eq!(
+        r["entry"][1]["response"]["outcome"]["resourceType"],
+        "OperationOutcome"
+    );
     assert_eq!(r["entry"][3]["resource"]["active"], true);
     assert_eq!(s.get(&format!("Patient/{id}")).status(), 410);
 }
@@ -125,10 +175,20 @@ fn official_r4_examples_round_trip_unchanged_apart_from_meta() {
         let original: Value = serde_json::from_str(&text).unwrap();
         let t = original["resourceType"].as_str().unwrap();
         let r = s.post(t, &original);
-        assert_eq!(r.status(), 201, "{}: {}", path.display(), r.text().unwrap_or_default());
-        let id = r.json::<Value>().unwrap()["id"].as_str().unwrap().to_string();
+        assert_eq!(
+            r.status(),
+            201,
+            "{}: {}",
+            path.display(),
+            r.text().unwrap_or_default()
+        );
+        let id = r.json::<Value>().unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
         // Compare the raw text returned by a read: numbers keep their digits, elements their order.
-        let back: Value = serde_json::from_str(&s.get(&format!("{t}/{id}")).text().unwrap()).unwrap();
+        let back: Value =
+            serde_json::from_str(&s.get(&format!("{t}/{id}")).text().unwrap()).unwrap();
         let strip = |mut v: Value| {
             let o = v.as_object_mut().unwrap();
             o.shift_remove("id");
@@ -183,13 +243,24 @@ fn every_acknowledged_write_survives_kill_9() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     let acknowledged = acknowledged.into_inner().unwrap();
-    assert!(acknowledged.len() > 50, "only {} writes acknowledged before the kill", acknowledged.len());
+    assert!(
+        acknowledged.len() > 50,
+        "only {} writes acknowledged before the kill",
+        acknowledged.len()
+    );
     s.launch();
     for (t, id) in &acknowledged {
-        assert_eq!(s.get(&format!("{t}/{id}")).status(), 200, "acknowledged {t}/{id} lost");
+        assert_eq!(
+            s.get(&format!("{t}/{id}")).status(),
+            200,
+            "acknowledged {t}/{id} lost"
+        );
     }
     // No partial transaction: every transaction patient ("T") has exactly its consent.
     let (_, pats) = s.get_json("Patient?given=T&_count=1000");
     let (_, cons) = s.get_json("Consent?_count=1000");
-    assert_eq!(pats["total"], cons["total"], "a transaction was half-applied");
+    assert_eq!(
+        pats["total"], cons["total"],
+        "a transaction was half-applied"
+    );
 }

@@ -6,10 +6,18 @@ use fhirmament_e2e::*;
 #[test]
 fn python_fhirclient_creates_reads_updates_searches_and_deletes() {
     let s = TestServer::start();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/fhirclient_roundtrip.py");
-    let out = std::process::Command::new("python3").arg(&script).arg(&s.base).output().expect("python3 runs");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/fhirclient_roundtrip.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&s.base)
+        .output()
+        .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "fhirclient script failed (is `pip install fhirclient` done?):\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "fhirclient script failed (is `pip install fhirclient` done?):\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("fhirclient round trip: ok"), "{stdout}");
 }

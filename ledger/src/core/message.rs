@@ -25,7 +25,10 @@ pub struct Batch {
 impl Batch {
     /// The batch a new primary proposes for a sequence number nobody prepared.
     pub fn null() -> Batch {
-        Batch { timestamp: 0, entries: vec![] }
+        Batch {
+            timestamp: 0,
+            entries: vec![],
+        }
     }
 
     pub fn merkle_root(&self) -> Digest {
@@ -68,21 +71,58 @@ pub struct Prepared {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {
     /// A request forwarded to the primary by a backup.
-    Forward { entries: Vec<Vec<u8>> },
-    PrePrepare { view: View, seq: Seq, digest: Digest, batch: Batch },
-    Prepare { view: View, seq: Seq, digest: Digest },
-    Commit { view: View, seq: Seq, digest: Digest },
-    Checkpoint { seq: Seq, root: Digest },
+    Forward {
+        entries: Vec<Vec<u8>>,
+    },
+    PrePrepare {
+        view: View,
+        seq: Seq,
+        digest: Digest,
+        batch: Batch,
+    },
+    Prepare {
+        view: View,
+        seq: Seq,
+        digest: Digest,
+    },
+    Commit {
+        view: View,
+        seq: Seq,
+        digest: Digest,
+    },
+    Checkpoint {
+        seq: Seq,
+        root: Digest,
+    },
     /// Sent when moving to `view`: the sender's stable checkpoint (with its 2f+1 proof) and
     /// its prepared certificates above it.
-    ViewChange { view: View, stable_seq: Seq, stable_root: Digest, proof: Vec<Signed>, prepared: Vec<Prepared> },
+    ViewChange {
+        view: View,
+        stable_seq: Seq,
+        stable_root: Digest,
+        proof: Vec<Signed>,
+        prepared: Vec<Prepared>,
+    },
     /// The new primary's 2f+1 view changes and the pre-prepares they imply.
-    NewView { view: View, view_changes: Vec<Signed>, pre_prepares: Vec<Signed> },
+    NewView {
+        view: View,
+        view_changes: Vec<Signed>,
+        pre_prepares: Vec<Signed>,
+    },
     /// State transfer: blocks (from_seq, to_seq] please.
-    BlockRequest { from_seq: Seq, to_seq: Seq },
-    Blocks { first_seq: Seq, batches: Vec<Batch> },
-    /// Periodic: how far the sender has executed, so peers ahead of it can help.
-    Status { last_executed: Seq },
+    BlockRequest {
+        from_seq: Seq,
+        to_seq: Seq,
+    },
+    Blocks {
+        first_seq: Seq,
+        batches: Vec<Batch>,
+    },
+    /// Periodic: the sender's view and how far it has executed, so peers ahead can help.
+    Status {
+        view: View,
+        last_executed: Seq,
+    },
 }
 
 impl Payload {
@@ -147,7 +187,12 @@ impl Enc {
                 self.u64(entries.len() as u64);
                 entries.iter().for_each(|e| self.bytes(e));
             }
-            Payload::PrePrepare { view, seq, digest, batch } => {
+            Payload::PrePrepare {
+                view,
+                seq,
+                digest,
+                batch,
+            } => {
                 self.u8(2);
                 self.u64(*view);
                 self.u64(*seq);
@@ -171,7 +216,13 @@ impl Enc {
                 self.u64(*seq);
                 self.0.extend_from_slice(root);
             }
-            Payload::ViewChange { view, stable_seq, stable_root, proof, prepared } => {
+            Payload::ViewChange {
+                view,
+                stable_seq,
+                stable_root,
+                proof,
+                prepared,
+            } => {
                 self.u8(6);
                 self.u64(*view);
                 self.u64(*stable_seq);
@@ -183,7 +234,11 @@ impl Enc {
                     self.signed_list(&p.prepares);
                 }
             }
-            Payload::NewView { view, view_changes, pre_prepares } => {
+            Payload::NewView {
+                view,
+                view_changes,
+                pre_prepares,
+            } => {
                 self.u8(7);
                 self.u64(*view);
                 self.signed_list(view_changes);
@@ -200,8 +255,12 @@ impl Enc {
                 self.u64(batches.len() as u64);
                 batches.iter().for_each(|b| self.batch(b));
             }
-            Payload::Status { last_executed } => {
+            Payload::Status {
+                view,
+                last_executed,
+            } => {
                 self.u8(10);
+                self.u64(*view);
                 self.u64(*last_executed);
             }
         }
@@ -236,7 +295,9 @@ impl<'a> Dec<'a> {
         Ok(self.take(1)?[0])
     }
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn digest(&mut self) -> Result<Digest, DecodeError> {
         Ok(self.take(32)?.try_into().expect("32 bytes"))
@@ -267,7 +328,11 @@ impl<'a> Dec<'a> {
         }
         let payload = self.payload()?;
         let signature = self.take(64)?.try_into().expect("64 bytes");
-        Ok(Signed { from: from as u32, payload, signature })
+        Ok(Signed {
+            from: from as u32,
+            payload,
+            signature,
+        })
     }
     fn signed_list(&mut self) -> Result<Vec<Signed>, DecodeError> {
         let n = self.count(8 + 1 + 64)?;
@@ -277,12 +342,30 @@ impl<'a> Dec<'a> {
         Ok(match self.u8()? {
             1 => {
                 let n = self.count(8)?;
-                Payload::Forward { entries: (0..n).map(|_| self.bytes()).collect::<Result<_, _>>()? }
+                Payload::Forward {
+                    entries: (0..n).map(|_| self.bytes()).collect::<Result<_, _>>()?,
+                }
             }
-            2 => Payload::PrePrepare { view: self.u64()?, seq: self.u64()?, digest: self.digest()?, batch: self.batch()? },
-            3 => Payload::Prepare { view: self.u64()?, seq: self.u64()?, digest: self.digest()? },
-            4 => Payload::Commit { view: self.u64()?, seq: self.u64()?, digest: self.digest()? },
-            5 => Payload::Checkpoint { seq: self.u64()?, root: self.digest()? },
+            2 => Payload::PrePrepare {
+                view: self.u64()?,
+                seq: self.u64()?,
+                digest: self.digest()?,
+                batch: self.batch()?,
+            },
+            3 => Payload::Prepare {
+                view: self.u64()?,
+                seq: self.u64()?,
+                digest: self.digest()?,
+            },
+            4 => Payload::Commit {
+                view: self.u64()?,
+                seq: self.u64()?,
+                digest: self.digest()?,
+            },
+            5 => Payload::Checkpoint {
+                seq: self.u64()?,
+                root: self.digest()?,
+            },
             6 => {
                 let view = self.u64()?;
                 let stable_seq = self.u64()?;
@@ -290,18 +373,42 @@ impl<'a> Dec<'a> {
                 let proof = self.signed_list()?;
                 let n = self.count(2 * (8 + 1 + 64))?;
                 let prepared = (0..n)
-                    .map(|_| Ok(Prepared { pre_prepare: self.signed()?, prepares: self.signed_list()? }))
+                    .map(|_| {
+                        Ok(Prepared {
+                            pre_prepare: self.signed()?,
+                            prepares: self.signed_list()?,
+                        })
+                    })
                     .collect::<Result<_, DecodeError>>()?;
-                Payload::ViewChange { view, stable_seq, stable_root, proof, prepared }
+                Payload::ViewChange {
+                    view,
+                    stable_seq,
+                    stable_root,
+                    proof,
+                    prepared,
+                }
             }
-            7 => Payload::NewView { view: self.u64()?, view_changes: self.signed_list()?, pre_prepares: self.signed_list()? },
-            8 => Payload::BlockRequest { from_seq: self.u64()?, to_seq: self.u64()? },
+            7 => Payload::NewView {
+                view: self.u64()?,
+                view_changes: self.signed_list()?,
+                pre_prepares: self.signed_list()?,
+            },
+            8 => Payload::BlockRequest {
+                from_seq: self.u64()?,
+                to_seq: self.u64()?,
+            },
             9 => {
                 let first_seq = self.u64()?;
                 let n = self.count(16)?;
-                Payload::Blocks { first_seq, batches: (0..n).map(|_| self.batch()).collect::<Result<_, _>>()? }
+                Payload::Blocks {
+                    first_seq,
+                    batches: (0..n).map(|_| self.batch()).collect::<Result<_, _>>()?,
+                }
             }
-            10 => Payload::Status { last_executed: self.u64()? },
+            10 => Payload::Status {
+                view: self.u64()?,
+                last_executed: self.u64()?,
+            },
             t => return Err(DecodeError::UnknownTag(t)),
         })
     }
@@ -368,7 +475,11 @@ impl Membership {
         for k in &keys {
             h.update(k.as_bytes());
         }
-        Membership { chain_id, keys, hash: h.finalize().into() }
+        Membership {
+            chain_id,
+            keys,
+            hash: h.finalize().into(),
+        }
     }
 
     pub fn n(&self) -> usize {
@@ -391,13 +502,23 @@ impl Membership {
 
     pub fn sign(&self, key: &SigningKey, from: ReplicaId, payload: Payload) -> Signed {
         let signature = key.sign(&self.signing_bytes(from, &payload)).to_bytes();
-        Signed { from, payload, signature }
+        Signed {
+            from,
+            payload,
+            signature,
+        }
     }
 
     /// Is this signed by the member it names?
     pub fn verify(&self, s: &Signed) -> bool {
-        let Some(key) = self.keys.get(s.from as usize) else { return false };
-        key.verify(&self.signing_bytes(s.from, &s.payload), &Signature::from_bytes(&s.signature)).is_ok()
+        let Some(key) = self.keys.get(s.from as usize) else {
+            return false;
+        };
+        key.verify(
+            &self.signing_bytes(s.from, &s.payload),
+            &Signature::from_bytes(&s.signature),
+        )
+        .is_ok()
     }
 
     /// Verify many signatures at once (ed25519 batch verification); true only if all verify.
@@ -408,9 +529,15 @@ impl Membership {
         if list.len() < 4 {
             return list.iter().all(|s| self.verify(s));
         }
-        let messages: Vec<Vec<u8>> = list.iter().map(|s| self.signing_bytes(s.from, &s.payload)).collect();
+        let messages: Vec<Vec<u8>> = list
+            .iter()
+            .map(|s| self.signing_bytes(s.from, &s.payload))
+            .collect();
         let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
-        let sigs: Vec<Signature> = list.iter().map(|s| Signature::from_bytes(&s.signature)).collect();
+        let sigs: Vec<Signature> = list
+            .iter()
+            .map(|s| Signature::from_bytes(&s.signature))
+            .collect();
         let keys: Vec<VerifyingKey> = list.iter().map(|s| self.keys[s.from as usize]).collect();
         ed25519_dalek::verify_batch(&refs, &sigs, &keys).is_ok()
     }
@@ -431,24 +558,46 @@ mod tests {
 
     fn membership(chain: &str) -> (Membership, Vec<SigningKey>) {
         let keys: Vec<SigningKey> = (0..4).map(|i| test_key(1, i)).collect();
-        (Membership::new(chain, keys.iter().map(|k| k.verifying_key()).collect()), keys)
+        (
+            Membership::new(chain, keys.iter().map(|k| k.verifying_key()).collect()),
+            keys,
+        )
     }
 
     #[test]
     fn signatures_bind_sender_chain_and_content() {
         let (m, keys) = membership("chain-a");
-        let p = Payload::Prepare { view: 1, seq: 2, digest: [7; 32] };
+        let p = Payload::Prepare {
+            view: 1,
+            seq: 2,
+            digest: [7; 32],
+        };
         let s = m.sign(&keys[1], 1, p.clone());
         assert!(m.verify(&s));
         // Another sender id, another payload, another chain: no.
-        assert!(!m.verify(&Signed { from: 2, ..s.clone() }));
-        assert!(!m.verify(&Signed { payload: Payload::Commit { view: 1, seq: 2, digest: [7; 32] }, ..s.clone() }));
+        assert!(!m.verify(&Signed {
+            from: 2,
+            ..s.clone()
+        }));
+        assert!(!m.verify(&Signed {
+            payload: Payload::Commit {
+                view: 1,
+                seq: 2,
+                digest: [7; 32]
+            },
+            ..s.clone()
+        }));
         let (other_chain, _) = membership("chain-b");
         assert!(!other_chain.verify(&s));
         // Not a member.
-        assert!(!m.verify(&Signed { from: 9, ..s.clone() }));
+        assert!(!m.verify(&Signed {
+            from: 9,
+            ..s.clone()
+        }));
         // Batch verification agrees, and fails on one bad signature.
-        let many: Vec<Signed> = (0..4).map(|i| m.sign(&keys[i], i as u32, p.clone())).collect();
+        let many: Vec<Signed> = (0..4)
+            .map(|i| m.sign(&keys[i], i as u32, p.clone()))
+            .collect();
         assert!(m.verify_all(&many));
         let mut bad = many.clone();
         bad[2].signature[0] ^= 1;
@@ -457,22 +606,105 @@ mod tests {
 
     fn sample_messages() -> Vec<Signed> {
         let (m, keys) = membership("c");
-        let batch = Batch { timestamp: 9, entries: vec![b"a".to_vec(), vec![], b"ccc".to_vec()] };
-        let pp = m.sign(&keys[0], 0, Payload::PrePrepare { view: 1, seq: 2, digest: batch.digest(), batch: batch.clone() });
-        let prep = m.sign(&keys[1], 1, Payload::Prepare { view: 1, seq: 2, digest: batch.digest() });
-        let cp = m.sign(&keys[2], 2, Payload::Checkpoint { seq: 4, root: [3; 32] });
-        let vc = m.sign(&keys[3], 3, Payload::ViewChange { view: 2, stable_seq: 4, stable_root: [3; 32], proof: vec![cp.clone()], prepared: vec![Prepared { pre_prepare: pp.clone(), prepares: vec![prep.clone()] }] });
+        let batch = Batch {
+            timestamp: 9,
+            entries: vec![b"a".to_vec(), vec![], b"ccc".to_vec()],
+        };
+        let pp = m.sign(
+            &keys[0],
+            0,
+            Payload::PrePrepare {
+                view: 1,
+                seq: 2,
+                digest: batch.digest(),
+                batch: batch.clone(),
+            },
+        );
+        let prep = m.sign(
+            &keys[1],
+            1,
+            Payload::Prepare {
+                view: 1,
+                seq: 2,
+                digest: batch.digest(),
+            },
+        );
+        let cp = m.sign(
+            &keys[2],
+            2,
+            Payload::Checkpoint {
+                seq: 4,
+                root: [3; 32],
+            },
+        );
+        let vc = m.sign(
+            &keys[3],
+            3,
+            Payload::ViewChange {
+                view: 2,
+                stable_seq: 4,
+                stable_root: [3; 32],
+                proof: vec![cp.clone()],
+                prepared: vec![Prepared {
+                    pre_prepare: pp.clone(),
+                    prepares: vec![prep.clone()],
+                }],
+            },
+        );
         vec![
-            m.sign(&keys[1], 1, Payload::Forward { entries: vec![b"x".to_vec()] }),
+            m.sign(
+                &keys[1],
+                1,
+                Payload::Forward {
+                    entries: vec![b"x".to_vec()],
+                },
+            ),
             pp.clone(),
             prep,
-            m.sign(&keys[1], 1, Payload::Commit { view: 1, seq: 2, digest: [1; 32] }),
+            m.sign(
+                &keys[1],
+                1,
+                Payload::Commit {
+                    view: 1,
+                    seq: 2,
+                    digest: [1; 32],
+                },
+            ),
             cp,
             vc.clone(),
-            m.sign(&keys[2], 2, Payload::NewView { view: 2, view_changes: vec![vc], pre_prepares: vec![pp] }),
-            m.sign(&keys[1], 1, Payload::BlockRequest { from_seq: 1, to_seq: 8 }),
-            m.sign(&keys[1], 1, Payload::Blocks { first_seq: 2, batches: vec![batch.clone(), Batch::null()] }),
-            m.sign(&keys[1], 1, Payload::Status { last_executed: 77 }),
+            m.sign(
+                &keys[2],
+                2,
+                Payload::NewView {
+                    view: 2,
+                    view_changes: vec![vc],
+                    pre_prepares: vec![pp],
+                },
+            ),
+            m.sign(
+                &keys[1],
+                1,
+                Payload::BlockRequest {
+                    from_seq: 1,
+                    to_seq: 8,
+                },
+            ),
+            m.sign(
+                &keys[1],
+                1,
+                Payload::Blocks {
+                    first_seq: 2,
+                    batches: vec![batch.clone(), Batch::null()],
+                },
+            ),
+            m.sign(
+                &keys[1],
+                1,
+                Payload::Status {
+                    view: 3,
+                    last_executed: 77,
+                },
+            ),
         ]
     }
 
@@ -504,16 +736,29 @@ mod tests {
         evil.push(1);
         evil.extend_from_slice(&(1u64 << 60).to_be_bytes());
         assert!(matches!(decode_signed(&evil), Err(DecodeError::TooLong(_))));
-        assert_eq!(decode_signed(&[0, 0, 0, 0, 0, 0, 0, 0, 42]), Err(DecodeError::UnknownTag(42)));
+        assert_eq!(
+            decode_signed(&[0, 0, 0, 0, 0, 0, 0, 0, 42]),
+            Err(DecodeError::UnknownTag(42))
+        );
     }
 
     #[test]
     fn batch_digests_and_the_chain_depend_on_everything() {
-        let a = Batch { timestamp: 5, entries: vec![b"x".to_vec(), b"y".to_vec()] };
+        let a = Batch {
+            timestamp: 5,
+            entries: vec![b"x".to_vec(), b"y".to_vec()],
+        };
         let mut b = a.clone();
         b.entries.swap(0, 1);
         assert_ne!(a.digest(), b.digest());
-        assert_ne!(a.digest(), Batch { timestamp: 6, ..a.clone() }.digest());
+        assert_ne!(
+            a.digest(),
+            Batch {
+                timestamp: 6,
+                ..a.clone()
+            }
+            .digest()
+        );
         assert_ne!(block_leaf(&[0; 32], 1, &a), block_leaf(&[0; 32], 2, &a));
         assert_ne!(block_leaf(&[0; 32], 1, &a), block_leaf(&[1; 32], 1, &a));
     }

@@ -4,5 +4,8 @@
 pub mod message;
 pub mod replica;
 
-pub use message::{block_leaf, test_key, Batch, Digest, Membership, Payload, Prepared, ReplicaId, Seq, Signed, View};
+pub use message::{
+    block_leaf, test_key, Batch, Digest, Membership, Payload, Prepared, ReplicaId, Seq, Signed,
+    View,
+};
 pub use replica::{Action, Config, Fault, FaultKind, Record, Replica, Step};

@@ -9,7 +9,10 @@ use ed25519_dalek::SigningKey;
 
 use crate::merkle::Frontier;
 
-use super::message::{block_leaf, encoded_len, Batch, Digest, Membership, Payload, Prepared, ReplicaId, Seq, Signed, View};
+use super::message::{
+    block_leaf, encoded_len, Batch, Digest, Membership, Payload, Prepared, ReplicaId, Seq, Signed,
+    View,
+};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -53,22 +56,42 @@ pub enum Record {
     /// A peer message accepted into the log.
     Accepted(Signed),
     /// An executed block.
-    Block { seq: Seq, batch: Batch, root: Digest },
+    Block {
+        seq: Seq,
+        batch: Batch,
+        root: Digest,
+    },
     /// A checkpoint became stable; everything at or below `seq` may be garbage collected.
-    Stable { seq: Seq, root: Digest, proof: Vec<Signed> },
+    Stable {
+        seq: Seq,
+        root: Digest,
+        proof: Vec<Signed>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Make this durable before carrying out any later action of the step.
     Persist(Record),
-    Send { to: ReplicaId, message: Signed },
+    Send {
+        to: ReplicaId,
+        message: Signed,
+    },
     Broadcast(Signed),
     /// Committed, strictly in sequence order. `certificate` is 2f+1 commits (or the checkpoint
     /// proof the block was verified against after a state transfer).
-    Execute { seq: Seq, batch: Batch, root: Digest, certificate: Vec<Signed> },
+    Execute {
+        seq: Seq,
+        batch: Batch,
+        root: Digest,
+        certificate: Vec<Signed>,
+    },
     /// Send blocks (from_seq, to_seq] from the store to a replica that is catching up.
-    ServeBlocks { to: ReplicaId, from_seq: Seq, to_seq: Seq },
+    ServeBlocks {
+        to: ReplicaId,
+        from_seq: Seq,
+        to_seq: Seq,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -107,6 +130,8 @@ struct Slot {
     view: View,
     digest: Option<Digest>,
     batch: Option<Batch>,
+    /// Hashes of the batch's entries.
+    hashes: BTreeSet<Digest>,
     pre_prepare: Option<Signed>,
     prepares: BTreeMap<ReplicaId, Signed>,
     commits: BTreeMap<ReplicaId, Signed>,
@@ -139,15 +164,22 @@ pub struct Replica {
     own_checkpoints: BTreeMap<Seq, Signed>,
     checkpoint_votes: BTreeMap<Seq, BTreeMap<ReplicaId, Signed>>,
     view_changes: BTreeMap<View, BTreeMap<ReplicaId, Signed>>,
-    own_view_change: Option<Signed>,
+    /// Our recent VIEW-CHANGEs by view, retransmitted while changing views: a replica still
+    /// gathering a quorum for an older view may have lost ours.
+    own_view_changes: BTreeMap<View, Signed>,
     new_view: Option<Signed>,
-    /// Entries waiting to be proposed (at the primary) or forwarded (elsewhere).
+    /// Entries waiting to be proposed (at the primary) or forwarded (elsewhere), in arrival
+    /// order; `queued` says which are still current (the deque is cleaned lazily).
     pending: VecDeque<Vec<u8>>,
+    queued: BTreeSet<Digest>,
     /// Entries clients gave this replica, kept until executed: if a view change drops the
     /// batch that carried one, it is proposed again (the replica acts as PBFT's retrying client).
-    waiting: BTreeSet<Vec<u8>>,
+    waiting: BTreeMap<Digest, Vec<u8>>,
+    /// Entry -> the sequence number whose batch carries it (checked against the slot).
+    in_flight: BTreeMap<Digest, Seq>,
     /// Recently executed entries, so a late retransmission is not proposed twice.
-    recent: VecDeque<Vec<u8>>,
+    recent: VecDeque<Digest>,
+    recent_set: BTreeSet<Digest>,
     batch_deadline: Option<u64>,
     progress_deadline: Option<u64>,
     view_change_attempt: u32,
@@ -158,6 +190,9 @@ pub struct Replica {
     learned_commits: BTreeMap<(Seq, View, Digest), BTreeMap<ReplicaId, Signed>>,
     /// Catching up to a certified checkpoint: (seq, root, proof, peer asked last).
     fetching: Option<(Seq, Digest, Vec<Signed>, ReplicaId)>,
+    /// Blocks after `last_exec` fetched so far; applied only once all of them up to the
+    /// target verify against its certified root.
+    fetched: Vec<Batch>,
     replaying: bool,
     step: Step,
 }
@@ -166,6 +201,18 @@ pub struct Replica {
 fn genesis_root() -> Digest {
     Frontier::default().root()
 }
+/// Most blocks one state-transfer reply carries (keeps replies far below the message limit).
+const MAX_BLOCKS_PER_REPLY: u64 = 32;
+/// Most entries a replica queues to propose or forward; beyond it clients are refused and retry.
+const MAX_QUEUED: usize = 200_000;
+/// Executed entries remembered, so a late retransmission is not proposed again.
+const RECENT_ENTRIES: usize = 200_000;
+
+fn entry_hash(e: &[u8]) -> Digest {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(e).into()
+}
+
 /// View-change timeouts double per failed attempt, up to 2^3 times the base: unbounded
 /// backoff leaves correct replicas in different views waiting far longer than the network
 /// needs to heal.
@@ -174,8 +221,15 @@ const MAX_BACKOFF_DOUBLINGS: u32 = 3;
 impl Replica {
     pub fn new(id: ReplicaId, cfg: Config, key: SigningKey, members: Membership) -> Replica {
         assert!(members.n() >= 1, "a membership has members");
-        assert!(cfg.window % cfg.checkpoint_interval == 0 && cfg.window >= 2 * cfg.checkpoint_interval, "window is a multiple (>= 2) of the checkpoint interval");
-        assert_eq!(members.keys[id as usize], key.verifying_key(), "the key belongs to this replica");
+        assert!(
+            cfg.window % cfg.checkpoint_interval == 0 && cfg.window >= 2 * cfg.checkpoint_interval,
+            "window is a multiple (>= 2) of the checkpoint interval"
+        );
+        assert_eq!(
+            members.keys[id as usize],
+            key.verifying_key(),
+            "the key belongs to this replica"
+        );
         let f = (members.n() - 1) / 3;
         Replica {
             id,
@@ -199,11 +253,14 @@ impl Replica {
             own_checkpoints: BTreeMap::new(),
             checkpoint_votes: BTreeMap::new(),
             view_changes: BTreeMap::new(),
-            own_view_change: None,
+            own_view_changes: BTreeMap::new(),
             new_view: None,
             pending: VecDeque::new(),
-            waiting: BTreeSet::new(),
+            queued: BTreeSet::new(),
+            waiting: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
             recent: VecDeque::new(),
+            recent_set: BTreeSet::new(),
             batch_deadline: None,
             progress_deadline: None,
             view_change_attempt: 0,
@@ -211,6 +268,7 @@ impl Replica {
             learned_batches: BTreeMap::new(),
             learned_commits: BTreeMap::new(),
             fetching: None,
+            fetched: Vec::new(),
             replaying: false,
             step: Step::default(),
         }
@@ -218,7 +276,13 @@ impl Replica {
 
     /// Rebuild a replica from what it persisted before a crash. Blocks that the replayed log
     /// shows committed but that were not yet executed come out with the next `Step`.
-    pub fn restore(id: ReplicaId, cfg: Config, key: SigningKey, members: Membership, records: &[Record]) -> Replica {
+    pub fn restore(
+        id: ReplicaId,
+        cfg: Config,
+        key: SigningKey,
+        members: Membership,
+        records: &[Record],
+    ) -> Replica {
         let mut r = Replica::new(id, cfg, key, members);
         r.replaying = true;
         for rec in records {
@@ -227,7 +291,10 @@ impl Replica {
                     if *seq == r.last_exec + 1 {
                         r.frontier.push(block_leaf(&r.head, *seq, batch));
                         r.head = r.frontier.root();
-                        debug_assert_eq!(r.head, *root, "a persisted block's root does not follow from the blocks before it");
+                        debug_assert_eq!(
+                            r.head, *root,
+                            "a persisted block's root does not follow from the blocks before it"
+                        );
                         r.last_exec = *seq;
                         r.last_timestamp = r.last_timestamp.max(batch.timestamp);
                     }
@@ -249,6 +316,7 @@ impl Replica {
         r.gc();
         r.replaying = false;
         r.step = Step::default();
+        r.settle_fetch();
         // Decisions completed by the replayed messages execute now, for real: their blocks are
         // persisted and delivered with the first step after the restart.
         r.execute_ready();
@@ -257,7 +325,11 @@ impl Replica {
 
     fn replay_own(&mut self, m: &Signed) {
         match &m.payload {
-            Payload::PrePrepare { view, seq, digest, .. } | Payload::Prepare { view, seq, digest } | Payload::Commit { view, seq, digest } => {
+            Payload::PrePrepare {
+                view, seq, digest, ..
+            }
+            | Payload::Prepare { view, seq, digest }
+            | Payload::Commit { view, seq, digest } => {
                 self.voted.insert((*view, *seq), *digest);
                 if matches!(m.payload, Payload::PrePrepare { .. }) {
                     self.next_seq = self.next_seq.max(*seq);
@@ -269,8 +341,11 @@ impl Replica {
                     self.view = *view;
                     self.view_active = false;
                 }
-                self.own_view_change = Some(m.clone());
-                self.view_changes.entry(*view).or_default().insert(self.id, m.clone());
+                self.remember_own_view_change(*view, m.clone());
+                self.view_changes
+                    .entry(*view)
+                    .or_default()
+                    .insert(self.id, m.clone());
             }
             Payload::NewView { .. } | Payload::Checkpoint { .. } => {
                 let _ = self.handle_message(0, m.clone());
@@ -310,14 +385,48 @@ impl Replica {
     }
     /// Entries held in the consensus log (for boundedness checks).
     pub fn log_len(&self) -> usize {
-        self.slots.len() + self.prepared_certs.len() + self.checkpoint_votes.len() + self.view_changes.len() + self.voted.len() + self.learned_batches.len() + self.learned_commits.len()
+        self.slots.len()
+            + self.in_flight.len() / 1024
+            + self.prepared_certs.len()
+            + self.checkpoint_votes.len()
+            + self.view_changes.len()
+            + self.own_view_changes.len()
+            + self.voted.len()
+            + self.learned_batches.len()
+            + self.learned_commits.len()
     }
+    /// A short status line for operators' logs.
+    pub fn status(&self) -> String {
+        format!(
+            "replica {} view {}{} executed {} stable {} queued {} waiting {} slots {} fetching {:?}",
+            self.id,
+            self.view,
+            if self.view_active { "" } else { " (changing)" },
+            self.last_exec,
+            self.low,
+            self.queued.len(),
+            self.waiting.len(),
+            self.slots.len(),
+            self.fetching.as_ref().map(|f| f.0)
+        )
+    }
+
     /// A one-line summary of the log, for diagnosing simulation failures.
     pub fn describe(&self) -> String {
         let slots: Vec<String> = self
             .slots
             .iter()
-            .map(|(s, x)| format!("{s}:v{}{}{}p{}c{}{}", x.view, if x.batch.is_some() { "B" } else { "-" }, if x.prepared { "P" } else { "" }, x.prepares.len(), x.commits.len(), if x.committed { "C" } else { "" }))
+            .map(|(s, x)| {
+                format!(
+                    "{s}:v{}{}{}p{}c{}{}",
+                    x.view,
+                    if x.batch.is_some() { "B" } else { "-" },
+                    if x.prepared { "P" } else { "" },
+                    x.prepares.len(),
+                    x.commits.len(),
+                    if x.committed { "C" } else { "" }
+                )
+            })
             .collect();
         format!(
             "view {} active {} exec {} low {} fetching {:?} slots [{}] learned {:?}",
@@ -327,7 +436,10 @@ impl Replica {
             self.low,
             self.fetching.as_ref().map(|f| f.0),
             slots.join(" "),
-            self.learned_commits.iter().map(|((s, v, _), m)| (*s, *v, m.len())).collect::<Vec<_>>()
+            self.learned_commits
+                .iter()
+                .map(|((s, v, _), m)| (*s, *v, m.len()))
+                .collect::<Vec<_>>()
         )
     }
 
@@ -342,17 +454,23 @@ impl Replica {
 
     /// A client entry submitted at this replica.
     pub fn handle_request(&mut self, now: u64, entry: Vec<u8>) -> Step {
-        self.waiting.insert(entry.clone());
+        let h = entry_hash(&entry);
+        if self.in_flight_or_done(&h) {
+            return self.take_step();
+        }
+        self.waiting.insert(h, entry.clone());
         if self.is_primary() && self.view_active {
-            self.pending.push_back(entry);
+            self.enqueue(entry);
             if self.batch_deadline.is_none() {
                 self.batch_deadline = Some(now + self.cfg.batch_delay);
             }
             self.propose(now);
         } else {
             let to = self.primary_of(self.view);
-            let fwd = self.sign(Payload::Forward { entries: vec![entry.clone()] });
-            self.pending.push_back(entry);
+            let fwd = self.sign(Payload::Forward {
+                entries: vec![entry.clone()],
+            });
+            self.enqueue(entry);
             self.emit(Action::Send { to, message: fwd });
         }
         self.arm_progress_timer(now);
@@ -360,6 +478,9 @@ impl Replica {
     }
 
     pub fn handle_tick(&mut self, now: u64) -> Step {
+        self.settle_fetch();
+        // Whatever event last touched it, the primary is suspected whenever work is pending.
+        self.arm_progress_timer(now);
         if self.batch_deadline.is_some_and(|d| now >= d) {
             self.batch_deadline = None;
             self.propose_now(now, true);
@@ -378,32 +499,49 @@ impl Replica {
 
     pub fn handle_message(&mut self, now: u64, m: Signed) -> Step {
         if m.from as usize >= self.members.n() {
-            self.fault(m.from, FaultKind::NotMember, "sender is not a member".into());
+            self.fault(
+                m.from,
+                FaultKind::NotMember,
+                "sender is not a member".into(),
+            );
             return self.take_step();
         }
         if encoded_len(&m) > self.cfg.max_message_bytes {
-            self.fault(m.from, FaultKind::Oversized, format!("{} message over the size limit", m.payload.kind()));
+            self.fault(
+                m.from,
+                FaultKind::Oversized,
+                format!("{} message over the size limit", m.payload.kind()),
+            );
             return self.take_step();
         }
         if !self.members.verify(&m) {
-            self.fault(m.from, FaultKind::BadSignature, format!("{} with a bad signature", m.payload.kind()));
+            self.fault(
+                m.from,
+                FaultKind::BadSignature,
+                format!("{} with a bad signature", m.payload.kind()),
+            );
             return self.take_step();
         }
         // Our own messages can come back relayed inside certificates help: each handler dedups
         // by sender, so they are processed like any other.
         match m.payload.clone() {
             Payload::Forward { entries } => {
-                let fresh: Vec<Vec<u8>> = entries.into_iter().filter(|e| !self.pending.contains(e) && !self.in_flight_or_done(e)).collect();
+                let fresh: Vec<Vec<u8>> = entries
+                    .into_iter()
+                    .filter(|e| self.enqueue(e.clone()))
+                    .collect();
                 if fresh.is_empty() {
                     return self.take_step();
                 }
-                self.pending.extend(fresh.iter().cloned());
                 if self.is_primary() && self.view_active {
                     if self.batch_deadline.is_none() {
                         self.batch_deadline = Some(now + self.cfg.batch_delay);
                     }
                     self.propose(now);
-                } else if self.view_active && m.from != self.primary_of(self.view) && !self.replaying {
+                } else if self.view_active
+                    && m.from != self.primary_of(self.view)
+                    && !self.replaying
+                {
                     // As in PBFT, a backup passes a request on to its primary and starts its own
                     // timer: if the primary ignores it, this backup will ask for a view change too.
                     let to = self.primary_of(self.view);
@@ -412,22 +550,49 @@ impl Replica {
                 }
                 self.arm_progress_timer(now);
             }
-            Payload::PrePrepare { view, seq, digest, batch } => self.on_pre_prepare(now, m, view, seq, digest, batch),
-            Payload::Prepare { view, seq, digest } => self.on_vote(now, m, view, seq, digest, false),
+            Payload::PrePrepare {
+                view,
+                seq,
+                digest,
+                batch,
+            } => self.on_pre_prepare(now, m, view, seq, digest, batch),
+            Payload::Prepare { view, seq, digest } => {
+                self.on_vote(now, m, view, seq, digest, false)
+            }
             Payload::Commit { view, seq, digest } => self.on_vote(now, m, view, seq, digest, true),
             Payload::Checkpoint { seq, root } => self.on_checkpoint(m, seq, root),
             Payload::ViewChange { view, .. } => self.on_view_change(now, m, view),
             Payload::NewView { view, .. } => self.on_new_view(now, m, view),
             Payload::BlockRequest { from_seq, to_seq } => {
-                let to_seq = to_seq.min(self.last_exec);
+                let to_seq = to_seq
+                    .min(self.last_exec)
+                    .min(from_seq.saturating_add(MAX_BLOCKS_PER_REPLY));
                 if to_seq > from_seq && !self.replaying {
-                    self.emit(Action::ServeBlocks { to: m.from, from_seq, to_seq });
+                    self.emit(Action::ServeBlocks {
+                        to: m.from,
+                        from_seq,
+                        to_seq,
+                    });
                 }
             }
-            Payload::Blocks { first_seq, batches } => self.on_blocks(now, m.from, first_seq, batches),
-            Payload::Status { last_executed } => {
+            Payload::Blocks { first_seq, batches } => {
+                self.on_blocks(now, m.from, first_seq, batches)
+            }
+            Payload::Status {
+                view,
+                last_executed,
+            } => {
                 if last_executed < self.last_exec {
                     self.send_decided(m.from, last_executed);
+                }
+                // It missed the new view we are in: the NEW-VIEW proves it (it verifies it).
+                if view < self.view && self.view_active && !self.replaying {
+                    if let Some(nv) = self.new_view.clone() {
+                        self.emit(Action::Send {
+                            to: m.from,
+                            message: nv,
+                        });
+                    }
                 }
             }
         }
@@ -437,7 +602,7 @@ impl Replica {
     // ---- normal case ----
 
     fn propose(&mut self, now: u64) {
-        let full = self.pending.len() >= self.cfg.max_batch_entries;
+        let full = self.queued.len() >= self.cfg.max_batch_entries;
         self.propose_now(now, full);
     }
 
@@ -445,10 +610,20 @@ impl Replica {
         if !cut || !self.is_primary() || !self.view_active {
             return;
         }
-        while !self.pending.is_empty() && self.next_seq < self.low + self.cfg.window && self.next_seq < self.last_exec + self.cfg.pipeline {
-            let take = self.pending.len().min(self.cfg.max_batch_entries);
-            let entries: Vec<Vec<u8>> = self.pending.drain(..take).collect();
-            let entries: Vec<Vec<u8>> = entries.into_iter().filter(|e| !self.in_flight_or_done(e)).collect();
+        while !self.queued.is_empty()
+            && self.next_seq < self.low + self.cfg.window
+            && self.next_seq < self.last_exec + self.cfg.pipeline
+        {
+            let mut entries = Vec::new();
+            while entries.len() < self.cfg.max_batch_entries {
+                let Some(e) = self.pending.pop_front() else {
+                    break;
+                };
+                let h = entry_hash(&e);
+                if self.queued.remove(&h) && !self.in_flight_or_done(&h) {
+                    entries.push(e);
+                }
+            }
             if entries.is_empty() {
                 continue;
             }
@@ -459,26 +634,84 @@ impl Replica {
             let (view, seq, digest) = (self.view, self.next_seq, batch.digest());
             if self.voted.get(&(view, seq)).is_some_and(|d| *d != digest) {
                 // Never propose two batches for one (view, seq), even after a restart.
-                self.pending.extend(batch.entries);
+                for e in batch.entries {
+                    self.enqueue(e);
+                }
                 return;
             }
             self.voted.insert((view, seq), digest);
-            let pp = self.sign(Payload::PrePrepare { view, seq, digest, batch: batch.clone() });
+            let pp = self.sign(Payload::PrePrepare {
+                view,
+                seq,
+                digest,
+                batch: batch.clone(),
+            });
             self.emit(Action::Persist(Record::Sent(pp.clone())));
             self.emit(Action::Broadcast(pp.clone()));
             let slot = self.slots.entry(seq).or_default();
-            *slot = Slot { view, digest: Some(digest), batch: Some(batch), pre_prepare: Some(pp), ..Slot::default() };
+            *slot = Slot {
+                view,
+                digest: Some(digest),
+                pre_prepare: Some(pp),
+                ..Slot::default()
+            };
+            self.set_batch(seq, batch);
             // With n = 1 (f = 0) the primary's own proposal is already prepared.
             self.check_prepared(seq);
         }
-        if !self.pending.is_empty() {
+        if !self.queued.is_empty() {
             self.batch_deadline = Some(now + self.cfg.batch_delay);
         }
     }
 
     /// Is this entry in a batch proposed and not yet executed, or executed recently?
-    fn in_flight_or_done(&self, e: &Vec<u8>) -> bool {
-        self.recent.contains(e) || self.slots.range(self.last_exec + 1..).any(|(_, s)| s.batch.as_ref().is_some_and(|b| b.entries.contains(e)))
+    fn in_flight_or_done(&self, h: &Digest) -> bool {
+        self.recent_set.contains(h)
+            || self.in_flight.get(h).is_some_and(|s| {
+                *s > self.last_exec
+                    && self
+                        .slots
+                        .get(s)
+                        .is_some_and(|slot| slot.hashes.contains(h))
+            })
+    }
+
+    /// Queue an entry to propose or forward, unless it is queued, in flight or done. Returns
+    /// whether it was queued. The queue is bounded: beyond it, entries are refused (clients
+    /// retry).
+    fn enqueue(&mut self, e: Vec<u8>) -> bool {
+        let h = entry_hash(&e);
+        if self.queued.contains(&h) || self.in_flight_or_done(&h) || self.queued.len() >= MAX_QUEUED
+        {
+            return false;
+        }
+        self.queued.insert(h);
+        self.pending.push_back(e);
+        if self.pending.len() > 2 * self.queued.len() + 1024 {
+            let queued = &self.queued;
+            self.pending.retain(|e| queued.contains(&entry_hash(e)));
+        }
+        true
+    }
+
+    /// The entries still queued, in order.
+    fn queued_entries(&self) -> Vec<Vec<u8>> {
+        self.pending
+            .iter()
+            .filter(|e| self.queued.contains(&entry_hash(e)))
+            .cloned()
+            .collect()
+    }
+
+    /// Give a slot its batch, indexing its entries as in flight.
+    fn set_batch(&mut self, seq: Seq, batch: Batch) {
+        let hashes: BTreeSet<Digest> = batch.entries.iter().map(|e| entry_hash(e)).collect();
+        for h in &hashes {
+            self.in_flight.insert(*h, seq);
+        }
+        let slot = self.slots.entry(seq).or_default();
+        slot.hashes = hashes;
+        slot.batch = Some(batch);
     }
 
     fn in_window(&self, seq: Seq) -> bool {
@@ -486,20 +719,37 @@ impl Replica {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn on_pre_prepare(&mut self, now: u64, m: Signed, view: View, seq: Seq, digest: Digest, batch: Batch) {
-        if view < self.view || (view == self.view && !self.view_active) {
-            // Not voting in that view any more, but its batch may be decided: keep it to learn.
-            if m.from == self.primary_of(view) && seq > self.last_exec && self.in_window(seq) && batch.digest() == digest {
-                self.learned_batches.entry(seq).or_default().insert(digest, batch);
+    fn on_pre_prepare(
+        &mut self,
+        now: u64,
+        m: Signed,
+        view: View,
+        seq: Seq,
+        digest: Digest,
+        batch: Batch,
+    ) {
+        if view != self.view || !self.view_active {
+            // Not voting in that view (an older one, or one we have not installed), but its batch
+            // may be decided: keep it to learn.
+            if m.from == self.primary_of(view)
+                && seq > self.last_exec
+                && self.in_window(seq)
+                && batch.digest() == digest
+            {
+                self.learned_batches
+                    .entry(seq)
+                    .or_default()
+                    .insert(digest, batch);
                 self.try_learn(seq);
             }
             return;
         }
-        if view != self.view {
-            return;
-        }
         if m.from != self.primary_of(view) {
-            self.fault(m.from, FaultKind::NotFromPrimary, format!("pre-prepare for view {view} from a backup"));
+            self.fault(
+                m.from,
+                FaultKind::NotFromPrimary,
+                format!("pre-prepare for view {view} from a backup"),
+            );
             return;
         }
         if seq <= self.last_exec {
@@ -508,29 +758,63 @@ impl Replica {
         }
         if !self.in_window(seq) {
             if seq > self.low + self.cfg.window {
-                self.fault(m.from, FaultKind::OutsideWatermarks, format!("pre-prepare seq {seq} above the high watermark"));
+                self.fault(
+                    m.from,
+                    FaultKind::OutsideWatermarks,
+                    format!("pre-prepare seq {seq} above the high watermark"),
+                );
             }
             return;
         }
         if batch.digest() != digest {
-            self.fault(m.from, FaultKind::WrongDigest, format!("pre-prepare {view}/{seq} digest does not match its batch"));
+            self.fault(
+                m.from,
+                FaultKind::WrongDigest,
+                format!("pre-prepare {view}/{seq} digest does not match its batch"),
+            );
             return;
         }
-        if !self.replaying && batch.timestamp > now + self.cfg.max_clock_skew && batch.timestamp != 0 {
-            self.fault(m.from, FaultKind::BadTimestamp, format!("batch timestamp {} is ahead of the clock", batch.timestamp));
+        if !self.replaying
+            && batch.timestamp > now + self.cfg.max_clock_skew
+            && batch.timestamp != 0
+        {
+            self.fault(
+                m.from,
+                FaultKind::BadTimestamp,
+                format!("batch timestamp {} is ahead of the clock", batch.timestamp),
+            );
             return;
         }
         self.accept_pre_prepare(now, m, view, seq, digest, batch);
     }
 
-    fn accept_pre_prepare(&mut self, now: u64, m: Signed, view: View, seq: Seq, digest: Digest, batch: Batch) {
-        let existing = self.slots.get(&seq).filter(|s| s.view == view).and_then(|s| s.digest);
+    fn accept_pre_prepare(
+        &mut self,
+        now: u64,
+        m: Signed,
+        view: View,
+        seq: Seq,
+        digest: Digest,
+        batch: Batch,
+    ) {
+        let existing = self
+            .slots
+            .get(&seq)
+            .filter(|s| s.view == view)
+            .and_then(|s| s.digest);
         if let Some(d) = existing {
             if d != digest {
-                self.fault(m.from, FaultKind::Equivocation, format!("two pre-prepares for {view}/{seq}"));
+                self.fault(
+                    m.from,
+                    FaultKind::Equivocation,
+                    format!("two pre-prepares for {view}/{seq}"),
+                );
                 // Both batches are signed by the primary; a commit certificate will say which one
                 // was decided, so keep this one to learn it if need be.
-                self.learned_batches.entry(seq).or_default().insert(digest, batch);
+                self.learned_batches
+                    .entry(seq)
+                    .or_default()
+                    .insert(digest, batch);
                 self.try_learn(seq);
             }
             return;
@@ -541,14 +825,19 @@ impl Replica {
         let slot = self.slots.entry(seq).or_default();
         if slot.view != view {
             // Votes from an older view do not count towards this one.
-            *slot = Slot { view, ..Slot::default() };
+            *slot = Slot {
+                view,
+                ..Slot::default()
+            };
         }
         slot.digest = Some(digest);
-        slot.batch = Some(batch);
         slot.pre_prepare = Some(m);
         // Votes that arrived before the pre-prepare stay if they match it.
-        slot.prepares.retain(|_, p| matches!(p.payload, Payload::Prepare { digest: d, .. } if d == digest));
-        slot.commits.retain(|_, p| matches!(p.payload, Payload::Commit { digest: d, .. } if d == digest));
+        slot.prepares
+            .retain(|_, p| matches!(p.payload, Payload::Prepare { digest: d, .. } if d == digest));
+        slot.commits
+            .retain(|_, p| matches!(p.payload, Payload::Commit { digest: d, .. } if d == digest));
+        self.set_batch(seq, batch);
         if self.primary_of(view) != self.id {
             self.vote(view, seq, digest, false);
         }
@@ -563,7 +852,11 @@ impl Replica {
             _ => {}
         }
         self.voted.insert((view, seq), digest);
-        let payload = if commit { Payload::Commit { view, seq, digest } } else { Payload::Prepare { view, seq, digest } };
+        let payload = if commit {
+            Payload::Commit { view, seq, digest }
+        } else {
+            Payload::Prepare { view, seq, digest }
+        };
         let msg = self.sign(payload);
         if let Some(slot) = self.slots.get_mut(&seq) {
             if commit {
@@ -579,13 +872,23 @@ impl Replica {
     }
 
     fn on_vote(&mut self, now: u64, m: Signed, view: View, seq: Seq, digest: Digest, commit: bool) {
-        if commit && seq > self.last_exec && self.in_window(seq) && (view < self.view || !self.view_active) {
+        // Decisions do not depend on views: commits for a view we do not vote in (older, newer,
+        // or one we are leaving) still add up to a certificate we can execute.
+        if commit
+            && seq > self.last_exec
+            && self.in_window(seq)
+            && (view != self.view || !self.view_active)
+        {
             self.learn_commit(m, view, seq, digest);
             return;
         }
         if view != self.view || !self.in_window(seq) {
             if seq > self.low + self.cfg.window {
-                self.fault(m.from, FaultKind::OutsideWatermarks, format!("vote for seq {seq} above the high watermark"));
+                self.fault(
+                    m.from,
+                    FaultKind::OutsideWatermarks,
+                    format!("vote for seq {seq} above the high watermark"),
+                );
             }
             return;
         }
@@ -594,7 +897,11 @@ impl Replica {
             return;
         }
         if !commit && m.from == self.primary_of(view) {
-            self.fault(m.from, FaultKind::NotFromPrimary, "the primary sent a prepare".into());
+            self.fault(
+                m.from,
+                FaultKind::NotFromPrimary,
+                "the primary sent a prepare".into(),
+            );
             return;
         }
         let slot = self.slots.entry(seq).or_default();
@@ -602,7 +909,10 @@ impl Replica {
             if slot.view > view {
                 return;
             }
-            *slot = Slot { view, ..Slot::default() };
+            *slot = Slot {
+                view,
+                ..Slot::default()
+            };
         }
         if slot.digest.is_some_and(|d| d != digest) {
             // A vote for another digest than the pre-prepare we accepted: the primary may have
@@ -613,10 +923,21 @@ impl Replica {
             }
             return;
         }
-        let map = if commit { &mut slot.commits } else { &mut slot.prepares };
+        let map = if commit {
+            &mut slot.commits
+        } else {
+            &mut slot.prepares
+        };
         if let Some(prev) = map.get(&m.from) {
             if prev.payload != m.payload {
-                self.fault(m.from, FaultKind::DoubleVote, format!("two {} votes for {view}/{seq}", if commit { "commit" } else { "prepare" }));
+                self.fault(
+                    m.from,
+                    FaultKind::DoubleVote,
+                    format!(
+                        "two {} votes for {view}/{seq}",
+                        if commit { "commit" } else { "prepare" }
+                    ),
+                );
             }
             return;
         }
@@ -644,16 +965,23 @@ impl Replica {
             .range((seq, 0, [0; 32])..=(seq, View::MAX, [0xff; 32]))
             .find(|(_, v)| v.len() >= quorum)
             .map(|((_, _, d), v)| (*d, v.values().cloned().collect()));
-        let Some((digest, cert)) = decided else { return };
+        let Some((digest, cert)) = decided else {
+            return;
+        };
         let batch = self
             .learned_batches
             .get(&seq)
             .and_then(|b| b.get(&digest).cloned())
-            .or_else(|| self.slots.get(&seq).filter(|s| s.digest == Some(digest)).and_then(|s| s.batch.clone()));
+            .or_else(|| {
+                self.slots
+                    .get(&seq)
+                    .filter(|s| s.digest == Some(digest))
+                    .and_then(|s| s.batch.clone())
+            });
         let Some(batch) = batch else { return };
+        self.set_batch(seq, batch);
         let slot = self.slots.entry(seq).or_default();
         slot.digest = Some(digest);
-        slot.batch = Some(batch);
         slot.prepared = true;
         slot.committed = true;
         slot.commits = cert.into_iter().map(|c| (c.from, c)).collect();
@@ -662,21 +990,39 @@ impl Replica {
 
     fn check_prepared(&mut self, seq: Seq) {
         let need = 2 * self.f;
-        let Some(slot) = self.slots.get(&seq) else { return };
-        let (Some(digest), Some(pp)) = (slot.digest, slot.pre_prepare.clone()) else { return };
+        let Some(slot) = self.slots.get(&seq) else {
+            return;
+        };
+        let (Some(digest), Some(pp)) = (slot.digest, slot.pre_prepare.clone()) else {
+            return;
+        };
         let view = slot.view;
         if !slot.prepared {
             let primary = self.primary_of(view);
-            let prepares: Vec<Signed> = slot.prepares.iter().filter(|(r, _)| **r != primary).map(|(_, p)| p.clone()).collect();
+            let prepares: Vec<Signed> = slot
+                .prepares
+                .iter()
+                .filter(|(r, _)| **r != primary)
+                .map(|(_, p)| p.clone())
+                .collect();
             if prepares.len() >= need {
                 let slot = self.slots.get_mut(&seq).expect("slot");
                 slot.prepared = true;
-                let better = self.prepared_certs.get(&seq).map_or(true, |c| match c.pre_prepare.payload {
-                    Payload::PrePrepare { view: v, .. } => v <= view,
-                    _ => true,
-                });
+                let better =
+                    self.prepared_certs
+                        .get(&seq)
+                        .map_or(true, |c| match c.pre_prepare.payload {
+                            Payload::PrePrepare { view: v, .. } => v <= view,
+                            _ => true,
+                        });
                 if better {
-                    self.prepared_certs.insert(seq, Prepared { pre_prepare: pp, prepares: prepares.into_iter().take(need).collect() });
+                    self.prepared_certs.insert(
+                        seq,
+                        Prepared {
+                            pre_prepare: pp,
+                            prepares: prepares.into_iter().take(need).collect(),
+                        },
+                    );
                 }
                 self.vote(view, seq, digest, true);
             }
@@ -689,7 +1035,9 @@ impl Replica {
     /// replica need not have prepared it itself to execute it.)
     fn check_committed(&mut self, seq: Seq) {
         let quorum = self.quorum();
-        let Some(slot) = self.slots.get_mut(&seq) else { return };
+        let Some(slot) = self.slots.get_mut(&seq) else {
+            return;
+        };
         if !slot.committed && slot.batch.is_some() && slot.commits.len() >= quorum {
             slot.committed = true;
             self.execute_ready();
@@ -706,7 +1054,8 @@ impl Replica {
             }
             let seq = self.last_exec + 1;
             let batch = slot.batch.clone().expect("committed slots have batches");
-            let certificate: Vec<Signed> = slot.commits.values().take(self.quorum()).cloned().collect();
+            let certificate: Vec<Signed> =
+                slot.commits.values().take(self.quorum()).cloned().collect();
             self.apply_block(seq, batch, certificate);
         }
     }
@@ -719,21 +1068,35 @@ impl Replica {
         self.last_exec = seq;
         self.last_timestamp = self.last_timestamp.max(batch.timestamp);
         for e in &batch.entries {
-            if let Some(i) = self.pending.iter().position(|p| p == e) {
-                self.pending.remove(i);
+            let h = entry_hash(e);
+            self.queued.remove(&h);
+            self.waiting.remove(&h);
+            self.in_flight.remove(&h);
+            if self.recent_set.insert(h) {
+                self.recent.push_back(h);
             }
-            self.waiting.remove(e);
-            self.recent.push_back(e.clone());
         }
-        while self.recent.len() > 4 * self.cfg.window as usize * self.cfg.max_batch_entries.min(64) {
-            self.recent.pop_front();
+        while self.recent.len() > RECENT_ENTRIES {
+            if let Some(old) = self.recent.pop_front() {
+                self.recent_set.remove(&old);
+            }
         }
         if !self.replaying {
-            self.emit(Action::Persist(Record::Block { seq, batch: batch.clone(), root }));
-            self.emit(Action::Execute { seq, batch, root, certificate });
+            self.emit(Action::Persist(Record::Block {
+                seq,
+                batch: batch.clone(),
+                root,
+            }));
+            self.emit(Action::Execute {
+                seq,
+                batch,
+                root,
+                certificate,
+            });
         }
         if self.fetching.as_ref().is_some_and(|f| f.0 <= seq) {
             self.fetching = None;
+            self.fetched.clear();
         }
         self.learned_batches.remove(&seq);
         self.learned_commits = self.learned_commits.split_off(&(seq + 1, 0, [0; 32]));
@@ -743,7 +1106,10 @@ impl Replica {
         if seq % self.cfg.checkpoint_interval == 0 {
             let cp = self.sign(Payload::Checkpoint { seq, root });
             self.own_checkpoints.insert(seq, cp.clone());
-            self.checkpoint_votes.entry(seq).or_default().insert(self.id, cp.clone());
+            self.checkpoint_votes
+                .entry(seq)
+                .or_default()
+                .insert(self.id, cp.clone());
             if !self.replaying {
                 self.emit(Action::Persist(Record::Sent(cp.clone())));
                 self.emit(Action::Broadcast(cp));
@@ -758,41 +1124,64 @@ impl Replica {
         if seq <= self.low || seq % self.cfg.checkpoint_interval != 0 {
             return;
         }
-        // Keep at most the latest few checkpoint votes per replica: memory stays bounded even
-        // against a flood of far-future checkpoints.
+        let from = m.from;
         let votes = self.checkpoint_votes.entry(seq).or_default();
-        if votes.contains_key(&m.from) {
+        if votes.contains_key(&from) {
             return;
         }
-        votes.insert(m.from, m.clone());
+        votes.insert(from, m.clone());
         if !self.replaying {
             self.emit(Action::Persist(Record::Accepted(m)));
         }
-        while self.checkpoint_votes.len() > 2 * (self.cfg.window / self.cfg.checkpoint_interval) as usize + 4 {
-            let first = *self.checkpoint_votes.keys().next().expect("non-empty");
-            self.checkpoint_votes.remove(&first);
+        // Memory stays bounded per sender: each replica's latest few checkpoint votes are kept,
+        // its oldest dropped first. A Byzantine flood of checkpoints displaces only its own.
+        let keep = (self.cfg.window / self.cfg.checkpoint_interval) as usize + 2;
+        let mine: Vec<Seq> = self
+            .checkpoint_votes
+            .iter()
+            .filter(|(_, v)| v.contains_key(&from))
+            .map(|(s, _)| *s)
+            .collect();
+        for old in mine.iter().take(mine.len().saturating_sub(keep)) {
+            if let Some(v) = self.checkpoint_votes.get_mut(old) {
+                v.remove(&from);
+                if v.is_empty() {
+                    self.checkpoint_votes.remove(old);
+                }
+            }
         }
         self.check_stable(seq);
     }
 
     fn check_stable(&mut self, seq: Seq) {
-        let Some(votes) = self.checkpoint_votes.get(&seq) else { return };
+        let Some(votes) = self.checkpoint_votes.get(&seq) else {
+            return;
+        };
         let mut by_root: BTreeMap<Digest, Vec<Signed>> = BTreeMap::new();
         for v in votes.values() {
             if let Payload::Checkpoint { root, .. } = v.payload {
                 by_root.entry(root).or_default().push(v.clone());
             }
         }
-        let Some((root, proof)) = by_root.into_iter().find(|(_, v)| v.len() >= self.quorum()) else { return };
+        let Some((root, proof)) = by_root.into_iter().find(|(_, v)| v.len() >= self.quorum())
+        else {
+            return;
+        };
         if seq <= self.low {
             return;
         }
         if self.last_exec >= seq {
-            let own = self.own_checkpoints.get(&seq).and_then(|c| match c.payload {
-                Payload::Checkpoint { root, .. } => Some(root),
-                _ => None,
-            });
-            debug_assert!(own.is_none() || own == Some(root), "a correct replica's state root differs from a certified checkpoint");
+            let own = self
+                .own_checkpoints
+                .get(&seq)
+                .and_then(|c| match c.payload {
+                    Payload::Checkpoint { root, .. } => Some(root),
+                    _ => None,
+                });
+            debug_assert!(
+                own.is_none() || own == Some(root),
+                "a correct replica's state root differs from a certified checkpoint"
+            );
         }
         self.make_stable(seq, root, proof);
     }
@@ -802,7 +1191,11 @@ impl Replica {
         self.stable_root = root;
         self.stable_proof = proof.clone();
         if !self.replaying {
-            self.emit(Action::Persist(Record::Stable { seq, root, proof: proof.clone() }));
+            self.emit(Action::Persist(Record::Stable {
+                seq,
+                root,
+                proof: proof.clone(),
+            }));
         }
         self.gc();
         if self.next_seq < seq {
@@ -824,6 +1217,8 @@ impl Replica {
         self.learned_commits = self.learned_commits.split_off(&(exec + 1, 0, [0; 32]));
         self.own_checkpoints = self.own_checkpoints.split_off(&low);
         self.voted.retain(|(_, s), _| *s > low);
+        let exec = self.last_exec;
+        self.in_flight.retain(|_, s| *s > exec);
         let view = self.view;
         self.view_changes = self.view_changes.split_off(&view);
     }
@@ -831,53 +1226,98 @@ impl Replica {
     // ---- state transfer ----
 
     fn start_fetch(&mut self, seq: Seq, root: Digest, proof: Vec<Signed>) {
-        let peer = proof.iter().map(|p| p.from).find(|r| *r != self.id).unwrap_or((self.id + 1) % self.members.n() as u32);
+        // A newer certified checkpoint extends a transfer in progress: the blocks fetched so far
+        // are checked, with the rest, against the newest root when they are all there.
+        if let Some(f) = self.fetching.as_mut() {
+            if seq > f.0 {
+                f.0 = seq;
+                f.1 = root;
+                f.2 = proof;
+            }
+            return;
+        }
+        let peer = proof
+            .iter()
+            .map(|p| p.from)
+            .find(|r| *r != self.id)
+            .unwrap_or((self.id + 1) % self.members.n() as u32);
+        self.fetched.clear();
         self.fetching = Some((seq, root, proof, peer));
         self.request_blocks();
     }
 
+    /// A state transfer whose target execution already reached is over.
+    fn settle_fetch(&mut self) {
+        if self
+            .fetching
+            .as_ref()
+            .is_some_and(|f| f.0 <= self.last_exec)
+        {
+            self.fetching = None;
+            self.fetched.clear();
+        }
+    }
+
     fn request_blocks(&mut self) {
-        let Some((seq, _, _, peer)) = &self.fetching else { return };
+        let Some((seq, _, _, peer)) = &self.fetching else {
+            return;
+        };
         if self.replaying {
             return;
         }
-        let req = self.sign(Payload::BlockRequest { from_seq: self.last_exec, to_seq: *seq });
+        let from_seq = self.last_exec + self.fetched.len() as u64;
+        let req = self.sign(Payload::BlockRequest {
+            from_seq,
+            to_seq: (*seq).min(from_seq + MAX_BLOCKS_PER_REPLY),
+        });
         let to = *peer;
         self.emit(Action::Send { to, message: req });
     }
 
     fn on_blocks(&mut self, _now: u64, from: ReplicaId, first_seq: Seq, batches: Vec<Batch>) {
-        let Some((target, root, proof, _)) = self.fetching.clone() else { return };
-        if first_seq != self.last_exec + 1 || first_seq + batches.len() as u64 - 1 < target || batches.is_empty() {
+        let Some((target, root, proof, _)) = self.fetching.clone() else {
+            return;
+        };
+        if first_seq != self.last_exec + self.fetched.len() as u64 + 1 || batches.is_empty() {
+            return;
+        }
+        let room = (target - self.last_exec) as usize - self.fetched.len();
+        self.fetched.extend(batches.into_iter().take(room));
+        if ((self.fetched.len() as u64) + self.last_exec) < target {
+            // More to fetch; keep asking the same peer.
+            self.request_blocks();
             return;
         }
         // Verify the whole run against the certified root before applying any of it.
         let mut frontier = self.frontier.clone();
         let mut h = self.head;
-        for (i, b) in batches.iter().enumerate() {
-            let seq = first_seq + i as u64;
-            frontier.push(block_leaf(&h, seq, b));
+        for (i, b) in self.fetched.iter().enumerate() {
+            frontier.push(block_leaf(&h, self.last_exec + 1 + i as u64, b));
             h = frontier.root();
-            if seq == target {
-                break;
-            }
         }
         if h != root {
-            self.fault(from, FaultKind::BadBlocks, format!("blocks up to {target} do not match the certified checkpoint"));
+            self.fault(
+                from,
+                FaultKind::BadBlocks,
+                format!("blocks up to {target} do not match the certified checkpoint"),
+            );
+            self.fetched.clear();
             // Ask someone else.
             let next = (from + 1) % self.members.n() as u32;
-            let next = if next == self.id { (next + 1) % self.members.n() as u32 } else { next };
+            let next = if next == self.id {
+                (next + 1) % self.members.n() as u32
+            } else {
+                next
+            };
             if let Some(f) = self.fetching.as_mut() {
                 f.3 = next;
             }
             self.request_blocks();
             return;
         }
-        for (i, b) in batches.into_iter().enumerate() {
-            let seq = first_seq + i as u64;
-            if seq > target {
-                break;
-            }
+        let blocks = std::mem::take(&mut self.fetched);
+        for b in blocks {
+            let seq = self.last_exec + 1;
             self.apply_block(seq, b, proof.clone());
         }
         self.fetching = None;
@@ -886,8 +1326,18 @@ impl Replica {
 
     // ---- view change ----
 
+    /// The timer that suspects the primary. It runs only in an active view (while changing
+    /// views, `arm_view_change_timer` follows PBFT's 2f+1 rule) and not during a state transfer
+    /// (a replica fetching blocks is waiting on itself, not on the primary).
     fn arm_progress_timer(&mut self, now: u64) {
-        let waiting = !self.pending.is_empty() || !self.waiting.is_empty() || self.slots.range(self.last_exec + 1..).any(|(_, s)| s.digest.is_some() && s.batch.as_ref().is_some_and(|b| !b.entries.is_empty()));
+        if !self.view_active || self.fetching.is_some() {
+            return;
+        }
+        let waiting = !self.queued.is_empty()
+            || !self.waiting.is_empty()
+            || self.slots.range(self.last_exec + 1..).any(|(_, s)| {
+                s.digest.is_some() && s.batch.as_ref().is_some_and(|b| !b.entries.is_empty())
+            });
         if waiting && self.progress_deadline.is_none() {
             let backoff = 1u64 << self.view_change_attempt.min(MAX_BACKOFF_DOUBLINGS);
             self.progress_deadline = Some(now + self.cfg.view_change_timeout * backoff);
@@ -904,10 +1354,23 @@ impl Replica {
         self.view = view;
         self.view_active = false;
         self.view_change_attempt += 1;
-        let prepared: Vec<Prepared> = self.prepared_certs.range(self.low + 1..).map(|(_, c)| c.clone()).collect();
-        let vc = self.sign(Payload::ViewChange { view, stable_seq: self.low, stable_root: self.stable_root, proof: self.stable_proof.clone(), prepared });
-        self.own_view_change = Some(vc.clone());
-        self.view_changes.entry(view).or_default().insert(self.id, vc.clone());
+        let prepared: Vec<Prepared> = self
+            .prepared_certs
+            .range(self.low + 1..)
+            .map(|(_, c)| c.clone())
+            .collect();
+        let vc = self.sign(Payload::ViewChange {
+            view,
+            stable_seq: self.low,
+            stable_root: self.stable_root,
+            proof: self.stable_proof.clone(),
+            prepared,
+        });
+        self.remember_own_view_change(view, vc.clone());
+        self.view_changes
+            .entry(view)
+            .or_default()
+            .insert(self.id, vc.clone());
         self.emit(Action::Persist(Record::Sent(vc.clone())));
         self.emit(Action::Broadcast(vc));
         // PBFT's liveness rule: the timer to give up on this view starts only once 2f+1 replicas
@@ -930,7 +1393,16 @@ impl Replica {
 
     /// Check a view change's checkpoint proof and prepared certificates.
     fn valid_view_change(&self, m: &Signed) -> Result<(), String> {
-        let Payload::ViewChange { view, stable_seq, stable_root, proof, prepared } = &m.payload else { return Err("not a view change".into()) };
+        let Payload::ViewChange {
+            view,
+            stable_seq,
+            stable_root,
+            proof,
+            prepared,
+        } = &m.payload
+        else {
+            return Err("not a view change".into());
+        };
         if *stable_seq > 0 {
             if *stable_seq % self.cfg.checkpoint_interval != 0 {
                 return Err("stable checkpoint not on an interval".into());
@@ -947,12 +1419,22 @@ impl Replica {
             return Err("genesis checkpoint with a non-genesis root".into());
         }
         for p in prepared {
-            let Payload::PrePrepare { view: pv, seq, digest, batch } = &p.pre_prepare.payload else { return Err("prepared certificate without a pre-prepare".into()) };
+            let Payload::PrePrepare {
+                view: pv,
+                seq,
+                digest,
+                batch,
+            } = &p.pre_prepare.payload
+            else {
+                return Err("prepared certificate without a pre-prepare".into());
+            };
             if *pv >= *view || *seq <= *stable_seq || *seq > stable_seq + self.cfg.window {
                 return Err(format!("prepared certificate {pv}/{seq} out of range"));
             }
             if p.pre_prepare.from != self.primary_of(*pv) || batch.digest() != *digest {
-                return Err(format!("prepared certificate {pv}/{seq} has a bad pre-prepare"));
+                return Err(format!(
+                    "prepared certificate {pv}/{seq} has a bad pre-prepare"
+                ));
             }
             let signers: BTreeSet<ReplicaId> = p
                 .prepares
@@ -966,7 +1448,9 @@ impl Replica {
             let mut all = p.prepares.clone();
             all.push(p.pre_prepare.clone());
             if !self.members.verify_all(&all) {
-                return Err(format!("prepared certificate {pv}/{seq} has a bad signature"));
+                return Err(format!(
+                    "prepared certificate {pv}/{seq} has a bad signature"
+                ));
             }
         }
         Ok(())
@@ -984,7 +1468,11 @@ impl Replica {
             out.extend(self.stable_proof.iter().cloned());
         }
         let from = after.max(self.low) + 1;
-        let decided = if from <= self.last_exec { self.slots.range(from..=self.last_exec).collect::<Vec<_>>() } else { vec![] };
+        let decided = if from <= self.last_exec {
+            self.slots.range(from..=self.last_exec).collect::<Vec<_>>()
+        } else {
+            vec![]
+        };
         for (_, slot) in decided {
             if let Some(pp) = &slot.pre_prepare {
                 out.push(pp.clone());
@@ -997,12 +1485,23 @@ impl Replica {
         }
     }
 
+    fn remember_own_view_change(&mut self, view: View, vc: Signed) {
+        self.own_view_changes.insert(view, vc);
+        while self.own_view_changes.len() > 4 {
+            let first = *self.own_view_changes.keys().next().expect("non-empty");
+            self.own_view_changes.remove(&first);
+        }
+    }
+
     fn on_view_change(&mut self, now: u64, m: Signed, view: View) {
         if view < self.view || (view == self.view && self.view_active) {
             // A replica behind us: help it with the new view we installed.
             if view <= self.view && self.view_active && self.is_primary() && !self.replaying {
                 if let Some(nv) = self.new_view.clone() {
-                    self.emit(Action::Send { to: m.from, message: nv });
+                    self.emit(Action::Send {
+                        to: m.from,
+                        message: nv,
+                    });
                 }
             }
             return;
@@ -1051,14 +1550,24 @@ impl Replica {
         let mut min_proof = vec![];
         let mut best: BTreeMap<Seq, (View, Batch)> = BTreeMap::new();
         for vc in vcs {
-            if let Payload::ViewChange { stable_seq, stable_root, proof, prepared, .. } = &vc.payload {
+            if let Payload::ViewChange {
+                stable_seq,
+                stable_root,
+                proof,
+                prepared,
+                ..
+            } = &vc.payload
+            {
                 if *stable_seq > min_s {
                     min_s = *stable_seq;
                     min_root = *stable_root;
                     min_proof = proof.clone();
                 }
                 for p in prepared {
-                    if let Payload::PrePrepare { view, seq, batch, .. } = &p.pre_prepare.payload {
+                    if let Payload::PrePrepare {
+                        view, seq, batch, ..
+                    } = &p.pre_prepare.payload
+                    {
                         if best.get(seq).map_or(true, |(v, _)| view > v) {
                             best.insert(*seq, (*view, batch.clone()));
                         }
@@ -1067,7 +1576,16 @@ impl Replica {
             }
         }
         let max_s = best.keys().next_back().copied().unwrap_or(min_s).max(min_s);
-        let plan = (min_s + 1..=max_s).map(|s| (s, best.get(&s).map(|(_, b)| b.clone()).unwrap_or_else(Batch::null))).collect();
+        let plan = (min_s + 1..=max_s)
+            .map(|s| {
+                (
+                    s,
+                    best.get(&s)
+                        .map(|(_, b)| b.clone())
+                        .unwrap_or_else(Batch::null),
+                )
+            })
+            .collect();
         (min_s, min_root, min_proof, plan)
     }
 
@@ -1075,7 +1593,9 @@ impl Replica {
         if self.primary_of(view) != self.id || self.view != view || self.view_active {
             return;
         }
-        let Some(vcs) = self.view_changes.get(&view) else { return };
+        let Some(vcs) = self.view_changes.get(&view) else {
+            return;
+        };
         if vcs.len() < self.quorum() {
             return;
         }
@@ -1083,9 +1603,20 @@ impl Replica {
         let (_, _, _, plan) = self.new_view_plan(&vcs);
         let pre_prepares: Vec<Signed> = plan
             .iter()
-            .map(|(seq, batch)| self.sign(Payload::PrePrepare { view, seq: *seq, digest: batch.digest(), batch: batch.clone() }))
+            .map(|(seq, batch)| {
+                self.sign(Payload::PrePrepare {
+                    view,
+                    seq: *seq,
+                    digest: batch.digest(),
+                    batch: batch.clone(),
+                })
+            })
             .collect();
-        let nv = self.sign(Payload::NewView { view, view_changes: vcs, pre_prepares });
+        let nv = self.sign(Payload::NewView {
+            view,
+            view_changes: vcs,
+            pre_prepares,
+        });
         self.emit(Action::Persist(Record::Sent(nv.clone())));
         self.emit(Action::Broadcast(nv.clone()));
         self.install_new_view(now, nv);
@@ -1096,22 +1627,47 @@ impl Replica {
             return;
         }
         if m.from != self.primary_of(view) {
-            self.fault(m.from, FaultKind::NotFromPrimary, format!("new-view for {view} from a backup"));
+            self.fault(
+                m.from,
+                FaultKind::NotFromPrimary,
+                format!("new-view for {view} from a backup"),
+            );
             return;
         }
-        let Payload::NewView { view_changes, pre_prepares, .. } = &m.payload else { return };
+        let Payload::NewView {
+            view_changes,
+            pre_prepares,
+            ..
+        } = &m.payload
+        else {
+            return;
+        };
         let senders: BTreeSet<ReplicaId> = view_changes.iter().map(|v| v.from).collect();
         if senders.len() < self.quorum() || senders.len() != view_changes.len() {
-            self.fault(m.from, FaultKind::BadNewView, "new-view without 2f+1 distinct view changes".into());
+            self.fault(
+                m.from,
+                FaultKind::BadNewView,
+                "new-view without 2f+1 distinct view changes".into(),
+            );
             return;
         }
         for vc in view_changes {
-            if !matches!(vc.payload, Payload::ViewChange { view: v, .. } if v == view) || !self.members.verify(vc) {
-                self.fault(m.from, FaultKind::BadNewView, "new-view carries an invalid view change".into());
+            if !matches!(vc.payload, Payload::ViewChange { view: v, .. } if v == view)
+                || !self.members.verify(vc)
+            {
+                self.fault(
+                    m.from,
+                    FaultKind::BadNewView,
+                    "new-view carries an invalid view change".into(),
+                );
                 return;
             }
             if let Err(e) = self.valid_view_change(vc) {
-                self.fault(m.from, FaultKind::BadNewView, format!("new-view carries a bad view change: {e}"));
+                self.fault(
+                    m.from,
+                    FaultKind::BadNewView,
+                    format!("new-view carries a bad view change: {e}"),
+                );
                 return;
             }
         }
@@ -1122,7 +1678,11 @@ impl Replica {
             })
             && self.members.verify_all(pre_prepares);
         if !matches {
-            self.fault(m.from, FaultKind::BadNewView, "new-view pre-prepares do not follow from its view changes".into());
+            self.fault(
+                m.from,
+                FaultKind::BadNewView,
+                "new-view pre-prepares do not follow from its view changes".into(),
+            );
             return;
         }
         if !self.replaying {
@@ -1132,12 +1692,18 @@ impl Replica {
     }
 
     fn install_new_view(&mut self, now: u64, nv: Signed) {
-        let Payload::NewView { view, view_changes, pre_prepares } = nv.payload.clone() else { return };
+        let Payload::NewView {
+            view,
+            view_changes,
+            pre_prepares,
+        } = nv.payload.clone()
+        else {
+            return;
+        };
         let (min_s, min_root, min_proof, _) = self.new_view_plan(&view_changes);
         self.view = view;
         self.view_active = true;
         self.new_view = Some(nv);
-        self.own_view_change = None;
         self.progress_deadline = None;
         if min_s > self.low {
             self.make_stable(min_s, min_root, min_proof);
@@ -1149,7 +1715,13 @@ impl Replica {
         self.slots.retain(|s, _| *s <= keep);
         let mut max_seq = self.low.max(self.last_exec);
         for pp in pre_prepares {
-            if let Payload::PrePrepare { view: v, seq, digest, batch } = pp.payload.clone() {
+            if let Payload::PrePrepare {
+                view: v,
+                seq,
+                digest,
+                batch,
+            } = pp.payload.clone()
+            {
                 max_seq = max_seq.max(seq);
                 if seq > self.low && seq > self.last_exec {
                     self.accept_pre_prepare(now, pp, v, seq, digest, batch);
@@ -1159,11 +1731,13 @@ impl Replica {
         self.next_seq = max_seq;
         self.gc();
         // Requests still waiting go to the new primary.
-        if !self.pending.is_empty() {
+        if !self.queued.is_empty() {
             if self.is_primary() {
                 self.batch_deadline = Some(now);
             } else if !self.replaying {
-                let fwd = self.sign(Payload::Forward { entries: self.pending.iter().cloned().collect() });
+                let fwd = self.sign(Payload::Forward {
+                    entries: self.queued_entries(),
+                });
                 let to = self.primary_of(view);
                 self.emit(Action::Send { to, message: fwd });
             }
@@ -1178,19 +1752,31 @@ impl Replica {
         if self.replaying {
             return;
         }
-        let status = self.sign(Payload::Status { last_executed: self.last_exec });
+        let status = self.sign(Payload::Status {
+            view: self.view,
+            last_executed: self.last_exec,
+        });
         self.emit(Action::Broadcast(status));
         // A state transfer in progress is retried whatever the view state.
         if self.fetching.is_some() {
             self.request_blocks();
         }
         if !self.view_active {
-            if let Some(vc) = self.own_view_change.clone() {
+            // Our last few VIEW-CHANGEs, not just the newest: others may still be gathering a
+            // quorum for a view we moved past and have lost ours. (Never sent in reply to a
+            // VIEW-CHANGE: replies to replies would ping-pong.)
+            let ours: Vec<Signed> = self.own_view_changes.values().cloned().collect();
+            for vc in ours {
                 self.emit(Action::Broadcast(vc));
             }
             // Requests held here reach whoever is primary through the others.
-            let mut entries: Vec<Vec<u8>> = self.pending.iter().cloned().collect();
-            entries.extend(self.waiting.iter().filter(|e| !self.pending.contains(e)).cloned());
+            let mut entries = self.queued_entries();
+            entries.extend(
+                self.waiting
+                    .iter()
+                    .filter(|(h, _)| !self.queued.contains(*h))
+                    .map(|(_, e)| e.clone()),
+            );
             if !entries.is_empty() {
                 let fwd = self.sign(Payload::Forward { entries });
                 self.emit(Action::Broadcast(fwd));
@@ -1221,19 +1807,22 @@ impl Replica {
         }
         // Entries this replica was given that are neither proposed nor executed go (again) to
         // the primary, or into the primary's own queue.
-        let lost: Vec<Vec<u8>> = self.waiting.iter().filter(|e| !self.in_flight_or_done(e)).cloned().collect();
+        let lost: Vec<Vec<u8>> = self
+            .waiting
+            .iter()
+            .filter(|(h, _)| !self.queued.contains(*h) && !self.in_flight_or_done(h))
+            .map(|(_, e)| e.clone())
+            .collect();
         if self.is_primary() {
             for e in lost {
-                if !self.pending.contains(&e) {
-                    self.pending.push_back(e);
-                }
+                self.enqueue(e);
             }
-            if !self.pending.is_empty() && self.batch_deadline.is_none() {
+            if !self.queued.is_empty() && self.batch_deadline.is_none() {
                 self.batch_deadline = Some(0);
             }
         } else {
-            let mut entries: Vec<Vec<u8>> = self.pending.iter().cloned().collect();
-            entries.extend(lost.into_iter().filter(|e| !self.pending.contains(e)));
+            let mut entries = self.queued_entries();
+            entries.extend(lost);
             if !entries.is_empty() {
                 resend.push(self.sign(Payload::Forward { entries }));
             }

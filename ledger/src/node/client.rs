@@ -11,8 +11,18 @@ use super::{client_frame, FRAME_BUSY, FRAME_COMMITTED, FRAME_SUBMIT, MAX_FRAME_B
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    Committed { entry_hash: [u8; 32], seq: u64, root: [u8; 32] },
-    Busy { entry_hash: [u8; 32] },
+    /// `certificate`: the signed messages the replica executed the block on (2f+1 commits for
+    /// its digest, or a 2f+1 checkpoint proof after a state transfer). Check them with
+    /// `Membership::verify_all`.
+    Committed {
+        entry_hash: [u8; 32],
+        seq: u64,
+        root: [u8; 32],
+        certificate: Vec<crate::core::Signed>,
+    },
+    Busy {
+        entry_hash: [u8; 32],
+    },
 }
 
 pub struct Client {
@@ -46,12 +56,32 @@ impl Client {
         }
         let mut body = vec![0u8; len];
         self.stream.read_exact(&mut body)?;
-        let hash: [u8; 32] = body.get(1..33).ok_or_else(|| bad("short reply"))?.try_into().expect("32");
+        let hash: [u8; 32] = body
+            .get(1..33)
+            .ok_or_else(|| bad("short reply"))?
+            .try_into()
+            .expect("32");
         match body[0] {
             FRAME_COMMITTED => {
-                let seq = u64::from_be_bytes(body.get(33..41).ok_or_else(|| bad("short reply"))?.try_into().expect("8"));
-                let root: [u8; 32] = body.get(41..73).ok_or_else(|| bad("short reply"))?.try_into().expect("32");
-                Ok(Reply::Committed { entry_hash: hash, seq, root })
+                let seq = u64::from_be_bytes(
+                    body.get(33..41)
+                        .ok_or_else(|| bad("short reply"))?
+                        .try_into()
+                        .expect("8"),
+                );
+                let root: [u8; 32] = body
+                    .get(41..73)
+                    .ok_or_else(|| bad("short reply"))?
+                    .try_into()
+                    .expect("32");
+                let certificate = crate::store::decode_signed_list(&body[73..])
+                    .map_err(|e| bad(&e.to_string()))?;
+                Ok(Reply::Committed {
+                    entry_hash: hash,
+                    seq,
+                    root,
+                    certificate,
+                })
             }
             FRAME_BUSY => Ok(Reply::Busy { entry_hash: hash }),
             k => Err(bad(&format!("unexpected frame kind {k}"))),

@@ -12,7 +12,10 @@ use crate::core::Membership;
 #[derive(Debug, thiserror::Error)]
 pub enum GenesisError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -41,7 +44,10 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// A new secret key from the operating system's randomness.
@@ -53,7 +59,10 @@ pub fn generate_key() -> Result<SigningKey, std::io::Error> {
 }
 
 pub fn write_key(path: &Path, key: &SigningKey) -> Result<(), GenesisError> {
-    let io = |source| GenesisError::Io { path: path.display().to_string(), source };
+    let io = |source| GenesisError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     std::fs::write(path, hex(&key.to_bytes()) + "\n").map_err(io)?;
     #[cfg(unix)]
     {
@@ -64,10 +73,16 @@ pub fn write_key(path: &Path, key: &SigningKey) -> Result<(), GenesisError> {
 }
 
 pub fn read_key(path: &Path) -> Result<SigningKey, GenesisError> {
-    let text = std::fs::read_to_string(path).map_err(|source| GenesisError::Io { path: path.display().to_string(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| GenesisError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
     let bytes: [u8; 32] = unhex(text.trim())
         .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| GenesisError::Invalid { path: path.display().to_string(), message: "not a hex Ed25519 secret key".into() })?;
+        .ok_or_else(|| GenesisError::Invalid {
+            path: path.display().to_string(),
+            message: "not a hex Ed25519 secret key".into(),
+        })?;
     Ok(SigningKey::from_bytes(&bytes))
 }
 
@@ -78,15 +93,27 @@ pub fn public_key_hex(key: &SigningKey) -> String {
 impl Genesis {
     pub fn load(path: &Path) -> Result<Genesis, GenesisError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| GenesisError::Io { path: shown.clone(), source })?;
-        let g: Genesis = serde_json::from_str(&text).map_err(|e| GenesisError::Invalid { path: shown.clone(), message: e.to_string() })?;
-        g.membership().map_err(|message| GenesisError::Invalid { path: shown, message })?;
+        let text = std::fs::read_to_string(path).map_err(|source| GenesisError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let g: Genesis = serde_json::from_str(&text).map_err(|e| GenesisError::Invalid {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        g.membership().map_err(|message| GenesisError::Invalid {
+            path: shown,
+            message,
+        })?;
         Ok(g)
     }
 
     pub fn save(&self, path: &Path) -> Result<(), GenesisError> {
         let text = serde_json::to_string_pretty(self).expect("genesis serialises");
-        std::fs::write(path, text + "\n").map_err(|source| GenesisError::Io { path: path.display().to_string(), source })
+        std::fs::write(path, text + "\n").map_err(|source| GenesisError::Io {
+            path: path.display().to_string(),
+            source,
+        })
     }
 
     /// The membership, checking that ids are 0..n in order and keys are valid.
@@ -97,9 +124,14 @@ impl Genesis {
         let mut keys = Vec::new();
         for (i, r) in self.replicas.iter().enumerate() {
             if r.id as usize != i {
-                return Err(format!("replica ids must be 0..n in order; found {} at position {i}", r.id));
+                return Err(format!(
+                    "replica ids must be 0..n in order; found {} at position {i}",
+                    r.id
+                ));
             }
-            let bytes: [u8; 32] = unhex(&r.public_key).and_then(|b| b.try_into().ok()).ok_or_else(|| format!("replica {i}: public_key is not 32 hex bytes"))?;
+            let bytes: [u8; 32] = unhex(&r.public_key)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| format!("replica {i}: public_key is not 32 hex bytes"))?;
             keys.push(VerifyingKey::from_bytes(&bytes).map_err(|e| format!("replica {i}: {e}"))?);
         }
         Ok(Membership::new(self.chain_id.clone(), keys))
@@ -107,15 +139,33 @@ impl Genesis {
 
     /// Keys and a genesis for `n` replicas on loopback ports from `base_port`; the secret keys
     /// are written to `dir/replica-<i>.key`.
-    pub fn generate(chain_id: &str, n: usize, base_port: u16, dir: &Path) -> Result<Genesis, GenesisError> {
-        std::fs::create_dir_all(dir).map_err(|source| GenesisError::Io { path: dir.display().to_string(), source })?;
+    pub fn generate(
+        chain_id: &str,
+        n: usize,
+        base_port: u16,
+        dir: &Path,
+    ) -> Result<Genesis, GenesisError> {
+        std::fs::create_dir_all(dir).map_err(|source| GenesisError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
         let mut replicas = Vec::new();
         for i in 0..n {
-            let key = generate_key().map_err(|source| GenesisError::Io { path: "/dev/urandom".into(), source })?;
+            let key = generate_key().map_err(|source| GenesisError::Io {
+                path: "/dev/urandom".into(),
+                source,
+            })?;
             write_key(&dir.join(format!("replica-{i}.key")), &key)?;
-            replicas.push(GenesisReplica { id: i as u32, public_key: public_key_hex(&key), address: SocketAddr::from(([127, 0, 0, 1], base_port + i as u16)) });
+            replicas.push(GenesisReplica {
+                id: i as u32,
+                public_key: public_key_hex(&key),
+                address: SocketAddr::from(([127, 0, 0, 1], base_port + i as u16)),
+            });
         }
-        let g = Genesis { chain_id: chain_id.to_string(), replicas };
+        let g = Genesis {
+            chain_id: chain_id.to_string(),
+            replicas,
+        };
         g.save(&dir.join("genesis.json"))?;
         Ok(g)
     }
@@ -142,11 +192,22 @@ mod tests {
     fn bad_genesis_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("g.json");
-        std::fs::write(&p, r#"{"chain_id":"x","replicas":[{"id":1,"public_key":"00","address":"127.0.0.1:1"}]}"#).unwrap();
+        std::fs::write(
+            &p,
+            r#"{"chain_id":"x","replicas":[{"id":1,"public_key":"00","address":"127.0.0.1:1"}]}"#,
+        )
+        .unwrap();
         let e = Genesis::load(&p).unwrap_err().to_string();
         assert!(e.contains("ids must be 0..n"), "{e}");
-        std::fs::write(&p, r#"{"chain_id":"x","replicas":[{"id":0,"public_key":"zz","address":"127.0.0.1:1"}]}"#).unwrap();
-        assert!(Genesis::load(&p).unwrap_err().to_string().contains("not 32 hex bytes"));
+        std::fs::write(
+            &p,
+            r#"{"chain_id":"x","replicas":[{"id":0,"public_key":"zz","address":"127.0.0.1:1"}]}"#,
+        )
+        .unwrap();
+        assert!(Genesis::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("not 32 hex bytes"));
         std::fs::write(&p, r#"{"chain_id":"x","replicas":[],"extra":1}"#).unwrap();
         assert!(Genesis::load(&p).is_err());
     }

@@ -4,15 +4,18 @@
 //! are dropped (PBFT retransmits) and clients are told `busy`.
 //!
 //! Wire frames: `u32 length | u8 kind | body`. Kinds: 0 a signed peer message; 1 a client
-//! submission (body: the entry); 2 a commit reply (sha256(entry) | seq | state root);
+//! submission (body: the entry); 2 a commit reply (sha256(entry) | seq | state root | the
+//! certificate it was executed on: 2f+1 commits, or a checkpoint proof after a state transfer);
 //! 3 busy (sha256(entry)).
 
 pub mod client;
+pub mod cluster;
 pub mod genesis;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -31,11 +34,21 @@ pub const FRAME_PEER: u8 = 0;
 pub const FRAME_SUBMIT: u8 = 1;
 pub const FRAME_COMMITTED: u8 = 2;
 pub const FRAME_BUSY: u8 = 3;
-/// Largest frame accepted from the network.
-pub const MAX_FRAME_BYTES: usize = 16 << 20;
+/// Largest frame accepted from the network (above the core's message limit).
+pub const MAX_FRAME_BYTES: usize = 64 << 20;
 const INPUT_QUEUE: usize = 65_536;
 const PEER_QUEUE: usize = 16_384;
 const INPUTS_PER_ROUND: usize = 256;
+
+/// Messages dropped because a queue was full: inbound (driver behind) and outbound (peer slow).
+static DROPPED_IN: AtomicU64 = AtomicU64::new(0);
+static DROPPED_OUT: AtomicU64 = AtomicU64::new(0);
+
+fn send_or_count(q: &amp::Sender<Vec<u8>>, f: Vec<u8>) {
+    if q.try_send(f).is_err() {
+        DROPPED_OUT.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -58,7 +71,10 @@ pub struct NodeConfig {
 
 enum Input {
     Peer(crate::core::Signed),
-    Submit { entry: Vec<u8>, reply: amp::Sender<Vec<u8>> },
+    Submit {
+        entry: Vec<u8>,
+        reply: amp::Sender<Vec<u8>>,
+    },
 }
 
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
@@ -70,7 +86,10 @@ fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Serve one inbound connection: peer messages and client submissions.
@@ -104,12 +123,17 @@ async fn serve_connection(stream: TcpStream, inputs: SyncSender<Input>) {
                 // Undecodable bytes are not even a message: drop the connection.
                 Err(_) => break,
                 Ok(m) => {
-                    let _ = inputs.try_send(Input::Peer(m));
+                    if inputs.try_send(Input::Peer(m)).is_err() {
+                        DROPPED_IN.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             },
             FRAME_SUBMIT => {
                 let hash: [u8; 32] = Sha256::digest(&body).into();
-                if let Err(TrySendError::Full(_)) = inputs.try_send(Input::Submit { entry: body, reply: reply_tx.clone() }) {
+                if let Err(TrySendError::Full(_)) = inputs.try_send(Input::Submit {
+                    entry: body,
+                    reply: reply_tx.clone(),
+                }) {
                     let _ = reply_tx.try_send(frame(FRAME_BUSY, &hash));
                 }
             }
@@ -144,15 +168,31 @@ async fn peer_writer(addr: SocketAddr, mut queue: amp::Receiver<Vec<u8>>) {
 /// Start a replica process's services and run its driver on this thread until the process ends.
 pub fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     let members = cfg.genesis.membership().map_err(NodeError::Genesis)?;
-    let me = cfg.genesis.replicas.get(cfg.id as usize).ok_or_else(|| NodeError::Genesis(format!("no replica {} in the genesis", cfg.id)))?;
+    let me = cfg
+        .genesis
+        .replicas
+        .get(cfg.id as usize)
+        .ok_or_else(|| NodeError::Genesis(format!("no replica {} in the genesis", cfg.id)))?;
     if members.keys[cfg.id as usize] != cfg.key.verifying_key() {
-        return Err(NodeError::Genesis(format!("the key does not belong to replica {}", cfg.id)));
+        return Err(NodeError::Genesis(format!(
+            "the key does not belong to replica {}",
+            cfg.id
+        )));
     }
     let mut store = LedgerStore::open(&cfg.data_dir)?;
     let records = store.load()?;
-    let mut replica = Replica::restore(cfg.id, cfg.consensus.clone(), cfg.key.clone(), members, &records);
+    let mut replica = Replica::restore(
+        cfg.id,
+        cfg.consensus.clone(),
+        cfg.key.clone(),
+        members,
+        &records,
+    );
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     let (inputs_tx, inputs) = mpsc::sync_channel::<Input>(INPUT_QUEUE);
     let listener = rt.block_on(TcpListener::bind(me.address))?;
     let accept_inputs = inputs_tx.clone();
@@ -172,11 +212,29 @@ pub fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     drive(&mut replica, &mut store, &inputs, &peers, cfg.tick)
 }
 
-fn drive(replica: &mut Replica, store: &mut LedgerStore, inputs: &Receiver<Input>, peers: &HashMap<ReplicaId, amp::Sender<Vec<u8>>>, tick: Duration) -> Result<(), NodeError> {
+fn drive(
+    replica: &mut Replica,
+    store: &mut LedgerStore,
+    inputs: &Receiver<Input>,
+    peers: &HashMap<ReplicaId, amp::Sender<Vec<u8>>>,
+    tick: Duration,
+) -> Result<(), NodeError> {
     // Clients waiting for their entries, by entry hash.
     let mut waiting: HashMap<[u8; 32], Vec<amp::Sender<Vec<u8>>>> = HashMap::new();
     let mut next_tick = std::time::Instant::now();
+    // FHIRMAMENT_LEDGER_STATUS=1 prints a status line every second (for operators and tests).
+    let report_status = std::env::var_os("FHIRMAMENT_LEDGER_STATUS").is_some();
+    let mut next_status = std::time::Instant::now();
     loop {
+        if report_status && std::time::Instant::now() >= next_status {
+            eprintln!(
+                "{} dropped in {} out {}",
+                replica.status(),
+                DROPPED_IN.load(Ordering::Relaxed),
+                DROPPED_OUT.load(Ordering::Relaxed)
+            );
+            next_status = std::time::Instant::now() + Duration::from_secs(1);
+        }
         let mut steps: Vec<Step> = Vec::new();
         let timeout = next_tick.saturating_duration_since(std::time::Instant::now());
         let first = match inputs.recv_timeout(timeout) {
@@ -196,7 +254,10 @@ fn drive(replica: &mut Replica, store: &mut LedgerStore, inputs: &Receiver<Input
             match input {
                 Input::Peer(m) => steps.push(replica.handle_message(now, m)),
                 Input::Submit { entry, reply } => {
-                    waiting.entry(Sha256::digest(&entry).into()).or_default().push(reply);
+                    waiting
+                        .entry(Sha256::digest(&entry).into())
+                        .or_default()
+                        .push(reply);
                     steps.push(replica.handle_request(now, entry));
                 }
             }
@@ -207,29 +268,45 @@ fn drive(replica: &mut Replica, store: &mut LedgerStore, inputs: &Receiver<Input
         }
         // Every record of the round is durable before any of its messages leave.
         let actions: Vec<Action> = steps.into_iter().flat_map(|s| s.actions).collect();
-        let records: Vec<Record> = actions.iter().filter_map(|a| if let Action::Persist(r) = a { Some(r.clone()) } else { None }).collect();
+        let records: Vec<Record> = actions
+            .iter()
+            .filter_map(|a| {
+                if let Action::Persist(r) = a {
+                    Some(r.clone())
+                } else {
+                    None
+                }
+            })
+            .collect();
         store.append(&records)?;
         for a in actions {
             match a {
                 Action::Persist(_) => {}
                 Action::Send { to, message } => {
                     if let Some(q) = peers.get(&to) {
-                        let _ = q.try_send(frame(FRAME_PEER, &encode_signed(&message)));
+                        send_or_count(q, frame(FRAME_PEER, &encode_signed(&message)));
                     }
                 }
                 Action::Broadcast(message) => {
                     let f = frame(FRAME_PEER, &encode_signed(&message));
                     for q in peers.values() {
-                        let _ = q.try_send(f.clone());
+                        send_or_count(q, f.clone());
                     }
                 }
-                Action::Execute { seq, batch, root, .. } => {
+                Action::Execute {
+                    seq,
+                    batch,
+                    root,
+                    certificate,
+                } => {
+                    let cert = crate::store::encode_signed_list(&certificate);
                     for e in &batch.entries {
                         let hash: [u8; 32] = Sha256::digest(e).into();
                         if let Some(clients) = waiting.remove(&hash) {
                             let mut body = hash.to_vec();
                             body.extend_from_slice(&seq.to_be_bytes());
                             body.extend_from_slice(&root);
+                            body.extend_from_slice(&cert);
                             let f = frame(FRAME_COMMITTED, &body);
                             for c in clients {
                                 let _ = c.try_send(f.clone());
@@ -237,11 +314,18 @@ fn drive(replica: &mut Replica, store: &mut LedgerStore, inputs: &Receiver<Input
                         }
                     }
                 }
-                Action::ServeBlocks { to, from_seq, to_seq } => {
+                Action::ServeBlocks {
+                    to,
+                    from_seq,
+                    to_seq,
+                } => {
                     let batches = store.blocks(from_seq, to_seq)?;
-                    let m = replica.sign(Payload::Blocks { first_seq: from_seq + 1, batches });
+                    let m = replica.sign(Payload::Blocks {
+                        first_seq: from_seq + 1,
+                        batches,
+                    });
                     if let Some(q) = peers.get(&to) {
-                        let _ = q.try_send(frame(FRAME_PEER, &encode_signed(&m)));
+                        send_or_count(q, frame(FRAME_PEER, &encode_signed(&m)));
                     }
                 }
             }
@@ -258,4 +342,3 @@ fn drive(replica: &mut Replica, store: &mut LedgerStore, inputs: &Receiver<Input
 pub(crate) fn client_frame(kind: u8, body: &[u8]) -> Vec<u8> {
     frame(kind, body)
 }
-

@@ -37,22 +37,54 @@ struct Entry {
 }
 
 fn entry_error(index: usize, e: Error) -> Error {
-    Error::TransactionEntry { index, source: Box::new(e) }
+    Error::TransactionEntry {
+        index,
+        source: Box::new(e),
+    }
 }
 
 fn parse_entry(svc: &Service, index: usize, e: &Value) -> Result<Entry> {
-    let req = e.get("request").ok_or_else(|| Error::BadRequest(Issue::error("required", "entry has no request").at(format!("Bundle.entry[{index}].request"))))?;
+    let req = e.get("request").ok_or_else(|| {
+        Error::BadRequest(
+            Issue::error("required", "entry has no request")
+                .at(format!("Bundle.entry[{index}].request")),
+        )
+    })?;
     let method_text = req["method"].as_str().unwrap_or("");
-    let method = HttpMethod::parse(method_text).ok_or_else(|| Error::BadRequest(Issue::error("value", format!("request.method '{method_text}' is not a FHIR method")).at(format!("Bundle.entry[{index}].request.method"))))?;
-    let url = req["url"].as_str().ok_or_else(|| Error::BadRequest(Issue::error("required", "request.url is missing").at(format!("Bundle.entry[{index}].request.url"))))?;
-    let relative = url.strip_prefix(&svc.config.base_url).unwrap_or(url).trim_start_matches('/');
+    let method = HttpMethod::parse(method_text).ok_or_else(|| {
+        Error::BadRequest(
+            Issue::error(
+                "value",
+                format!("request.method '{method_text}' is not a FHIR method"),
+            )
+            .at(format!("Bundle.entry[{index}].request.method")),
+        )
+    })?;
+    let url = req["url"].as_str().ok_or_else(|| {
+        Error::BadRequest(
+            Issue::error("required", "request.url is missing")
+                .at(format!("Bundle.entry[{index}].request.url")),
+        )
+    })?;
+    let relative = url
+        .strip_prefix(&svc.config.base_url)
+        .unwrap_or(url)
+        .trim_start_matches('/');
     let (path, qs) = relative.split_once('?').unwrap_or((relative, ""));
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let route = route(method, &segments)?;
     if route == Route::SystemBundle {
-        return Err(Error::bad_request("not-supported", "a Bundle entry may not be another batch or transaction"));
+        return Err(Error::bad_request(
+            "not-supported",
+            "a Bundle entry may not be another batch or transaction",
+        ));
     }
-    let etag = |name: &str| req.get(name).and_then(Value::as_str).map(parse_etag).transpose();
+    let etag = |name: &str| {
+        req.get(name)
+            .and_then(Value::as_str)
+            .map(parse_etag)
+            .transpose()
+    };
     Ok(Entry {
         method,
         route,
@@ -60,25 +92,44 @@ fn parse_entry(svc: &Service, index: usize, e: &Value) -> Result<Entry> {
         full_url: e.get("fullUrl").and_then(Value::as_str).map(str::to_string),
         resource: e.get("resource").cloned(),
         if_match: etag("ifMatch")?,
-        if_none_exist: req.get("ifNoneExist").and_then(Value::as_str).map(str::to_string),
-        if_none_match: req.get("ifNoneMatch").and_then(Value::as_str).map(str::to_string),
+        if_none_exist: req
+            .get("ifNoneExist")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        if_none_match: req
+            .get("ifNoneMatch")
+            .and_then(Value::as_str)
+            .map(str::to_string),
     })
 }
 
 /// The body of a PATCH entry: a Binary holding a JSON Patch.
 fn patch_of(resource: &Option<Value>) -> Result<json_patch::Patch> {
-    let r = resource.as_ref().ok_or_else(|| Error::bad_request("required", "a PATCH entry needs a Binary resource holding a JSON Patch"))?;
+    let r = resource.as_ref().ok_or_else(|| {
+        Error::bad_request(
+            "required",
+            "a PATCH entry needs a Binary resource holding a JSON Patch",
+        )
+    })?;
     if r["resourceType"] != "Binary" || r["contentType"] != "application/json-patch+json" {
-        return Err(Error::bad_request("not-supported", "a PATCH entry must carry a Binary with contentType application/json-patch+json"));
+        return Err(Error::bad_request(
+            "not-supported",
+            "a PATCH entry must carry a Binary with contentType application/json-patch+json",
+        ));
     }
     let data = base64::engine::general_purpose::STANDARD
         .decode(r["data"].as_str().unwrap_or(""))
         .map_err(|e| Error::bad_request("invalid", format!("Binary.data is not base64: {e}")))?;
-    serde_json::from_slice(&data).map_err(|e| Error::bad_request("invalid", format!("Binary.data is not a JSON Patch: {e}")))
+    serde_json::from_slice(&data)
+        .map_err(|e| Error::bad_request("invalid", format!("Binary.data is not a JSON Patch: {e}")))
 }
 
 fn status_line(status: StatusCode) -> String {
-    format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""))
+    format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
 }
 
 fn response_entry(resp: &FhirResponse, svc_location: Option<String>) -> Value {
@@ -104,18 +155,38 @@ fn response_entry(resp: &FhirResponse, svc_location: Option<String>) -> Value {
 }
 
 pub async fn process(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
-    let Body::Resource(bundle) = &req.body else { return Err(Error::bad_request("required", "POST to the base needs a Bundle")) };
+    let Body::Resource(bundle) = &req.body else {
+        return Err(Error::bad_request(
+            "required",
+            "POST to the base needs a Bundle",
+        ));
+    };
     if bundle["resourceType"] != "Bundle" {
-        return Err(Error::BadRequest(Issue::error("invalid", "POST to the base URL takes a batch or transaction Bundle").at("resourceType")));
+        return Err(Error::BadRequest(
+            Issue::error(
+                "invalid",
+                "POST to the base URL takes a batch or transaction Bundle",
+            )
+            .at("resourceType"),
+        ));
     }
     let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
     if entries.len() > MAX_ENTRIES {
-        return Err(Error::bad_request("too-costly", format!("a Bundle may carry at most {MAX_ENTRIES} entries")));
+        return Err(Error::bad_request(
+            "too-costly",
+            format!("a Bundle may carry at most {MAX_ENTRIES} entries"),
+        ));
     }
     match bundle["type"].as_str() {
         Some("batch") => batch(svc, &entries, req.prefer).await,
         Some("transaction") => transaction(svc, &entries, req.prefer).await,
-        other => Err(Error::BadRequest(Issue::error("value", format!("Bundle.type must be batch or transaction, not {other:?}")).at("Bundle.type"))),
+        other => Err(Error::BadRequest(
+            Issue::error(
+                "value",
+                format!("Bundle.type must be batch or transaction, not {other:?}"),
+            )
+            .at("Bundle.type"),
+        )),
     }
 }
 
@@ -126,7 +197,11 @@ async fn batch(svc: &Service, entries: &[Value], prefer: Prefer) -> Result<FhirR
             let entry = parse_entry(svc, i, e)?;
             let body = match entry.method {
                 HttpMethod::Patch => Body::Patch(patch_of(&entry.resource)?),
-                HttpMethod::Post | HttpMethod::Put => Body::Resource(entry.resource.clone().ok_or_else(|| Error::bad_request("required", "this entry needs a resource"))?),
+                HttpMethod::Post | HttpMethod::Put => {
+                    Body::Resource(entry.resource.clone().ok_or_else(|| {
+                        Error::bad_request("required", "this entry needs a resource")
+                    })?)
+                }
                 _ => Body::None,
             };
             let freq = FhirRequest {
@@ -144,10 +219,15 @@ async fn batch(svc: &Service, entries: &[Value], prefer: Prefer) -> Result<FhirR
         .await;
         out.push(match result {
             Ok(resp) => response_entry(&resp, None),
-            Err(e) => json!({"response": {"status": status_line(e.status()), "outcome": e.outcome()}}),
+            Err(e) => {
+                json!({"response": {"status": status_line(e.status()), "outcome": e.outcome()}})
+            }
         });
     }
-    Ok(FhirResponse::json(StatusCode::OK, json!({"resourceType": "Bundle", "id": new_id(), "type": "batch-response", "entry": out})))
+    Ok(FhirResponse::json(
+        StatusCode::OK,
+        json!({"resourceType": "Bundle", "id": new_id(), "type": "batch-response", "entry": out}),
+    ))
 }
 
 /// Replace every `reference` whose value is a mapped fullUrl.
@@ -175,7 +255,10 @@ fn conditional_references(v: &Value, out: &mut Vec<String>) {
         Value::Object(o) => {
             for (k, child) in o {
                 if k == "reference" {
-                    if let Some(s) = child.as_str().filter(|s| s.contains('?') && !s.starts_with("urn:")) {
+                    if let Some(s) = child
+                        .as_str()
+                        .filter(|s| s.contains('?') && !s.starts_with("urn:"))
+                    {
                         out.push(s.to_string());
                     }
                 }
@@ -191,7 +274,9 @@ fn conditional_references(v: &Value, out: &mut Vec<String>) {
 fn unresolved_urn(v: &Value, map: &HashMap<String, String>) -> Option<String> {
     match v {
         Value::Object(o) => o.iter().find_map(|(k, child)| match child.as_str() {
-            Some(s) if k == "reference" && s.starts_with("urn:") && !map.contains_key(s) => Some(s.to_string()),
+            Some(s) if k == "reference" && s.starts_with("urn:") && !map.contains_key(s) => {
+                Some(s.to_string())
+            }
             _ => unresolved_urn(child, map),
         }),
         Value::Array(a) => a.iter().find_map(|c| unresolved_urn(c, map)),
@@ -208,7 +293,11 @@ enum Planned {
 }
 
 async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<FhirResponse> {
-    let entries: Vec<Entry> = raw.iter().enumerate().map(|(i, e)| parse_entry(svc, i, e)).collect::<Result<_>>()?;
+    let entries: Vec<Entry> = raw
+        .iter()
+        .enumerate()
+        .map(|(i, e)| parse_entry(svc, i, e))
+        .collect::<Result<_>>()?;
 
     // 1. Ids for every write, and the fullUrl -> Type/id map.
     let mut map: HashMap<String, String> = HashMap::new();
@@ -220,26 +309,50 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
                 let mut id = new_id();
                 if let Some(h) = &e.if_none_exist {
                     let q = if_none_exist_query(svc, *t, h).map_err(|err| entry_error(i, err))?;
-                    let found = exec::matching_ids(&svc.store, &svc.config.base_url, &q).map_err(|err| entry_error(i, err))?;
+                    let found = exec::matching_ids(&svc.store, &svc.config.base_url, &q)
+                        .map_err(|err| entry_error(i, err))?;
                     match found.len() {
                         0 => {}
                         1 => {
                             id = found[0].clone();
                             existing.insert(i);
                         }
-                        _ => return Err(entry_error(i, Error::MultipleMatches(format!("ifNoneExist matches more than one {t}")))),
+                        _ => {
+                            return Err(entry_error(
+                                i,
+                                Error::MultipleMatches(format!(
+                                    "ifNoneExist matches more than one {t}"
+                                )),
+                            ))
+                        }
                     }
                 }
                 Some((*t, id))
             }
-            Route::Update(t, id) | Route::Patch(t, id) | Route::Delete(t, id) => Some((*t, id.clone())),
+            Route::Update(t, id) | Route::Patch(t, id) | Route::Delete(t, id) => {
+                Some((*t, id.clone()))
+            }
             Route::ConditionalUpdate(t) => {
                 let q = condition(svc, *t, &e.query).map_err(|err| entry_error(i, err))?;
-                let found = exec::matching_ids(&svc.store, &svc.config.base_url, &q).map_err(|err| entry_error(i, err))?;
+                let found = exec::matching_ids(&svc.store, &svc.config.base_url, &q)
+                    .map_err(|err| entry_error(i, err))?;
                 match found.len() {
-                    0 => Some((*t, e.resource.as_ref().and_then(|r| r["id"].as_str()).map_or_else(new_id, str::to_string))),
+                    0 => Some((
+                        *t,
+                        e.resource
+                            .as_ref()
+                            .and_then(|r| r["id"].as_str())
+                            .map_or_else(new_id, str::to_string),
+                    )),
                     1 => Some((*t, found[0].clone())),
-                    _ => return Err(entry_error(i, Error::MultipleMatches(format!("the condition matches more than one {t}")))),
+                    _ => {
+                        return Err(entry_error(
+                            i,
+                            Error::MultipleMatches(format!(
+                                "the condition matches more than one {t}"
+                            )),
+                        ))
+                    }
                 }
             }
             _ => None,
@@ -254,7 +367,13 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
     for (i, t) in targets.iter().enumerate() {
         if let Some(t) = t {
             if !written.insert(t.clone()) {
-                return Err(entry_error(i, Error::bad_request("invalid", format!("{}/{} is the target of more than one entry", t.0, t.1))));
+                return Err(entry_error(
+                    i,
+                    Error::bad_request(
+                        "invalid",
+                        format!("{}/{} is the target of more than one entry", t.0, t.1),
+                    ),
+                ));
             }
         }
     }
@@ -271,13 +390,28 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
             let (ty, qs) = c.split_once('?').expect("contains ?");
             let t: ResourceType = ty.parse().map_err(|err| entry_error(i, err))?;
             let q = condition(svc, t, &query_pairs(qs)).map_err(|err| entry_error(i, err))?;
-            let found = exec::matching_ids(&svc.store, &svc.config.base_url, &q).map_err(|err| entry_error(i, err))?;
+            let found = exec::matching_ids(&svc.store, &svc.config.base_url, &q)
+                .map_err(|err| entry_error(i, err))?;
             match found.as_slice() {
                 [id] => {
                     map.insert(c.clone(), format!("{t}/{id}"));
                 }
-                [] => return Err(entry_error(i, Error::PreconditionFailed(format!("conditional reference '{c}' matches nothing")))),
-                _ => return Err(entry_error(i, Error::MultipleMatches(format!("conditional reference '{c}' matches more than one resource")))),
+                [] => {
+                    return Err(entry_error(
+                        i,
+                        Error::PreconditionFailed(format!(
+                            "conditional reference '{c}' matches nothing"
+                        )),
+                    ))
+                }
+                _ => {
+                    return Err(entry_error(
+                        i,
+                        Error::MultipleMatches(format!(
+                            "conditional reference '{c}' matches more than one resource"
+                        )),
+                    ))
+                }
             }
         }
     }
@@ -288,7 +422,13 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
         if let Some(dangling) = unresolved_urn(r, &map) {
             return Err(entry_error(
                 i,
-                Error::BadRequest(Issue::error("not-found", format!("reference '{dangling}' names no entry of this Bundle")).at("reference")),
+                Error::BadRequest(
+                    Issue::error(
+                        "not-found",
+                        format!("reference '{dangling}' names no entry of this Bundle"),
+                    )
+                    .at("reference"),
+                ),
             ));
         }
     }
@@ -309,51 +449,145 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
                     plan.push(Planned::Existing(*t, id.clone()));
                     continue;
                 }
-                let r = resource.ok_or_else(|| entry_error(i, Error::bad_request("required", "a POST entry needs a resource")))?;
-                svc.validator.validate(*t, &r).map_err(|err| entry_error(i, err))?;
-                let if_none_exist = e.if_none_exist.as_deref().map(|h| if_none_exist_query(svc, *t, h)).transpose().map_err(|err| entry_error(i, err))?;
-                (1, Change::Create { rtype: *t, id: id.clone(), resource: r, if_none_exist, on_match: OnMatch::Fail })
+                let r = resource.ok_or_else(|| {
+                    entry_error(
+                        i,
+                        Error::bad_request("required", "a POST entry needs a resource"),
+                    )
+                })?;
+                svc.validator
+                    .validate(*t, &r)
+                    .map_err(|err| entry_error(i, err))?;
+                let if_none_exist = e
+                    .if_none_exist
+                    .as_deref()
+                    .map(|h| if_none_exist_query(svc, *t, h))
+                    .transpose()
+                    .map_err(|err| entry_error(i, err))?;
+                (
+                    1,
+                    Change::Create {
+                        rtype: *t,
+                        id: id.clone(),
+                        resource: r,
+                        if_none_exist,
+                        on_match: OnMatch::Fail,
+                    },
+                )
             }
             (Route::Update(t, _) | Route::ConditionalUpdate(t), Some((_, target_id))) => {
-                let mut r = resource.ok_or_else(|| entry_error(i, Error::bad_request("required", "a PUT entry needs a resource")))?;
-                svc.validator.validate(*t, &r).map_err(|err| entry_error(i, err))?;
+                let mut r = resource.ok_or_else(|| {
+                    entry_error(
+                        i,
+                        Error::bad_request("required", "a PUT entry needs a resource"),
+                    )
+                })?;
+                svc.validator
+                    .validate(*t, &r)
+                    .map_err(|err| entry_error(i, err))?;
                 if let Route::Update(_, url_id) = &e.route {
                     if r.get("id").and_then(Value::as_str) != Some(url_id.as_str()) {
-                        return Err(entry_error(i, Error::bad_request("invalid", format!("resource id must be '{url_id}' to match request.url"))));
+                        return Err(entry_error(
+                            i,
+                            Error::bad_request(
+                                "invalid",
+                                format!("resource id must be '{url_id}' to match request.url"),
+                            ),
+                        ));
                     }
                 }
                 r["id"] = json!(target_id);
                 // A conditional update resolved to "no match" must still find none at commit.
                 let guard = match &e.route {
-                    Route::ConditionalUpdate(_) if svc.store.current(*t, target_id).map_err(|err| entry_error(i, err))?.is_none() => {
+                    Route::ConditionalUpdate(_)
+                        if svc
+                            .store
+                            .current(*t, target_id)
+                            .map_err(|err| entry_error(i, err))?
+                            .is_none() =>
+                    {
                         Some(condition(svc, *t, &e.query).map_err(|err| entry_error(i, err))?)
                     }
                     _ => None,
                 };
                 match guard {
-                    Some(q) => (1, Change::Create { rtype: *t, id: target_id.clone(), resource: r, if_none_exist: Some(q), on_match: OnMatch::Fail }),
-                    None => (2, Change::Update { rtype: *t, id: target_id.clone(), resource: r, if_match: e.if_match, method: Method::Put }),
+                    Some(q) => (
+                        1,
+                        Change::Create {
+                            rtype: *t,
+                            id: target_id.clone(),
+                            resource: r,
+                            if_none_exist: Some(q),
+                            on_match: OnMatch::Fail,
+                        },
+                    ),
+                    None => (
+                        2,
+                        Change::Update {
+                            rtype: *t,
+                            id: target_id.clone(),
+                            resource: r,
+                            if_match: e.if_match,
+                            method: Method::Put,
+                        },
+                    ),
                 }
             }
             (Route::Patch(t, id), _) => {
                 let patch = patch_of(&e.resource).map_err(|err| entry_error(i, err))?;
-                let (doc, version) = patched(svc, *t, id, &patch).map_err(|err| entry_error(i, err))?;
+                let (doc, version) =
+                    patched(svc, *t, id, &patch).map_err(|err| entry_error(i, err))?;
                 if e.if_match.is_some_and(|m| m != version) {
-                    return Err(entry_error(i, Error::PreconditionFailed(format!("ifMatch is stale: {t}/{id} is at version {version}"))));
+                    return Err(entry_error(
+                        i,
+                        Error::PreconditionFailed(format!(
+                            "ifMatch is stale: {t}/{id} is at version {version}"
+                        )),
+                    ));
                 }
-                (2, Change::Update { rtype: *t, id: id.clone(), resource: doc, if_match: Some(version), method: Method::Patch })
+                (
+                    2,
+                    Change::Update {
+                        rtype: *t,
+                        id: id.clone(),
+                        resource: doc,
+                        if_match: Some(version),
+                        method: Method::Patch,
+                    },
+                )
             }
-            (Route::Delete(t, id), _) => (0, Change::Delete { rtype: *t, id: id.clone(), if_match: e.if_match }),
+            (Route::Delete(t, id), _) => (
+                0,
+                Change::Delete {
+                    rtype: *t,
+                    id: id.clone(),
+                    if_match: e.if_match,
+                },
+            ),
             (Route::ConditionalDelete(t), _) => {
                 let q = condition(svc, *t, &e.query).map_err(|err| entry_error(i, err))?;
-                (0, Change::ConditionalDelete { rtype: *t, query: q })
+                (
+                    0,
+                    Change::ConditionalDelete {
+                        rtype: *t,
+                        query: q,
+                    },
+                )
             }
             (r, _) if interaction::is_read_only(e.method) => {
                 let _ = r;
                 plan.push(Planned::Read);
                 continue;
             }
-            _ => return Err(entry_error(i, Error::bad_request("not-supported", "this interaction is not allowed in a transaction"))),
+            _ => {
+                return Err(entry_error(
+                    i,
+                    Error::bad_request(
+                        "not-supported",
+                        "this interaction is not allowed in a transaction",
+                    ),
+                ))
+            }
         };
         let (phase, change) = change;
         let list = match phase {
@@ -377,7 +611,10 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
         None
     } else {
         Some(commit(svc, changes).await.map_err(|e| match e {
-            Error::TransactionEntry { index, source } => Error::TransactionEntry { index: entry_of_position[index], source },
+            Error::TransactionEntry { index, source } => Error::TransactionEntry {
+                index: entry_of_position[index],
+                source,
+            },
             other => other,
         })?)
     };
@@ -391,7 +628,11 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
                 let a = &committed.as_ref().expect("writes were committed").applied[pos];
                 let resp = match a.outcome {
                     Outcome::Deleted | Outcome::NoOp => FhirResponse {
-                        status: if a.outcome == Outcome::Deleted { StatusCode::NO_CONTENT } else { StatusCode::OK },
+                        status: if a.outcome == Outcome::Deleted {
+                            StatusCode::NO_CONTENT
+                        } else {
+                            StatusCode::OK
+                        },
                         body: ResponseBody::None,
                         version: (a.outcome == Outcome::Deleted).then_some(a.version),
                         last_modified: None,
@@ -403,18 +644,42 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
             }
             Planned::Existing(t, id) => {
                 let v = svc.store.read(*t, id).map_err(|err| entry_error(i, err))?;
-                let resp = FhirResponse { status: StatusCode::OK, body: ResponseBody::Stored(v.body.clone()), version: Some(v.version), last_modified: Some(v.last_updated), location: Some(format!("{}/_history/{}", resource_url(svc, *t, id), v.version)) };
+                let resp = FhirResponse {
+                    status: StatusCode::OK,
+                    body: ResponseBody::Stored(v.body.clone()),
+                    version: Some(v.version),
+                    last_modified: Some(v.last_updated),
+                    location: Some(format!(
+                        "{}/_history/{}",
+                        resource_url(svc, *t, id),
+                        v.version
+                    )),
+                };
                 response_entry(&resp, None)
             }
             Planned::Read => {
-                let freq = FhirRequest { method: e.method, route: e.route.clone(), query: e.query.clone(), body: Body::None, if_match: None, if_none_exist: None, if_none_match: e.if_none_match.clone(), prefer };
+                let freq = FhirRequest {
+                    method: e.method,
+                    route: e.route.clone(),
+                    query: e.query.clone(),
+                    body: Body::None,
+                    if_match: None,
+                    if_none_exist: None,
+                    if_none_match: e.if_none_match.clone(),
+                    prefer,
+                };
                 match Box::pin(interaction::handle(svc, freq)).await {
                     Ok(resp) => response_entry(&resp, None),
-                    Err(err) => json!({"response": {"status": status_line(err.status()), "outcome": err.outcome()}}),
+                    Err(err) => {
+                        json!({"response": {"status": status_line(err.status()), "outcome": err.outcome()}})
+                    }
                 }
             }
         };
         out.push(entry);
     }
-    Ok(FhirResponse::json(StatusCode::OK, json!({"resourceType": "Bundle", "id": new_id(), "type": "transaction-response", "entry": out})))
+    Ok(FhirResponse::json(
+        StatusCode::OK,
+        json!({"resourceType": "Bundle", "id": new_id(), "type": "transaction-response", "entry": out}),
+    ))
 }

@@ -5,7 +5,9 @@ use actix_web::http::StatusCode;
 use serde_json::{json, Map, Value};
 
 use super::negotiate::ReturnPreference;
-use super::{bundle, capability, Body, FhirRequest, FhirResponse, Method as HttpMethod, ResponseBody, Route};
+use super::{
+    bundle, capability, Body, FhirRequest, FhirResponse, Method as HttpMethod, ResponseBody, Route,
+};
 use crate::error::{operation_outcome, Error, Issue, Result};
 use crate::fhir::{check_id, format_instant, new_id, ResourceType};
 use crate::search::exec;
@@ -17,7 +19,10 @@ use crate::Service;
 
 pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
     match req.route.clone() {
-        Route::Capabilities => Ok(FhirResponse::json(StatusCode::OK, capability::statement(svc))),
+        Route::Capabilities => Ok(FhirResponse::json(
+            StatusCode::OK,
+            capability::statement(svc),
+        )),
         Route::SystemBundle => bundle::process(svc, req).await,
         Route::Read(t, id) => read(svc, t, &id, req.if_none_match.as_deref()),
         Route::VRead(t, id, v) => vread(svc, t, &id, v),
@@ -29,17 +34,31 @@ pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
             let q = condition(svc, t, &req.query)?;
             let ids = exec::matching_ids(&svc.store, &svc.config.base_url, &q)?;
             match ids.as_slice() {
-                [] => Err(Error::NotFound(format!("no {t} matches the PATCH condition"))),
+                [] => Err(Error::NotFound(format!(
+                    "no {t} matches the PATCH condition"
+                ))),
                 [id] => patch(svc, t, id.clone(), req).await,
-                _ => Err(Error::MultipleMatches(format!("the PATCH condition matches more than one {t}"))),
+                _ => Err(Error::MultipleMatches(format!(
+                    "the PATCH condition matches more than one {t}"
+                ))),
             }
         }
-        Route::Delete(t, id) => {
-            Ok(deleted_response(&commit_one(svc, Change::Delete { rtype: t, id, if_match: req.if_match }).await?))
-        }
+        Route::Delete(t, id) => Ok(deleted_response(
+            &commit_one(
+                svc,
+                Change::Delete {
+                    rtype: t,
+                    id,
+                    if_match: req.if_match,
+                },
+            )
+            .await?,
+        )),
         Route::ConditionalDelete(t) => {
             let q = condition(svc, t, &req.query)?;
-            Ok(deleted_response(&commit_one(svc, Change::ConditionalDelete { rtype: t, query: q }).await?))
+            Ok(deleted_response(
+                &commit_one(svc, Change::ConditionalDelete { rtype: t, query: q }).await?,
+            ))
         }
         Route::Search(t) => search(svc, t, None, &req.query, &req),
         Route::SearchPost(t) => {
@@ -59,7 +78,10 @@ pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
 }
 
 pub async fn commit(svc: &Service, changes: Vec<Change>) -> Result<Committed> {
-    svc.txlog.submit(changes).await.map_err(|_| Error::Storage("the commit thread stopped before answering".into()))?
+    svc.txlog
+        .submit(changes)
+        .await
+        .map_err(|_| Error::Storage("the commit thread stopped before answering".into()))?
 }
 
 /// Commit one change outside any Bundle: its errors are the interaction's own.
@@ -76,23 +98,47 @@ pub fn resource_url(svc: &Service, t: ResourceType, id: &str) -> String {
 }
 
 fn version_response(status: StatusCode, v: &Version) -> FhirResponse {
-    FhirResponse { status, body: ResponseBody::Stored(v.body.clone()), version: Some(v.version), last_modified: Some(v.last_updated), location: None }
+    FhirResponse {
+        status,
+        body: ResponseBody::Stored(v.body.clone()),
+        version: Some(v.version),
+        last_modified: Some(v.last_updated),
+        location: None,
+    }
 }
 
-fn read(svc: &Service, t: ResourceType, id: &str, if_none_match: Option<&str>) -> Result<FhirResponse> {
+fn read(
+    svc: &Service,
+    t: ResourceType,
+    id: &str,
+    if_none_match: Option<&str>,
+) -> Result<FhirResponse> {
     let v = svc.store.read(t, id)?;
     if let Some(tag) = if_none_match {
         if super::negotiate::parse_etag(tag).ok() == Some(v.version) {
-            return Ok(FhirResponse { status: StatusCode::NOT_MODIFIED, body: ResponseBody::None, version: Some(v.version), last_modified: Some(v.last_updated), location: None });
+            return Ok(FhirResponse {
+                status: StatusCode::NOT_MODIFIED,
+                body: ResponseBody::None,
+                version: Some(v.version),
+                last_modified: Some(v.last_updated),
+                location: None,
+            });
         }
     }
     Ok(version_response(StatusCode::OK, &v))
 }
 
 fn vread(svc: &Service, t: ResourceType, id: &str, version: u64) -> Result<FhirResponse> {
-    let v = svc.store.version(t, id, version)?.ok_or_else(|| Error::NotFound(format!("{t}/{id} has no version {version}")))?;
+    let v = svc
+        .store
+        .version(t, id, version)?
+        .ok_or_else(|| Error::NotFound(format!("{t}/{id} has no version {version}")))?;
     if v.deleted {
-        return Err(Error::Gone { rtype: t.to_string(), id: id.to_string(), version });
+        return Err(Error::Gone {
+            rtype: t.to_string(),
+            id: id.to_string(),
+            version,
+        });
     }
     Ok(version_response(StatusCode::OK, &v))
 }
@@ -100,15 +146,29 @@ fn vread(svc: &Service, t: ResourceType, id: &str, version: u64) -> Result<FhirR
 fn take_resource(body: &Body) -> Result<Value> {
     match body {
         Body::Resource(v) => Ok(v.clone()),
-        _ => Err(Error::bad_request("required", "this interaction needs a resource in the body")),
+        _ => Err(Error::bad_request(
+            "required",
+            "this interaction needs a resource in the body",
+        )),
     }
 }
 
 /// A search query used as a condition (conditional create/update/delete).
-pub fn condition(svc: &Service, t: ResourceType, params: &[(String, String)]) -> Result<SearchQuery> {
-    let params: Vec<(String, String)> = params.iter().filter(|(k, _)| k != "_format" && k != "_pretty").cloned().collect();
+pub fn condition(
+    svc: &Service,
+    t: ResourceType,
+    params: &[(String, String)],
+) -> Result<SearchQuery> {
+    let params: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "_format" && k != "_pretty")
+        .cloned()
+        .collect();
     if params.is_empty() {
-        return Err(Error::bad_request("required", "a conditional interaction needs search parameters"));
+        return Err(Error::bad_request(
+            "required",
+            "a conditional interaction needs search parameters",
+        ));
     }
     let mut q = query::parse(&svc.registry, t, &params, false)?;
     q.count = 2;
@@ -116,7 +176,11 @@ pub fn condition(svc: &Service, t: ResourceType, params: &[(String, String)]) ->
 }
 
 pub fn if_none_exist_query(svc: &Service, t: ResourceType, header: &str) -> Result<SearchQuery> {
-    let header = header.trim_start_matches(|c| c == '?').rsplit('?').next().unwrap_or(header);
+    let header = header
+        .trim_start_matches(|c| c == '?')
+        .rsplit('?')
+        .next()
+        .unwrap_or(header);
     condition(svc, t, &super::negotiate::query_pairs(header))
 }
 
@@ -125,24 +189,48 @@ pub fn applied_response(svc: &Service, a: &Applied, prefer: ReturnPreference) ->
         Outcome::Created => StatusCode::CREATED,
         _ => StatusCode::OK,
     };
-    let body = a.body.clone().map_or(ResponseBody::None, ResponseBody::Stored);
-    let location = matches!(a.outcome, Outcome::Created | Outcome::Updated).then(|| format!("{}/_history/{}", resource_url(svc, a.rtype, &a.id), a.version));
+    let body = a
+        .body
+        .clone()
+        .map_or(ResponseBody::None, ResponseBody::Stored);
+    let location = matches!(a.outcome, Outcome::Created | Outcome::Updated).then(|| {
+        format!(
+            "{}/_history/{}",
+            resource_url(svc, a.rtype, &a.id),
+            a.version
+        )
+    });
     let message = match a.outcome {
         Outcome::Created => format!("created {}/{} version {}", a.rtype, a.id, a.version),
         Outcome::Updated => format!("updated {}/{} to version {}", a.rtype, a.id, a.version),
-        Outcome::Existing => format!("{}/{} already matches the condition; nothing was created", a.rtype, a.id),
+        Outcome::Existing => format!(
+            "{}/{} already matches the condition; nothing was created",
+            a.rtype, a.id
+        ),
         Outcome::Deleted | Outcome::NoOp => format!("{}/{}", a.rtype, a.id),
     };
-    FhirResponse { status, body, version: Some(a.version), last_modified: Some(a.last_updated), location }
-        .with_return(prefer, || operation_outcome(&[Issue::information(message)]))
+    FhirResponse {
+        status,
+        body,
+        version: Some(a.version),
+        last_modified: Some(a.last_updated),
+        location,
+    }
+    .with_return(prefer, || operation_outcome(&[Issue::information(message)]))
 }
 
 fn deleted_response(a: &Applied) -> FhirResponse {
     let message = match a.outcome {
-        Outcome::Deleted => format!("deleted {}/{} (version {} records the deletion)", a.rtype, a.id, a.version),
+        Outcome::Deleted => format!(
+            "deleted {}/{} (version {} records the deletion)",
+            a.rtype, a.id, a.version
+        ),
         _ => "nothing matched; nothing was deleted".to_string(),
     };
-    let mut r = FhirResponse::json(StatusCode::OK, operation_outcome(&[Issue::information(message)]));
+    let mut r = FhirResponse::json(
+        StatusCode::OK,
+        operation_outcome(&[Issue::information(message)]),
+    );
     if a.outcome == Outcome::Deleted {
         r.version = Some(a.version);
         r.last_modified = Some(a.last_updated);
@@ -153,68 +241,164 @@ fn deleted_response(a: &Applied) -> FhirResponse {
 async fn create(svc: &Service, t: ResourceType, req: FhirRequest) -> Result<FhirResponse> {
     let resource = take_resource(&req.body)?;
     svc.validator.validate(t, &resource)?;
-    let if_none_exist = req.if_none_exist.as_deref().map(|h| if_none_exist_query(svc, t, h)).transpose()?;
-    let change = Change::Create { rtype: t, id: new_id(), resource, if_none_exist, on_match: OnMatch::ReturnExisting };
-    Ok(applied_response(svc, &commit_one(svc, change).await?, req.prefer.return_))
+    let if_none_exist = req
+        .if_none_exist
+        .as_deref()
+        .map(|h| if_none_exist_query(svc, t, h))
+        .transpose()?;
+    let change = Change::Create {
+        rtype: t,
+        id: new_id(),
+        resource,
+        if_none_exist,
+        on_match: OnMatch::ReturnExisting,
+    };
+    Ok(applied_response(
+        svc,
+        &commit_one(svc, change).await?,
+        req.prefer.return_,
+    ))
 }
 
 fn check_body_id(resource: &Value, id: &str) -> Result<()> {
     match resource.get("id").and_then(Value::as_str) {
-        None => Err(Error::BadRequest(Issue::error("required", "an update needs the resource id in the body").at("id"))),
-        Some(b) if b != id => Err(Error::BadRequest(Issue::error("invalid", format!("body id '{b}' does not match the URL id '{id}'")).at("id"))),
+        None => Err(Error::BadRequest(
+            Issue::error("required", "an update needs the resource id in the body").at("id"),
+        )),
+        Some(b) if b != id => Err(Error::BadRequest(
+            Issue::error(
+                "invalid",
+                format!("body id '{b}' does not match the URL id '{id}'"),
+            )
+            .at("id"),
+        )),
         Some(_) => Ok(()),
     }
 }
 
-async fn update(svc: &Service, t: ResourceType, id: &str, req: FhirRequest) -> Result<FhirResponse> {
+async fn update(
+    svc: &Service,
+    t: ResourceType,
+    id: &str,
+    req: FhirRequest,
+) -> Result<FhirResponse> {
     let resource = take_resource(&req.body)?;
     svc.validator.validate(t, &resource)?;
     check_body_id(&resource, id)?;
-    let change = Change::Update { rtype: t, id: id.to_string(), resource, if_match: req.if_match, method: Method::Put };
-    Ok(applied_response(svc, &commit_one(svc, change).await?, req.prefer.return_))
+    let change = Change::Update {
+        rtype: t,
+        id: id.to_string(),
+        resource,
+        if_match: req.if_match,
+        method: Method::Put,
+    };
+    Ok(applied_response(
+        svc,
+        &commit_one(svc, change).await?,
+        req.prefer.return_,
+    ))
 }
 
-async fn conditional_update(svc: &Service, t: ResourceType, req: FhirRequest) -> Result<FhirResponse> {
+async fn conditional_update(
+    svc: &Service,
+    t: ResourceType,
+    req: FhirRequest,
+) -> Result<FhirResponse> {
     let resource = take_resource(&req.body)?;
     svc.validator.validate(t, &resource)?;
     if let Some(id) = resource.get("id").and_then(Value::as_str) {
         check_id(id)?;
     }
     let q = condition(svc, t, &req.query)?;
-    Ok(applied_response(svc, &commit_one(svc, Change::ConditionalUpdate { rtype: t, query: q, resource, if_match: req.if_match }).await?, req.prefer.return_))
+    Ok(applied_response(
+        svc,
+        &commit_one(
+            svc,
+            Change::ConditionalUpdate {
+                rtype: t,
+                query: q,
+                resource,
+                if_match: req.if_match,
+            },
+        )
+        .await?,
+        req.prefer.return_,
+    ))
 }
 
 /// Apply a JSON Patch to the current version; the result is validated like an update.
-pub fn patched(svc: &Service, t: ResourceType, id: &str, patch: &json_patch::Patch) -> Result<(Value, u64)> {
+pub fn patched(
+    svc: &Service,
+    t: ResourceType,
+    id: &str,
+    patch: &json_patch::Patch,
+) -> Result<(Value, u64)> {
     let current = svc.store.read(t, id)?;
-    let mut doc: Value = serde_json::from_slice(&current.body).map_err(|e| Error::Internal(e.to_string()))?;
-    json_patch::patch(&mut doc, patch).map_err(|e| Error::BadRequest(Issue::error("processing", format!("the JSON Patch does not apply: {e}"))))?;
-    if doc.get("resourceType").and_then(Value::as_str) != Some(t.as_str()) || doc.get("id").and_then(Value::as_str) != Some(id) {
-        return Err(Error::bad_request("invalid", "a PATCH may not change resourceType or id"));
+    let mut doc: Value =
+        serde_json::from_slice(&current.body).map_err(|e| Error::Internal(e.to_string()))?;
+    json_patch::patch(&mut doc, patch).map_err(|e| {
+        Error::BadRequest(Issue::error(
+            "processing",
+            format!("the JSON Patch does not apply: {e}"),
+        ))
+    })?;
+    if doc.get("resourceType").and_then(Value::as_str) != Some(t.as_str())
+        || doc.get("id").and_then(Value::as_str) != Some(id)
+    {
+        return Err(Error::bad_request(
+            "invalid",
+            "a PATCH may not change resourceType or id",
+        ));
     }
     svc.validator.validate(t, &doc)?;
     Ok((doc, current.version))
 }
 
-async fn patch(svc: &Service, t: ResourceType, id: String, req: FhirRequest) -> Result<FhirResponse> {
-    let Body::Patch(p) = &req.body else { return Err(Error::bad_request("required", "PATCH needs a JSON Patch body")) };
+async fn patch(
+    svc: &Service,
+    t: ResourceType,
+    id: String,
+    req: FhirRequest,
+) -> Result<FhirResponse> {
+    let Body::Patch(p) = &req.body else {
+        return Err(Error::bad_request(
+            "required",
+            "PATCH needs a JSON Patch body",
+        ));
+    };
     // Without If-Match, the patch applies to whatever version is current when it commits:
     // retry if another writer got in between our read and our commit.
     for _ in 0..5 {
         let (doc, version) = patched(svc, t, &id, p)?;
         if req.if_match.is_some_and(|m| m != version) {
-            return Err(Error::PreconditionFailed(format!("If-Match version {} is stale: {t}/{id} is at version {version}", req.if_match.unwrap_or(0))));
+            return Err(Error::PreconditionFailed(format!(
+                "If-Match version {} is stale: {t}/{id} is at version {version}",
+                req.if_match.unwrap_or(0)
+            )));
         }
-        let change = Change::Update { rtype: t, id: id.clone(), resource: doc, if_match: Some(version), method: Method::Patch };
+        let change = Change::Update {
+            rtype: t,
+            id: id.clone(),
+            resource: doc,
+            if_match: Some(version),
+            method: Method::Patch,
+        };
         match commit_one(svc, change).await {
             Err(Error::PreconditionFailed(_)) if req.if_match.is_none() => continue,
             r => return Ok(applied_response(svc, &r?, req.prefer.return_)),
         }
     }
-    Err(Error::VersionConflict(format!("{t}/{id} kept changing under the PATCH; retry")))
+    Err(Error::VersionConflict(format!(
+        "{t}/{id} kept changing under the PATCH; retry"
+    )))
 }
 
-fn validate_operation(svc: &Service, t: ResourceType, id: Option<&str>, body: &Body) -> Result<FhirResponse> {
+fn validate_operation(
+    svc: &Service,
+    t: ResourceType,
+    id: Option<&str>,
+    body: &Body,
+) -> Result<FhirResponse> {
     let mut resource = take_resource(body)?;
     // Accept a Parameters wrapper with a `resource` parameter, as the operation defines.
     if resource.get("resourceType").and_then(Value::as_str) == Some("Parameters") {
@@ -222,7 +406,9 @@ fn validate_operation(svc: &Service, t: ResourceType, id: Option<&str>, body: &B
             .as_array()
             .and_then(|ps| ps.iter().find(|p| p["name"] == "resource"))
             .and_then(|p| p.get("resource").cloned())
-            .ok_or_else(|| Error::bad_request("required", "Parameters has no 'resource' parameter"))?;
+            .ok_or_else(|| {
+                Error::bad_request("required", "Parameters has no 'resource' parameter")
+            })?;
     }
     let mut issues = match svc.validator.validate(t, &resource) {
         Ok(()) => vec![],
@@ -232,13 +418,22 @@ fn validate_operation(svc: &Service, t: ResourceType, id: Option<&str>, body: &B
     };
     if let (Some(id), Some(body_id)) = (id, resource.get("id").and_then(Value::as_str)) {
         if id != body_id {
-            issues.push(Issue::error("invalid", format!("body id '{body_id}' does not match the URL id '{id}'")).at("id"));
+            issues.push(
+                Issue::error(
+                    "invalid",
+                    format!("body id '{body_id}' does not match the URL id '{id}'"),
+                )
+                .at("id"),
+            );
         }
     }
     if issues.is_empty() {
         issues.push(Issue::information(format!("the {t} is valid")));
     }
-    Ok(FhirResponse::json(StatusCode::OK, operation_outcome(&issues)))
+    Ok(FhirResponse::json(
+        StatusCode::OK,
+        operation_outcome(&issues),
+    ))
 }
 
 // ---- search ----
@@ -247,9 +442,18 @@ fn link(relation: &str, url: String) -> Value {
     json!({"relation": relation, "url": url})
 }
 
-fn page_url(svc: &Service, path: &str, applied: &[(String, String)], count: usize, offset: usize) -> String {
+fn page_url(
+    svc: &Service,
+    path: &str,
+    applied: &[(String, String)],
+    count: usize,
+    offset: usize,
+) -> String {
     let mut ser = form_urlencoded::Serializer::new(String::new());
-    for (k, v) in applied.iter().filter(|(k, _)| k != "_count" && k != "_offset") {
+    for (k, v) in applied
+        .iter()
+        .filter(|(k, _)| k != "_count" && k != "_offset")
+    {
         ser.append_pair(k, v);
     }
     ser.append_pair("_count", &count.to_string());
@@ -263,31 +467,52 @@ fn project(svc: &Service, t: ResourceType, q: &SearchQuery, resource: Value) -> 
         (Summary::True, _) => Some(svc.profiles.summary_elements(t)),
         (Summary::Text, _) => Some(vec!["text".into()]),
         (Summary::Data, _) => {
-            let mut all: Vec<String> = resource.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+            let mut all: Vec<String> = resource
+                .as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default();
             all.retain(|k| k != "text");
             Some(all)
         }
         (_, Some(e)) => Some(e.clone()),
         _ => None,
     };
-    let Some(mut keep) = keep else { return resource };
+    let Some(mut keep) = keep else {
+        return resource;
+    };
     keep.extend(svc.profiles.mandatory_elements(t));
-    let Value::Object(obj) = resource else { return resource };
+    let Value::Object(obj) = resource else {
+        return resource;
+    };
     let mut out = Map::new();
     for (k, v) in obj {
-        if k == "resourceType" || k == "id" || k == "meta" || keep.iter().any(|e| e == &k || e.strip_prefix('_') == Some(&k)) {
+        if k == "resourceType"
+            || k == "id"
+            || k == "meta"
+            || keep
+                .iter()
+                .any(|e| e == &k || e.strip_prefix('_') == Some(&k))
+        {
             out.insert(k, v);
         }
     }
     let meta = out.entry("meta").or_insert_with(|| json!({}));
-    let tags = meta.as_object_mut().map(|m| m.entry("tag").or_insert_with(|| json!([])));
+    let tags = meta
+        .as_object_mut()
+        .map(|m| m.entry("tag").or_insert_with(|| json!([])));
     if let Some(Value::Array(tags)) = tags {
         tags.push(json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED", "display": "subsetted"}));
     }
     Value::Object(out)
 }
 
-fn search(svc: &Service, t: ResourceType, compartment: Option<&str>, params: &[(String, String)], req: &FhirRequest) -> Result<FhirResponse> {
+fn search(
+    svc: &Service,
+    t: ResourceType,
+    compartment: Option<&str>,
+    params: &[(String, String)],
+    req: &FhirRequest,
+) -> Result<FhirResponse> {
     let mut q = query::parse(&svc.registry, t, params, req.prefer.lenient)?;
     let path = match compartment {
         Some(pid) => {
@@ -302,17 +527,33 @@ fn search(svc: &Service, t: ResourceType, compartment: Option<&str>, params: &[(
     if q.total == Total::Accurate || q.summary == Summary::Count {
         bundle["total"] = json!(total);
     }
-    let count = if q.summary == Summary::Count { 0 } else { q.count };
+    let count = if q.summary == Summary::Count {
+        0
+    } else {
+        q.count
+    };
     let offset = q.offset.min(total);
-    let mut links = vec![link("self", page_url(svc, &path, &q.applied, count, offset))];
+    let mut links = vec![link(
+        "self",
+        page_url(svc, &path, &q.applied, count, offset),
+    )];
     if count > 0 {
         links.push(link("first", page_url(svc, &path, &q.applied, count, 0)));
         if offset > 0 {
-            links.push(link("previous", page_url(svc, &path, &q.applied, count, offset.saturating_sub(count))));
+            links.push(link(
+                "previous",
+                page_url(svc, &path, &q.applied, count, offset.saturating_sub(count)),
+            ));
         }
         if offset + count < total {
-            links.push(link("next", page_url(svc, &path, &q.applied, count, offset + count)));
-            links.push(link("last", page_url(svc, &path, &q.applied, count, (total - 1) / count * count)));
+            links.push(link(
+                "next",
+                page_url(svc, &path, &q.applied, count, offset + count),
+            ));
+            links.push(link(
+                "last",
+                page_url(svc, &path, &q.applied, count, (total - 1) / count * count),
+            ));
         }
     }
     bundle["link"] = json!(links);
@@ -321,19 +562,26 @@ fn search(svc: &Service, t: ResourceType, compartment: Option<&str>, params: &[(
     let mut seen = std::collections::BTreeSet::new();
     for id in &page {
         // A resource deleted between the index scan and this read is simply absent.
-        let Ok(v) = svc.store.read(t, id) else { continue };
+        let Ok(v) = svc.store.read(t, id) else {
+            continue;
+        };
         seen.insert((t, id.to_string()));
-        let resource: Value = serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
+        let resource: Value =
+            serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
         entries.push(json!({"fullUrl": resource_url(svc, t, id), "resource": project(svc, t, &q, resource), "search": {"mode": "match"}}));
     }
     for (target, v) in includes(svc, &q, &page)? {
         if seen.insert((target, v.id.clone())) {
-            let resource: Value = serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
+            let resource: Value =
+                serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
             entries.push(json!({"fullUrl": resource_url(svc, target, &v.id), "resource": resource, "search": {"mode": "include"}}));
         }
     }
     if !q.ignored.is_empty() {
-        let oo = operation_outcome(&[Issue::warning("not-supported", format!("ignored under handling=lenient: {}", q.ignored.join(", ")))]);
+        let oo = operation_outcome(&[Issue::warning(
+            "not-supported",
+            format!("ignored under handling=lenient: {}", q.ignored.join(", ")),
+        )]);
         entries.push(json!({"resource": oo, "search": {"mode": "outcome"}}));
     }
     if !entries.is_empty() {
@@ -343,16 +591,30 @@ fn search(svc: &Service, t: ResourceType, compartment: Option<&str>, params: &[(
 }
 
 /// `_include` targets of the page, and `_revinclude` sources pointing at it.
-fn includes(svc: &Service, q: &SearchQuery, page: &[&String]) -> Result<Vec<(ResourceType, Version)>> {
+fn includes(
+    svc: &Service,
+    q: &SearchQuery,
+    page: &[&String],
+) -> Result<Vec<(ResourceType, Version)>> {
     let mut out = Vec::new();
     let ids: Vec<&str> = page.iter().map(|s| s.as_str()).collect();
     for inc in &q.include {
         for values in svc.store.values(q.rtype, &inc.param.code, &ids)? {
             for v in values {
-                let crate::search::value::IndexValue::Reference { target: Some(target), .. } = v else { continue };
+                let crate::search::value::IndexValue::Reference {
+                    target: Some(target),
+                    ..
+                } = v
+                else {
+                    continue;
+                };
                 let local = crate::search::keys::local_reference(&target, &svc.config.base_url);
-                let Some((ty, id)) = local.split_once('/') else { continue };
-                let Ok(rt) = ty.parse::<ResourceType>() else { continue };
+                let Some((ty, id)) = local.split_once('/') else {
+                    continue;
+                };
+                let Ok(rt) = ty.parse::<ResourceType>() else {
+                    continue;
+                };
                 if inc.target.is_some_and(|t| t != rt) {
                     continue;
                 }
@@ -383,23 +645,53 @@ fn includes(svc: &Service, q: &SearchQuery, page: &[&String]) -> Result<Vec<(Res
 
 // ---- history ----
 
-fn history(svc: &Service, instance: Option<(ResourceType, String)>, rtype: Option<ResourceType>, params: &[(String, String)]) -> Result<FhirResponse> {
+fn history(
+    svc: &Service,
+    instance: Option<(ResourceType, String)>,
+    rtype: Option<ResourceType>,
+    params: &[(String, String)],
+) -> Result<FhirResponse> {
     let mut since = None;
     let mut count = query::DEFAULT_COUNT;
     let mut cursor: Option<(u64, u32)> = None;
     for (k, v) in params {
         match k.as_str() {
             "_since" => {
-                let (lo, _) = parse_date_range(v).filter(|_| v.contains('T') || v.len() == 10).ok_or_else(|| Error::BadRequest(Issue::error("invalid", format!("_since '{v}' is not an instant")).at("_since")))?;
+                let (lo, _) = parse_date_range(v)
+                    .filter(|_| v.contains('T') || v.len() == 10)
+                    .ok_or_else(|| {
+                        Error::BadRequest(
+                            Issue::error("invalid", format!("_since '{v}' is not an instant"))
+                                .at("_since"),
+                        )
+                    })?;
                 since = Some(lo);
             }
-            "_count" => count = v.parse::<usize>().map_err(|_| Error::bad_request("invalid", format!("_count '{v}' is not a number")))?.clamp(1, query::MAX_COUNT),
+            "_count" => {
+                count = v
+                    .parse::<usize>()
+                    .map_err(|_| {
+                        Error::bad_request("invalid", format!("_count '{v}' is not a number"))
+                    })?
+                    .clamp(1, query::MAX_COUNT)
+            }
             "_page" => {
-                let (a, b) = v.split_once('.').ok_or_else(|| Error::bad_request("invalid", "bad _page cursor"))?;
-                cursor = Some((a.parse().map_err(|_| Error::bad_request("invalid", "bad _page cursor"))?, b.parse().map_err(|_| Error::bad_request("invalid", "bad _page cursor"))?));
+                let (a, b) = v
+                    .split_once('.')
+                    .ok_or_else(|| Error::bad_request("invalid", "bad _page cursor"))?;
+                cursor = Some((
+                    a.parse()
+                        .map_err(|_| Error::bad_request("invalid", "bad _page cursor"))?,
+                    b.parse()
+                        .map_err(|_| Error::bad_request("invalid", "bad _page cursor"))?,
+                ));
             }
             "_format" | "_pretty" => {}
-            other => return Err(Error::UnknownSearchParameter(format!("history does not support the parameter '{other}'"))),
+            other => {
+                return Err(Error::UnknownSearchParameter(format!(
+                    "history does not support the parameter '{other}'"
+                )))
+            }
         }
     }
     let (page, path) = match &instance {
@@ -407,9 +699,16 @@ fn history(svc: &Service, instance: Option<(ResourceType, String)>, rtype: Optio
             if svc.store.current(*t, id)?.is_none() {
                 return Err(Error::NotFound(format!("{t}/{id} is not known")));
             }
-            (svc.store.instance_history(*t, id, since, cursor.map(|c| c.0), count)?, format!("{t}/{id}/_history"))
+            (
+                svc.store
+                    .instance_history(*t, id, since, cursor.map(|c| c.0), count)?,
+                format!("{t}/{id}/_history"),
+            )
         }
-        None => (svc.store.history(rtype, since, cursor, count)?, rtype.map_or("_history".to_string(), |t| format!("{t}/_history"))),
+        None => (
+            svc.store.history(rtype, since, cursor, count)?,
+            rtype.map_or("_history".to_string(), |t| format!("{t}/_history")),
+        ),
     };
     let link_for = |c: Option<(u64, u32)>| {
         let mut ser = form_urlencoded::Serializer::new(String::new());
@@ -448,7 +747,8 @@ fn history(svc: &Service, instance: Option<(ResourceType, String)>, rtype: Optio
             e
         })
         .collect();
-    let mut bundle = json!({"resourceType": "Bundle", "id": new_id(), "type": "history", "link": links});
+    let mut bundle =
+        json!({"resourceType": "Bundle", "id": new_id(), "type": "history", "link": links});
     if instance.is_some() && cursor.is_none() && page.next.is_none() {
         bundle["total"] = json!(entries.len());
     }

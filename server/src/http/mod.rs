@@ -77,7 +77,12 @@ pub fn route(method: Method, segments: &[&str]) -> Result<Route> {
     Ok(match segments {
         [] | [""] => match method {
             Post => Route::SystemBundle,
-            _ => return Err(not_allowed(method, "the base URL (system search is not supported)")),
+            _ => {
+                return Err(not_allowed(
+                    method,
+                    "the base URL (system search is not supported)",
+                ))
+            }
         },
         ["metadata"] if read => Route::Capabilities,
         ["_history"] if read => Route::SystemHistory,
@@ -104,7 +109,12 @@ pub fn route(method: Method, segments: &[&str]) -> Result<Route> {
                 Put => Route::Update(rt, id),
                 Patch => Route::Patch(rt, id),
                 Delete => Route::Delete(rt, id),
-                Post => return Err(not_allowed(method, "a resource instance (use PUT to update)")),
+                Post => {
+                    return Err(not_allowed(
+                        method,
+                        "a resource instance (use PUT to update)",
+                    ))
+                }
             }
         }
         [t, id, "_history"] if read => {
@@ -113,7 +123,9 @@ pub fn route(method: Method, segments: &[&str]) -> Result<Route> {
         }
         [t, id, "_history", v] if read => {
             check_id(id)?;
-            let v: u64 = v.parse().map_err(|_| Error::bad_request("invalid", format!("version '{v}' is not a number")))?;
+            let v: u64 = v.parse().map_err(|_| {
+                Error::bad_request("invalid", format!("version '{v}' is not a number"))
+            })?;
             Route::VRead(t.parse()?, id.to_string(), v)
         }
         [t, id, "$validate"] if method == Post => {
@@ -126,7 +138,10 @@ pub fn route(method: Method, segments: &[&str]) -> Result<Route> {
         }
         [t, ..] => {
             let _: ResourceType = t.parse()?;
-            return Err(Error::NotFound(format!("no FHIR interaction at /{} for {method:?}", segments.join("/"))));
+            return Err(Error::NotFound(format!(
+                "no FHIR interaction at /{} for {method:?}",
+                segments.join("/")
+            )));
         }
     })
 }
@@ -171,11 +186,21 @@ pub struct FhirResponse {
 
 impl FhirResponse {
     pub fn json(status: StatusCode, body: Value) -> Self {
-        FhirResponse { status, body: ResponseBody::Json(body), version: None, last_modified: None, location: None }
+        FhirResponse {
+            status,
+            body: ResponseBody::Json(body),
+            version: None,
+            last_modified: None,
+            location: None,
+        }
     }
 
     /// Apply `Prefer: return=`.
-    pub fn with_return(mut self, prefer: ReturnPreference, outcome: impl FnOnce() -> Value) -> Self {
+    pub fn with_return(
+        mut self,
+        prefer: ReturnPreference,
+        outcome: impl FnOnce() -> Value,
+    ) -> Self {
         match prefer {
             ReturnPreference::Representation => {}
             ReturnPreference::Minimal => self.body = ResponseBody::None,
@@ -209,8 +234,17 @@ fn to_http(resp: FhirResponse, pretty: bool, head: bool) -> HttpResponse {
     }
     let bytes: Option<Vec<u8>> = match resp.body {
         ResponseBody::None => None,
-        ResponseBody::Json(v) => Some(if pretty { serde_json::to_vec_pretty(&v) } else { serde_json::to_vec(&v) }.unwrap_or_default()),
-        ResponseBody::Stored(b) if pretty => serde_json::from_slice::<Value>(&b).ok().and_then(|v| serde_json::to_vec_pretty(&v).ok()),
+        ResponseBody::Json(v) => Some(
+            if pretty {
+                serde_json::to_vec_pretty(&v)
+            } else {
+                serde_json::to_vec(&v)
+            }
+            .unwrap_or_default(),
+        ),
+        ResponseBody::Stored(b) if pretty => serde_json::from_slice::<Value>(&b)
+            .ok()
+            .and_then(|v| serde_json::to_vec_pretty(&v).ok()),
         ResponseBody::Stored(b) => Some(b.to_vec()),
     };
     match bytes {
@@ -232,15 +266,28 @@ fn to_http(resp: FhirResponse, pretty: bool, head: bool) -> HttpResponse {
 }
 
 /// The one actix handler: everything under the base path comes here.
-pub async fn dispatch(req: HttpRequest, payload: web::Payload, svc: web::Data<Service>) -> Result<HttpResponse> {
-    let method = Method::parse(req.method().as_str()).ok_or_else(|| Error::MethodNotAllowed(format!("{} is not a FHIR method", req.method())))?;
+pub async fn dispatch(
+    req: HttpRequest,
+    payload: web::Payload,
+    svc: web::Data<Service>,
+) -> Result<HttpResponse> {
+    let method = Method::parse(req.method().as_str())
+        .ok_or_else(|| Error::MethodNotAllowed(format!("{} is not a FHIR method", req.method())))?;
     let base_path = svc.config.base_path();
-    let path = req.path().strip_prefix(base_path.as_str()).unwrap_or(req.path()).trim_matches('/');
+    let path = req
+        .path()
+        .strip_prefix(base_path.as_str())
+        .unwrap_or(req.path())
+        .trim_matches('/');
     let decoded: Vec<String> = path
         .split('/')
         .map(|s| percent_decode(s))
         .collect::<Result<_>>()?;
-    let segments: Vec<&str> = decoded.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
+    let segments: Vec<&str> = decoded
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
     let route = route(method, &segments)?;
     let query = negotiate::query_pairs(req.query_string());
     let pretty = negotiate::pretty(&query);
@@ -265,7 +312,8 @@ fn percent_decode(s: &str) -> Result<String> {
         .next()
         .map(|(_, v)| v.into_owned().into_bytes())
         .unwrap_or_default();
-    String::from_utf8(bytes).map_err(|_| Error::bad_request("invalid", "the URL is not valid UTF-8"))
+    String::from_utf8(bytes)
+        .map_err(|_| Error::bad_request("invalid", "the URL is not valid UTF-8"))
 }
 
 /// `Content-Encoding: identity` only told `Compress` to leave a small body alone (RFC 9110
@@ -276,7 +324,10 @@ pub async fn strip_identity_encoding(
 ) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
     let mut res = next.call(req).await?;
     let headers = res.headers_mut();
-    if headers.get(actix_web::http::header::CONTENT_ENCODING).is_some_and(|v| v == "identity") {
+    if headers
+        .get(actix_web::http::header::CONTENT_ENCODING)
+        .is_some_and(|v| v == "identity")
+    {
         headers.remove(actix_web::http::header::CONTENT_ENCODING);
     }
     Ok(res)
@@ -284,7 +335,10 @@ pub async fn strip_identity_encoding(
 
 /// Requests outside the base path, and methods actix would otherwise answer itself.
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
-    Err(Error::NotFound(format!("nothing at {}; the FHIR API is under the base URL", req.path())))
+    Err(Error::NotFound(format!(
+        "nothing at {}; the FHIR API is under the base URL",
+        req.path()
+    )))
 }
 
 #[cfg(test)]
@@ -312,21 +366,48 @@ mod tests {
         assert_eq!(r(Get, "Patient/1").unwrap(), Route::Read(p, "1".into()));
         assert_eq!(r(Put, "Patient/1").unwrap(), Route::Update(p, "1".into()));
         assert_eq!(r(Patch, "Patient/1").unwrap(), Route::Patch(p, "1".into()));
-        assert_eq!(r(Delete, "Patient/1").unwrap(), Route::Delete(p, "1".into()));
-        assert_eq!(r(Get, "Patient/1/_history").unwrap(), Route::InstanceHistory(p, "1".into()));
-        assert_eq!(r(Get, "Patient/1/_history/2").unwrap(), Route::VRead(p, "1".into(), 2));
-        assert_eq!(r(Post, "Patient/$validate").unwrap(), Route::ValidateType(p));
-        assert_eq!(r(Get, "Patient/1/DocumentReference").unwrap(), Route::PatientCompartment("1".into(), ResourceType::DocumentReference));
+        assert_eq!(
+            r(Delete, "Patient/1").unwrap(),
+            Route::Delete(p, "1".into())
+        );
+        assert_eq!(
+            r(Get, "Patient/1/_history").unwrap(),
+            Route::InstanceHistory(p, "1".into())
+        );
+        assert_eq!(
+            r(Get, "Patient/1/_history/2").unwrap(),
+            Route::VRead(p, "1".into(), 2)
+        );
+        assert_eq!(
+            r(Post, "Patient/$validate").unwrap(),
+            Route::ValidateType(p)
+        );
+        assert_eq!(
+            r(Get, "Patient/1/DocumentReference").unwrap(),
+            Route::PatientCompartment("1".into(), ResourceType::DocumentReference)
+        );
     }
 
     #[test]
     fn bad_paths_are_client_errors() {
         use Method::*;
         assert!(matches!(r(Get, "Observation/1"), Err(Error::NotFound(_))));
-        assert!(matches!(r(Get, "Patient/bad id"), Err(Error::BadRequest(_))));
-        assert!(matches!(r(Get, "Patient/1/_history/x"), Err(Error::BadRequest(_))));
-        assert!(matches!(r(Post, "Patient/1"), Err(Error::MethodNotAllowed(_))));
-        assert!(matches!(r(Delete, "metadata"), Err(Error::MethodNotAllowed(_))));
+        assert!(matches!(
+            r(Get, "Patient/bad id"),
+            Err(Error::BadRequest(_))
+        ));
+        assert!(matches!(
+            r(Get, "Patient/1/_history/x"),
+            Err(Error::BadRequest(_))
+        ));
+        assert!(matches!(
+            r(Post, "Patient/1"),
+            Err(Error::MethodNotAllowed(_))
+        ));
+        assert!(matches!(
+            r(Delete, "metadata"),
+            Err(Error::MethodNotAllowed(_))
+        ));
         assert!(matches!(r(Get, "Patient/1/x/y/z"), Err(Error::NotFound(_))));
     }
 }

@@ -59,14 +59,27 @@ fn approximate(pl: i64, ph: i64, now: i64) -> (i64, i64) {
 }
 
 /// Does one stored value satisfy one clause value?
-fn value_matches(modifier: &Modifier, q: &ClauseValue, v: &IndexValue, base: &str, now: i64) -> bool {
+fn value_matches(
+    modifier: &Modifier,
+    q: &ClauseValue,
+    v: &IndexValue,
+    base: &str,
+    now: i64,
+) -> bool {
     match (q, v) {
         (ClauseValue::Str(s), IndexValue::Str(t)) => match modifier {
             Modifier::Exact => t == s,
             Modifier::Contains => normalize(t).contains(s.as_str()),
             _ => normalize(t).starts_with(s.as_str()),
         },
-        (ClauseValue::Token { system, code }, IndexValue::Token { system: vs, code: vc, .. }) => {
+        (
+            ClauseValue::Token { system, code },
+            IndexValue::Token {
+                system: vs,
+                code: vc,
+                ..
+            },
+        ) => {
             let code_ok = code.as_ref().map_or(true, |c| vc.as_ref() == Some(c));
             let system_ok = match system.as_deref() {
                 None => true,
@@ -75,8 +88,15 @@ fn value_matches(modifier: &Modifier, q: &ClauseValue, v: &IndexValue, base: &st
             };
             code_ok && system_ok
         }
-        (ClauseValue::Text(t), IndexValue::Token { text: Some(vt), .. }) => normalize(vt).starts_with(t.as_str()),
-        (ClauseValue::Reference(r), IndexValue::Reference { target: Some(t), .. }) => {
+        (ClauseValue::Text(t), IndexValue::Token { text: Some(vt), .. }) => {
+            normalize(vt).starts_with(t.as_str())
+        }
+        (
+            ClauseValue::Reference(r),
+            IndexValue::Reference {
+                target: Some(t), ..
+            },
+        ) => {
             let local = local_reference(t, base);
             let wanted = local_reference(r, base);
             if wanted.contains('/') {
@@ -85,15 +105,21 @@ fn value_matches(modifier: &Modifier, q: &ClauseValue, v: &IndexValue, base: &st
                 local.split_once('/').is_some_and(|(_, id)| id == wanted)
             }
         }
-        (ClauseValue::ReferenceIdentifier { system, value }, IndexValue::Reference { identifier: Some((vs, vv)), .. }) => {
-            vv == value && system.as_ref().map_or(true, |s| vs.as_ref() == Some(s))
-        }
+        (
+            ClauseValue::ReferenceIdentifier { system, value },
+            IndexValue::Reference {
+                identifier: Some((vs, vv)),
+                ..
+            },
+        ) => vv == value && system.as_ref().map_or(true, |s| vs.as_ref() == Some(s)),
         (ClauseValue::Uri(u), IndexValue::Uri(t)) => match modifier {
             Modifier::Below => t.starts_with(u.as_str()),
             Modifier::Above => u.starts_with(t.as_str()),
             _ => t == u,
         },
-        (ClauseValue::Date { prefix, lo, hi }, IndexValue::Date { lo: rl, hi: rh }) => date_matches(*prefix, *lo, *hi, *rl, *rh, now),
+        (ClauseValue::Date { prefix, lo, hi }, IndexValue::Date { lo: rl, hi: rh }) => {
+            date_matches(*prefix, *lo, *hi, *rl, *rh, now)
+        }
         _ => false,
     }
 }
@@ -103,8 +129,14 @@ fn clause_matches(clause: &Clause, values: &[Vec<IndexValue>], base: &str, now: 
     let all: Vec<&IndexValue> = values.iter().flatten().collect();
     match &clause.modifier {
         Modifier::Missing(missing) => all.is_empty() == *missing,
-        Modifier::Not => !clause.values.iter().any(|q| all.iter().any(|v| value_matches(&Modifier::None, q, v, base, now))),
-        m => clause.values.iter().any(|q| all.iter().any(|v| value_matches(m, q, v, base, now))),
+        Modifier::Not => !clause.values.iter().any(|q| {
+            all.iter()
+                .any(|v| value_matches(&Modifier::None, q, v, base, now))
+        }),
+        m => clause
+            .values
+            .iter()
+            .any(|q| all.iter().any(|v| value_matches(m, q, v, base, now))),
     }
 }
 
@@ -133,24 +165,39 @@ impl Collector<'_> {
 }
 
 /// Ids whose values for `param` positively match `q` (ignoring :not / :missing).
-fn scan_value(store: &Store, rtype: ResourceType, param: &SearchParameter, modifier: &Modifier, q: &ClauseValue, base: &str, now: i64, c: &mut Collector) -> Result<()> {
+fn scan_value(
+    store: &Store,
+    rtype: ResourceType,
+    param: &SearchParameter,
+    modifier: &Modifier,
+    q: &ClauseValue,
+    base: &str,
+    now: i64,
+    c: &mut Collector,
+) -> Result<()> {
     let prefix = param_prefix(rtype, &param.code);
     let plen = prefix.len();
     let by_prefix = |start: Vec<u8>, c: &mut Collector| -> Result<()> {
-        store.scan_index_prefix(&start, |k, _| id_of_key(plen, k).map_or(true, |id| c.add(id)))
+        store.scan_index_prefix(&start, |k, _| {
+            id_of_key(plen, k).map_or(true, |id| c.add(id))
+        })
     };
     match (q, modifier) {
         // Candidates whose normalised text equals; `scan_clause` rechecks the exact text.
-        (ClauseValue::Str(s), Modifier::Exact) => by_prefix(key(&prefix, b'S', &[&normalize(s)], true), c),
-        (ClauseValue::Str(s), Modifier::Contains) => store.scan_index_prefix(&key(&prefix, b'S', &[], false), |k, _| {
-            let text_end = k.iter().rposition(|b| *b == SEP).unwrap_or(k.len());
-            let text = std::str::from_utf8(&k[plen + 1..text_end]).unwrap_or("");
-            if text.contains(s.as_str()) {
-                id_of_key(plen, k).map_or(true, |id| c.add(id))
-            } else {
-                true
-            }
-        }),
+        (ClauseValue::Str(s), Modifier::Exact) => {
+            by_prefix(key(&prefix, b'S', &[&normalize(s)], true), c)
+        }
+        (ClauseValue::Str(s), Modifier::Contains) => {
+            store.scan_index_prefix(&key(&prefix, b'S', &[], false), |k, _| {
+                let text_end = k.iter().rposition(|b| *b == SEP).unwrap_or(k.len());
+                let text = std::str::from_utf8(&k[plen + 1..text_end]).unwrap_or("");
+                if text.contains(s.as_str()) {
+                    id_of_key(plen, k).map_or(true, |id| c.add(id))
+                } else {
+                    true
+                }
+            })
+        }
         (ClauseValue::Str(s), _) => by_prefix(key(&prefix, b'S', &[s], false), c),
         (ClauseValue::Token { system, code }, _) => match (system.as_deref(), code.as_deref()) {
             (None, Some(code)) => by_prefix(key(&prefix, b'T', &[code, ""], false), c),
@@ -172,15 +219,17 @@ fn scan_value(store: &Store, rtype: ResourceType, param: &SearchParameter, modif
             None => by_prefix(key(&prefix, b'I', &[value, ""], false), c),
         },
         (ClauseValue::Uri(u), Modifier::Below) => by_prefix(key(&prefix, b'U', &[u], false), c),
-        (ClauseValue::Uri(u), Modifier::Above) => store.scan_index_prefix(&key(&prefix, b'U', &[], false), |k, _| {
-            let text_end = k.iter().rposition(|b| *b == SEP).unwrap_or(k.len());
-            let t = std::str::from_utf8(&k[plen + 1..text_end]).unwrap_or("");
-            if u.starts_with(t) {
-                id_of_key(plen, k).map_or(true, |id| c.add(id))
-            } else {
-                true
-            }
-        }),
+        (ClauseValue::Uri(u), Modifier::Above) => {
+            store.scan_index_prefix(&key(&prefix, b'U', &[], false), |k, _| {
+                let text_end = k.iter().rposition(|b| *b == SEP).unwrap_or(k.len());
+                let t = std::str::from_utf8(&k[plen + 1..text_end]).unwrap_or("");
+                if u.starts_with(t) {
+                    id_of_key(plen, k).map_or(true, |id| c.add(id))
+                } else {
+                    true
+                }
+            })
+        }
         (ClauseValue::Uri(u), _) => by_prefix(key(&prefix, b'U', &[u], true), c),
         (ClauseValue::Date { prefix: p, lo, hi }, _) => {
             // Scan the ordering (by start 'L' or by end 'H') that bounds the answer, and test the
@@ -209,7 +258,11 @@ fn scan_value(store: &Store, rtype: ResourceType, param: &SearchParameter, modif
                 }
                 let this = from_ord_i64(&k[plen + 1..plen + 9]);
                 let other = from_ord_i64(v);
-                let (rl, rh) = if tag == b'L' { (this, other) } else { (other, this) };
+                let (rl, rh) = if tag == b'L' {
+                    (this, other)
+                } else {
+                    (other, this)
+                };
                 if date_matches(*p, *lo, *hi, rl, rh, now) {
                     id_of_key(plen, k).map_or(true, |id| c.add(id))
                 } else {
@@ -230,9 +283,20 @@ fn all_ids(store: &Store, rtype: ResourceType) -> Result<BTreeSet<String>> {
     Ok(ids)
 }
 
-fn scan_clause(store: &Store, rtype: ResourceType, clause: &Clause, base: &str, now: i64, cap: usize) -> Result<Scan> {
+fn scan_clause(
+    store: &Store,
+    rtype: ResourceType,
+    clause: &Clause,
+    base: &str,
+    now: i64,
+    cap: usize,
+) -> Result<Scan> {
     let mut positive = BTreeSet::new();
-    let mut c = Collector { ids: &mut positive, cap, overflow: false };
+    let mut c = Collector {
+        ids: &mut positive,
+        cap,
+        overflow: false,
+    };
     let complemented = matches!(clause.modifier, Modifier::Not | Modifier::Missing(true));
     let inner_modifier = match &clause.modifier {
         Modifier::Not => Modifier::None,
@@ -248,11 +312,22 @@ fn scan_clause(store: &Store, rtype: ResourceType, clause: &Clause, base: &str, 
     }
     if clause.modifier == Modifier::Exact && !positive.is_empty() {
         let candidates: Vec<&str> = positive.iter().map(String::as_str).collect();
-        let per_param = clause.params.iter().map(|p| store.values(rtype, &p.code, &candidates)).collect::<Result<Vec<_>>>()?;
+        let per_param = clause
+            .params
+            .iter()
+            .map(|p| store.values(rtype, &p.code, &candidates))
+            .collect::<Result<Vec<_>>>()?;
         let keep: BTreeSet<String> = candidates
             .iter()
             .enumerate()
-            .filter(|(n, _)| clause_matches(clause, &per_param.iter().map(|v| v[*n].clone()).collect::<Vec<_>>(), base, now))
+            .filter(|(n, _)| {
+                clause_matches(
+                    clause,
+                    &per_param.iter().map(|v| v[*n].clone()).collect::<Vec<_>>(),
+                    base,
+                    now,
+                )
+            })
             .map(|(_, id)| id.to_string())
             .collect();
         positive = keep;
@@ -272,12 +347,23 @@ fn scan_clause(store: &Store, rtype: ResourceType, clause: &Clause, base: &str, 
 /// AND-ed date clauses on one single-valued parameter all constrain the same value, so one
 /// scan of its start ordering over a bounded window answers them together. Returns the
 /// clauses answered and the ids, or None when no such group is bounded on both sides.
-fn single_date_group(store: &Store, rtype: ResourceType, clauses: &[Clause], now: i64) -> Result<Option<(Vec<usize>, BTreeSet<String>)>> {
+fn single_date_group(
+    store: &Store,
+    rtype: ResourceType,
+    clauses: &[Clause],
+    now: i64,
+) -> Result<Option<(Vec<usize>, BTreeSet<String>)>> {
     for (first, c) in clauses.iter().enumerate() {
-        let Some(width) = c.single_date_width else { continue };
+        let Some(width) = c.single_date_width else {
+            continue;
+        };
         let code = &c.params[0].code;
         let group: Vec<usize> = (first..clauses.len())
-            .filter(|&i| clauses[i].single_date_width.is_some() && clauses[i].params[0].code == *code && clauses[i].values.len() == 1)
+            .filter(|&i| {
+                clauses[i].single_date_width.is_some()
+                    && clauses[i].params[0].code == *code
+                    && clauses[i].values.len() == 1
+            })
             .collect();
         if group.len() < 2 {
             continue;
@@ -332,7 +418,10 @@ fn single_date_group(store: &Store, rtype: ResourceType, clauses: &[Clause], now
             store.scan_index(&start, Some(&end), |k, v| {
                 if v.len() >= 8 && k.len() > plen + 9 {
                     let (rl, rh) = (from_ord_i64(&k[plen + 1..plen + 9]), from_ord_i64(v));
-                    if preds.iter().all(|&(p, pl, ph)| date_matches(p, pl, ph, rl, rh, now)) {
+                    if preds
+                        .iter()
+                        .all(|&(p, pl, ph)| date_matches(p, pl, ph, rl, rh, now))
+                    {
                         if let Some(id) = id_of_key(plen, k) {
                             ids.insert(id.to_string());
                         }
@@ -355,10 +444,13 @@ pub fn matching_ids(store: &Store, base: &str, query: &SearchQuery) -> Result<Ve
     } else {
         // Pick the driver: a bounded single-valued date range, else the first clause whose
         // scan is small, else the first clause.
-        let mut driver: Option<(Vec<usize>, BTreeSet<String>)> = single_date_group(store, rtype, &query.clauses, now)?;
+        let mut driver: Option<(Vec<usize>, BTreeSet<String>)> =
+            single_date_group(store, rtype, &query.clauses, now)?;
         if driver.is_none() {
             for (i, clause) in query.clauses.iter().enumerate() {
-                if let Scan::Complete(set) = scan_clause(store, rtype, clause, base, now, DRIVER_CAP)? {
+                if let Scan::Complete(set) =
+                    scan_clause(store, rtype, clause, base, now, DRIVER_CAP)?
+                {
                     driver = Some((vec![i], set));
                     break;
                 }
@@ -376,12 +468,17 @@ pub fn matching_ids(store: &Store, base: &str, query: &SearchQuery) -> Result<Ve
                 continue;
             }
             let candidates: Vec<&str> = set.iter().map(String::as_str).collect();
-            let per_param = clause.params.iter().map(|p| store.values(rtype, &p.code, &candidates)).collect::<Result<Vec<_>>>()?;
+            let per_param = clause
+                .params
+                .iter()
+                .map(|p| store.values(rtype, &p.code, &candidates))
+                .collect::<Result<Vec<_>>>()?;
             let keep: BTreeSet<String> = candidates
                 .iter()
                 .enumerate()
                 .filter(|(n, _)| {
-                    let values: Vec<Vec<IndexValue>> = per_param.iter().map(|v| v[*n].clone()).collect();
+                    let values: Vec<Vec<IndexValue>> =
+                        per_param.iter().map(|v| v[*n].clone()).collect();
                     clause_matches(clause, &values, base, now)
                 })
                 .map(|(_, id)| id.to_string())
@@ -406,7 +503,9 @@ fn sort_value(values: &[IndexValue], desc: bool) -> SortValue {
     let mut keys = values.iter().filter_map(|v| match v {
         IndexValue::Date { lo, hi } => Some(SortValue::Date(if desc { *hi } else { *lo })),
         IndexValue::Str(s) => Some(SortValue::Text(normalize(s))),
-        IndexValue::Token { code, text, .. } => code.clone().or_else(|| text.clone()).map(SortValue::Text),
+        IndexValue::Token { code, text, .. } => {
+            code.clone().or_else(|| text.clone()).map(SortValue::Text)
+        }
         IndexValue::Reference { target, .. } => target.clone().map(SortValue::Text),
         IndexValue::Uri(u) => Some(SortValue::Text(u.clone())),
     });
@@ -418,7 +517,12 @@ fn sort_value(values: &[IndexValue], desc: bool) -> SortValue {
     best.unwrap_or(SortValue::Missing)
 }
 
-fn sort(store: &Store, rtype: ResourceType, keys: &[(SortKey, bool)], ids: &mut Vec<String>) -> Result<()> {
+fn sort(
+    store: &Store,
+    rtype: ResourceType,
+    keys: &[(SortKey, bool)],
+    ids: &mut Vec<String>,
+) -> Result<()> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -426,8 +530,15 @@ fn sort(store: &Store, rtype: ResourceType, keys: &[(SortKey, bool)], ids: &mut 
     let mut columns: Vec<Vec<SortValue>> = Vec::new();
     for (key, desc) in keys {
         columns.push(match key {
-            SortKey::Id => refs.iter().map(|id| SortValue::Text(id.to_string())).collect(),
-            SortKey::Param(p) => store.values(rtype, &p.code, &refs)?.iter().map(|v| sort_value(v, *desc)).collect(),
+            SortKey::Id => refs
+                .iter()
+                .map(|id| SortValue::Text(id.to_string()))
+                .collect(),
+            SortKey::Param(p) => store
+                .values(rtype, &p.code, &refs)?
+                .iter()
+                .map(|v| sort_value(v, *desc))
+                .collect(),
         });
     }
     let mut order: Vec<usize> = (0..ids.len()).collect();
@@ -448,7 +559,10 @@ fn sort(store: &Store, rtype: ResourceType, keys: &[(SortKey, bool)], ids: &mut 
         }
         ids[*a].cmp(&ids[*b])
     });
-    let sorted: Vec<String> = order.into_iter().map(|i| std::mem::take(&mut ids[i])).collect();
+    let sorted: Vec<String> = order
+        .into_iter()
+        .map(|i| std::mem::take(&mut ids[i]))
+        .collect();
     *ids = sorted;
     Ok(())
 }
@@ -479,7 +593,10 @@ mod tests {
 
     #[test]
     fn sort_values_take_the_extreme_in_the_sort_direction() {
-        let vals = vec![IndexValue::Date { lo: 5, hi: 9 }, IndexValue::Date { lo: 1, hi: 3 }];
+        let vals = vec![
+            IndexValue::Date { lo: 5, hi: 9 },
+            IndexValue::Date { lo: 1, hi: 3 },
+        ];
         assert_eq!(sort_value(&vals, false), SortValue::Date(1));
         assert_eq!(sort_value(&vals, true), SortValue::Date(9));
         assert_eq!(sort_value(&[], true), SortValue::Missing);

@@ -61,7 +61,8 @@ fn split_top_level(s: &str, sep: char) -> Vec<&str> {
 
 fn strip_parens(s: &str) -> &str {
     let t = s.trim();
-    if t.starts_with('(') && t.ends_with(')') && split_top_level(&t[1..t.len() - 1], '|').len() >= 1 {
+    if t.starts_with('(') && t.ends_with(')') && split_top_level(&t[1..t.len() - 1], '|').len() >= 1
+    {
         // Only strip when the parentheses wrap the whole term.
         let inner = &t[1..t.len() - 1];
         let mut depth = 0;
@@ -103,12 +104,18 @@ fn parse_path(s: &str) -> Result<Path, String> {
         let part = part.trim();
         if is_identifier(part) {
             steps.push(Step::Field(part.to_string()));
-        } else if let Some(arg) = part.strip_prefix("where(").and_then(|p| p.strip_suffix(')')) {
+        } else if let Some(arg) = part
+            .strip_prefix("where(")
+            .and_then(|p| p.strip_suffix(')'))
+        {
             if let Some(t) = arg.strip_prefix("resolve() is ") {
                 steps.push(Step::ResolvesTo(t.trim().to_string()));
             } else if let Some((field, value)) = arg.split_once('=') {
                 let value = value.trim().trim_matches('\'');
-                steps.push(Step::FieldEquals(field.trim().to_string(), value.to_string()));
+                steps.push(Step::FieldEquals(
+                    field.trim().to_string(),
+                    value.to_string(),
+                ));
             } else {
                 return Err(format!("unsupported where() in '{part}'"));
             }
@@ -130,8 +137,15 @@ impl Expression {
         for part in split_top_level(expr, '|') {
             let part = strip_parens(part);
             if let Some((left, right)) = part.split_once(" and ") {
-                let exists = left.trim().strip_suffix(".exists()").ok_or_else(|| format!("unsupported 'and' in '{part}'"))?;
-                let not_false = right.trim().strip_suffix("!= false").map(str::trim).ok_or_else(|| format!("unsupported 'and' in '{part}'"))?;
+                let exists = left
+                    .trim()
+                    .strip_suffix(".exists()")
+                    .ok_or_else(|| format!("unsupported 'and' in '{part}'"))?;
+                let not_false = right
+                    .trim()
+                    .strip_suffix("!= false")
+                    .map(str::trim)
+                    .ok_or_else(|| format!("unsupported 'and' in '{part}'"))?;
                 if exists != not_false {
                     return Err(format!("unsupported 'and' in '{part}'"));
                 }
@@ -186,13 +200,19 @@ impl Expression {
         let mut out = Vec::new();
         for term in &self.terms {
             match term {
-                Term::Path(p) => out.extend(eval_path(p, resource_type, resource).into_iter().map(|(v, _)| Item::Node(v))),
+                Term::Path(p) => out.extend(
+                    eval_path(p, resource_type, resource)
+                        .into_iter()
+                        .map(|(v, _)| Item::Node(v)),
+                ),
                 Term::ExistsAndNotFalse(p) => {
                     if p.root != resource_type {
                         continue;
                     }
                     let values = eval_path(p, resource_type, resource);
-                    out.push(Item::Boolean(!values.is_empty() && values.iter().all(|(v, _)| **v != Value::Bool(false))));
+                    out.push(Item::Boolean(
+                        !values.is_empty() && values.iter().all(|(v, _)| **v != Value::Bool(false)),
+                    ));
                 }
             }
         }
@@ -201,7 +221,11 @@ impl Expression {
 }
 
 /// Evaluate a path; each result carries the choice-type suffix it was found under, if any.
-fn eval_path<'a>(p: &Path, resource_type: &str, resource: &'a Value) -> Vec<(&'a Value, Option<String>)> {
+fn eval_path<'a>(
+    p: &Path,
+    resource_type: &str,
+    resource: &'a Value,
+) -> Vec<(&'a Value, Option<String>)> {
     if !(p.root == resource_type || p.root == "Resource" || p.root == "DomainResource") {
         return vec![];
     }
@@ -211,7 +235,9 @@ fn eval_path<'a>(p: &Path, resource_type: &str, resource: &'a Value) -> Vec<(&'a
         for (node, choice) in current {
             match step {
                 Step::Field(name) => {
-                    let Some(obj) = node.as_object() else { continue };
+                    let Some(obj) = node.as_object() else {
+                        continue;
+                    };
                     let mut push = |v: &'a Value, c: Option<String>| match v {
                         Value::Array(items) => next.extend(items.iter().map(|i| (i, c.clone()))),
                         v => next.push((v, c)),
@@ -274,36 +300,91 @@ mod tests {
     #[test]
     fn paths_unions_and_arrays() {
         let p = json!({"resourceType":"Patient","name":[{"family":"A","given":["B","C"]},{"given":["D"]}]});
-        assert_eq!(eval("Patient.name.given", "Patient", &p), vec![json!("B"), json!("C"), json!("D")]);
-        assert_eq!(eval("Patient.name.family | Person.name.family", "Patient", &p), vec![json!("A")]);
+        assert_eq!(
+            eval("Patient.name.given", "Patient", &p),
+            vec![json!("B"), json!("C"), json!("D")]
+        );
+        assert_eq!(
+            eval("Patient.name.family | Person.name.family", "Patient", &p),
+            vec![json!("A")]
+        );
         assert_eq!(eval("Person.name", "Patient", &p), Vec::<Value>::new());
     }
 
     #[test]
     fn choice_types_and_as() {
         let p = json!({"deceasedDateTime":"2020-01-01"});
-        assert_eq!(eval("(Patient.deceased as dateTime)", "Patient", &p), vec![json!("2020-01-01")]);
+        assert_eq!(
+            eval("(Patient.deceased as dateTime)", "Patient", &p),
+            vec![json!("2020-01-01")]
+        );
         let q = json!({"deceasedBoolean":true});
         assert!(eval("(Patient.deceased as dateTime)", "Patient", &q).is_empty());
-        assert_eq!(eval("Patient.deceased.exists() and Patient.deceased != false", "Patient", &q), vec![json!(true)]);
-        assert_eq!(eval("Patient.deceased.exists() and Patient.deceased != false", "Patient", &json!({})), vec![json!(false)]);
-        assert_eq!(eval("Patient.deceased.exists() and Patient.deceased != false", "Patient", &p), vec![json!(true)]);
+        assert_eq!(
+            eval(
+                "Patient.deceased.exists() and Patient.deceased != false",
+                "Patient",
+                &q
+            ),
+            vec![json!(true)]
+        );
+        assert_eq!(
+            eval(
+                "Patient.deceased.exists() and Patient.deceased != false",
+                "Patient",
+                &json!({})
+            ),
+            vec![json!(false)]
+        );
+        assert_eq!(
+            eval(
+                "Patient.deceased.exists() and Patient.deceased != false",
+                "Patient",
+                &p
+            ),
+            vec![json!(true)]
+        );
     }
 
     #[test]
     fn where_filters() {
-        let d = json!({"subject":{"reference":"Patient/1"},"author":[{"reference":"Practitioner/2"}]});
-        assert_eq!(eval("DocumentReference.subject.where(resolve() is Patient)", "DocumentReference", &d).len(), 1);
-        assert!(eval("DocumentReference.author.where(resolve() is Patient)", "DocumentReference", &d).is_empty());
-        let p = json!({"telecom":[{"system":"phone","value":"1"},{"system":"email","value":"a@b"}]});
-        assert_eq!(eval("Patient.telecom.where(system='email')", "Patient", &p), vec![json!({"system":"email","value":"a@b"})]);
+        let d =
+            json!({"subject":{"reference":"Patient/1"},"author":[{"reference":"Practitioner/2"}]});
+        assert_eq!(
+            eval(
+                "DocumentReference.subject.where(resolve() is Patient)",
+                "DocumentReference",
+                &d
+            )
+            .len(),
+            1
+        );
+        assert!(eval(
+            "DocumentReference.author.where(resolve() is Patient)",
+            "DocumentReference",
+            &d
+        )
+        .is_empty());
+        let p =
+            json!({"telecom":[{"system":"phone","value":"1"},{"system":"email","value":"a@b"}]});
+        assert_eq!(
+            eval("Patient.telecom.where(system='email')", "Patient", &p),
+            vec![json!({"system":"email","value":"a@b"})]
+        );
     }
 
     #[test]
     fn resource_level_paths_apply_to_every_type() {
         let e = Expression::parse("Resource.meta.lastUpdated").unwrap();
         assert!(e.applies_to("Consent"));
-        assert_eq!(eval("Resource.meta.lastUpdated", "Consent", &json!({"meta":{"lastUpdated":"x"}})), vec![json!("x")]);
+        assert_eq!(
+            eval(
+                "Resource.meta.lastUpdated",
+                "Consent",
+                &json!({"meta":{"lastUpdated":"x"}})
+            ),
+            vec![json!("x")]
+        );
     }
 
     #[test]

@@ -28,7 +28,11 @@ pub const FIELD: u8 = 1;
 pub const PARAM_PREFIX_LEN: usize = 5;
 
 fn type_byte(rtype: ResourceType) -> u8 {
-    ResourceType::ALL.iter().position(|t| *t == rtype).expect("served type") as u8 + 1
+    ResourceType::ALL
+        .iter()
+        .position(|t| *t == rtype)
+        .expect("served type") as u8
+        + 1
 }
 
 /// The 4 code bytes of a parameter's prefix.
@@ -63,11 +67,16 @@ pub fn from_ord_i64(b: &[u8]) -> i64 {
 
 /// A reference as the index stores it: relative `Type/id` when it points into this server.
 pub fn local_reference(target: &str, base: &str) -> String {
-    target.strip_prefix(base).map(|r| r.trim_start_matches('/').to_string()).unwrap_or_else(|| target.to_string())
+    target
+        .strip_prefix(base)
+        .map(|r| r.trim_start_matches('/').to_string())
+        .unwrap_or_else(|| target.to_string())
 }
 
 fn text_key(prefix: &[u8], tag: u8, parts: &[&str], id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(prefix.len() + 2 + id.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    let mut k = Vec::with_capacity(
+        prefix.len() + 2 + id.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>(),
+    );
     k.extend_from_slice(prefix);
     k.push(tag);
     for (i, p) in parts.iter().enumerate() {
@@ -82,14 +91,22 @@ fn text_key(prefix: &[u8], tag: u8, parts: &[&str], id: &str) -> Vec<u8> {
 }
 
 /// Every index entry (key, value) for the values of one parameter of one resource.
-pub fn index_entries(prefix: &[u8], id: &str, values: &[IndexValue], base: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+pub fn index_entries(
+    prefix: &[u8],
+    id: &str,
+    values: &[IndexValue],
+    base: &str,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out = Vec::new();
     for v in values {
         match v {
             IndexValue::Str(s) => out.push((text_key(prefix, b'S', &[&normalize(s)], id), vec![])),
             IndexValue::Token { system, code, text } => {
                 if let Some(c) = code {
-                    out.push((text_key(prefix, b'T', &[c, system.as_deref().unwrap_or("")], id), vec![]));
+                    out.push((
+                        text_key(prefix, b'T', &[c, system.as_deref().unwrap_or("")], id),
+                        vec![],
+                    ));
                 }
                 if let Some(s) = system {
                     out.push((text_key(prefix, b'Y', &[s], id), vec![]));
@@ -101,13 +118,18 @@ pub fn index_entries(prefix: &[u8], id: &str, values: &[IndexValue], base: &str)
             IndexValue::Reference { target, identifier } => {
                 if let Some(t) = target {
                     let local = local_reference(t, base);
-                    if let Some((_, target_id)) = local.split_once('/').filter(|(ty, _)| !ty.contains(':')) {
+                    if let Some((_, target_id)) =
+                        local.split_once('/').filter(|(ty, _)| !ty.contains(':'))
+                    {
                         out.push((text_key(prefix, b'D', &[target_id], id), vec![]));
                     }
                     out.push((text_key(prefix, b'R', &[&local], id), vec![]));
                 }
                 if let Some((system, value)) = identifier {
-                    out.push((text_key(prefix, b'I', &[value, system.as_deref().unwrap_or("")], id), vec![]));
+                    out.push((
+                        text_key(prefix, b'I', &[value, system.as_deref().unwrap_or("")], id),
+                        vec![],
+                    ));
                 }
             }
             IndexValue::Uri(u) => out.push((text_key(prefix, b'U', &[u], id), vec![])),
@@ -155,10 +177,20 @@ mod tests {
         let prefix = param_prefix(ResourceType::Patient, "x");
         let values = vec![
             IndexValue::Str("Éva".into()),
-            IndexValue::Token { system: Some("s".into()), code: Some("c".into()), text: Some("T".into()) },
-            IndexValue::Reference { target: Some("http://base/fhir/Patient/9".into()), identifier: Some((None, "v".into())) },
+            IndexValue::Token {
+                system: Some("s".into()),
+                code: Some("c".into()),
+                text: Some("T".into()),
+            },
+            IndexValue::Reference {
+                target: Some("http://base/fhir/Patient/9".into()),
+                identifier: Some((None, "v".into())),
+            },
             IndexValue::Uri("http://u".into()),
-            IndexValue::Date { lo: -5, hi: 0x0000_0100_0000_0000 },
+            IndexValue::Date {
+                lo: -5,
+                hi: 0x0000_0100_0000_0000,
+            },
         ];
         let entries = index_entries(&prefix, "pat-1", &values, "http://base/fhir");
         assert_eq!(entries.len(), 10);
@@ -166,7 +198,9 @@ mod tests {
         for (k, _) in &entries {
             assert_eq!(id_of_key(prefix.len(), k), Some("pat-1"), "{k:?}");
         }
-        assert!(entries.iter().any(|(k, _)| k.ends_with(b"RPatient/9\0pat-1")));
+        assert!(entries
+            .iter()
+            .any(|(k, _)| k.ends_with(b"RPatient/9\0pat-1")));
         assert!(entries.iter().any(|(k, _)| k.ends_with(b"Seva\0pat-1")));
     }
 

@@ -43,13 +43,23 @@ pub enum ClauseValue {
     /// Already normalised for prefix/contains matching, exact for `:exact`.
     Str(String),
     /// `system` None: any system; Some(""): no system.
-    Token { system: Option<String>, code: Option<String> },
+    Token {
+        system: Option<String>,
+        code: Option<String>,
+    },
     Text(String),
     /// `Type/id`, a bare id, or an absolute URL.
     Reference(String),
-    ReferenceIdentifier { system: Option<String>, value: String },
+    ReferenceIdentifier {
+        system: Option<String>,
+        value: String,
+    },
     Uri(String),
-    Date { prefix: Prefix, lo: i64, hi: i64 },
+    Date {
+        prefix: Prefix,
+        lo: i64,
+        hi: i64,
+    },
     /// For `:missing`.
     Flag,
 }
@@ -142,7 +152,13 @@ pub fn split_escaped(s: &str, sep: char) -> Vec<String> {
 }
 
 fn bad_value(name: &str, value: &str, why: &str) -> Error {
-    Error::BadRequest(Issue::error("invalid", format!("search parameter {name}: '{value}' {why}")).at(name.to_string()))
+    Error::BadRequest(
+        Issue::error(
+            "invalid",
+            format!("search parameter {name}: '{value}' {why}"),
+        )
+        .at(name.to_string()),
+    )
 }
 
 fn parse_prefix(v: &str) -> (Prefix, &str) {
@@ -167,8 +183,18 @@ fn parse_prefix(v: &str) -> (Prefix, &str) {
     (Prefix::Eq, v)
 }
 
-fn parse_modifier(param: &SearchParameter, name: &str, m: Option<&str>, registry_has_type: bool) -> Result<Modifier> {
-    let unsupported = || Error::UnknownSearchParameter(format!("modifier '{}' is not supported for {name}", m.unwrap_or("")));
+fn parse_modifier(
+    param: &SearchParameter,
+    name: &str,
+    m: Option<&str>,
+    registry_has_type: bool,
+) -> Result<Modifier> {
+    let unsupported = || {
+        Error::UnknownSearchParameter(format!(
+            "modifier '{}' is not supported for {name}",
+            m.unwrap_or("")
+        ))
+    };
     Ok(match (param.kind, m) {
         (_, None) => Modifier::None,
         (_, Some("missing")) => Modifier::Missing(true), // value decides true/false later
@@ -177,40 +203,70 @@ fn parse_modifier(param: &SearchParameter, name: &str, m: Option<&str>, registry
         (ParamKind::Token, Some("not")) => Modifier::Not,
         (ParamKind::Token, Some("text")) => Modifier::Text,
         (ParamKind::Reference, Some("identifier")) => Modifier::Identifier,
-        (ParamKind::Reference, Some(t)) if registry_has_type && (param.targets.iter().any(|x| x == t)) => Modifier::Type(t.to_string()),
+        (ParamKind::Reference, Some(t))
+            if registry_has_type && (param.targets.iter().any(|x| x == t)) =>
+        {
+            Modifier::Type(t.to_string())
+        }
         (ParamKind::Uri, Some("below")) => Modifier::Below,
         (ParamKind::Uri, Some("above")) => Modifier::Above,
         _ => return Err(unsupported()),
     })
 }
 
-fn parse_value(param: &SearchParameter, name: &str, modifier: &Modifier, raw: &str) -> Result<ClauseValue> {
+fn parse_value(
+    param: &SearchParameter,
+    name: &str,
+    modifier: &Modifier,
+    raw: &str,
+) -> Result<ClauseValue> {
     if raw.is_empty() {
         return Err(bad_value(name, raw, "is empty"));
     }
     Ok(match (param.kind, modifier) {
         (_, Modifier::Missing(_)) => ClauseValue::Flag,
         (ParamKind::String, Modifier::Exact) => ClauseValue::Str(raw.to_string()),
-        (ParamKind::String, _) if param.phonetic => ClauseValue::Str(normalize(&soundex(raw).ok_or_else(|| bad_value(name, raw, "has no letters"))?)),
+        (ParamKind::String, _) if param.phonetic => ClauseValue::Str(normalize(
+            &soundex(raw).ok_or_else(|| bad_value(name, raw, "has no letters"))?,
+        )),
         (ParamKind::String, _) => ClauseValue::Str(normalize(raw)),
         (ParamKind::Token, Modifier::Text) => ClauseValue::Text(normalize(raw)),
         (ParamKind::Token, _) => {
             let parts = split_escaped(raw, '|');
             match parts.as_slice() {
-                [code] => ClauseValue::Token { system: None, code: Some(code.clone()) },
-                [system, code] if code.is_empty() => ClauseValue::Token { system: Some(system.clone()), code: None },
-                [system, code] => ClauseValue::Token { system: Some(system.clone()), code: Some(code.clone()) },
+                [code] => ClauseValue::Token {
+                    system: None,
+                    code: Some(code.clone()),
+                },
+                [system, code] if code.is_empty() => ClauseValue::Token {
+                    system: Some(system.clone()),
+                    code: None,
+                },
+                [system, code] => ClauseValue::Token {
+                    system: Some(system.clone()),
+                    code: Some(code.clone()),
+                },
                 _ => return Err(bad_value(name, raw, "has more than one '|'")),
             }
         }
         (ParamKind::Reference, Modifier::Identifier) => match split_escaped(raw, '|').as_slice() {
-            [value] => ClauseValue::ReferenceIdentifier { system: None, value: value.clone() },
-            [system, value] => ClauseValue::ReferenceIdentifier { system: Some(system.clone()), value: value.clone() },
+            [value] => ClauseValue::ReferenceIdentifier {
+                system: None,
+                value: value.clone(),
+            },
+            [system, value] => ClauseValue::ReferenceIdentifier {
+                system: Some(system.clone()),
+                value: value.clone(),
+            },
             _ => return Err(bad_value(name, raw, "has more than one '|'")),
         },
         (ParamKind::Reference, Modifier::Type(t)) => {
             if raw.contains('/') {
-                return Err(bad_value(name, raw, "must be a bare id with a :Type modifier"));
+                return Err(bad_value(
+                    name,
+                    raw,
+                    "must be a bare id with a :Type modifier",
+                ));
             }
             ClauseValue::Reference(format!("{t}/{raw}"))
         }
@@ -218,7 +274,9 @@ fn parse_value(param: &SearchParameter, name: &str, modifier: &Modifier, raw: &s
         (ParamKind::Uri, _) => ClauseValue::Uri(raw.to_string()),
         (ParamKind::Date, _) => {
             let (prefix, date) = parse_prefix(raw);
-            let (lo, hi) = parse_date_range(date).ok_or_else(|| bad_value(name, raw, "is not a valid FHIR date, dateTime or instant"))?;
+            let (lo, hi) = parse_date_range(date).ok_or_else(|| {
+                bad_value(name, raw, "is not a valid FHIR date, dateTime or instant")
+            })?;
             ClauseValue::Date { prefix, lo, hi }
         }
     })
@@ -227,7 +285,13 @@ fn parse_value(param: &SearchParameter, name: &str, modifier: &Modifier, raw: &s
 /// Parameters that affect only the response format.
 const FORMAT_ONLY: [&str; 2] = ["_format", "_pretty"];
 
-fn parse_include(registry: &Registry, rtype: ResourceType, name: &str, v: &str, rev: bool) -> Result<Include> {
+fn parse_include(
+    registry: &Registry,
+    rtype: ResourceType,
+    name: &str,
+    v: &str,
+    rev: bool,
+) -> Result<Include> {
     let parts: Vec<&str> = v.split(':').collect();
     let bad = || bad_value(name, v, "must be Type:parameter[:TargetType]");
     if parts.len() < 2 || parts.len() > 3 {
@@ -240,16 +304,30 @@ fn parse_include(registry: &Registry, rtype: ResourceType, name: &str, v: &str, 
     let param = registry
         .get(source, parts[1])
         .filter(|p| p.kind == ParamKind::Reference)
-        .ok_or_else(|| Error::UnknownSearchParameter(format!("{name}: {} has no reference parameter '{}'", parts[0], parts[1])))?;
+        .ok_or_else(|| {
+            Error::UnknownSearchParameter(format!(
+                "{name}: {} has no reference parameter '{}'",
+                parts[0], parts[1]
+            ))
+        })?;
     let target = match parts.get(2) {
         Some(t) => Some(t.parse::<ResourceType>().map_err(|_| bad())?),
         None => None,
     };
-    Ok(Include { source, param, target })
+    Ok(Include {
+        source,
+        param,
+        target,
+    })
 }
 
 /// Parse `params` (name, value pairs in order) for a search on `rtype`.
-pub fn parse(registry: &Registry, rtype: ResourceType, params: &[(String, String)], lenient: bool) -> Result<SearchQuery> {
+pub fn parse(
+    registry: &Registry,
+    rtype: ResourceType,
+    params: &[(String, String)],
+    lenient: bool,
+) -> Result<SearchQuery> {
     let mut q = SearchQuery {
         rtype,
         clauses: vec![],
@@ -271,10 +349,16 @@ pub fn parse(registry: &Registry, rtype: ResourceType, params: &[(String, String
         let mut applied = true;
         match name.as_str() {
             "_count" => {
-                let n: usize = value.parse().map_err(|_| bad_value(name, value, "is not a non-negative integer"))?;
+                let n: usize = value
+                    .parse()
+                    .map_err(|_| bad_value(name, value, "is not a non-negative integer"))?;
                 q.count = n.min(MAX_COUNT);
             }
-            "_offset" => q.offset = value.parse().map_err(|_| bad_value(name, value, "is not a non-negative integer"))?,
+            "_offset" => {
+                q.offset = value
+                    .parse()
+                    .map_err(|_| bad_value(name, value, "is not a non-negative integer"))?
+            }
             "_total" => {
                 q.total = match value.as_str() {
                     "accurate" | "estimate" => Total::Accurate,
@@ -289,10 +373,24 @@ pub fn parse(registry: &Registry, rtype: ResourceType, params: &[(String, String
                     "count" => Summary::Count,
                     "text" => Summary::Text,
                     "data" => Summary::Data,
-                    _ => return Err(bad_value(name, value, "must be true, false, count, text or data")),
+                    _ => {
+                        return Err(bad_value(
+                            name,
+                            value,
+                            "must be true, false, count, text or data",
+                        ))
+                    }
                 }
             }
-            "_elements" => q.elements = Some(value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
+            "_elements" => {
+                q.elements = Some(
+                    value
+                        .split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect(),
+                )
+            }
             "_sort" => {
                 for key in value.split(',').filter(|k| !k.is_empty()) {
                     let (desc, code) = key.strip_prefix('-').map_or((false, key), |c| (true, c));
@@ -305,7 +403,11 @@ pub fn parse(registry: &Registry, rtype: ResourceType, params: &[(String, String
                                 q.ignored.push(format!("_sort={key}"));
                                 continue;
                             }
-                            None => return Err(Error::UnknownSearchParameter(format!("cannot sort {rtype} by unknown parameter '{code}'"))),
+                            None => {
+                                return Err(Error::UnknownSearchParameter(format!(
+                                    "cannot sort {rtype} by unknown parameter '{code}'"
+                                )))
+                            }
                         }
                     };
                     q.sort.push((sk, desc));
@@ -333,7 +435,9 @@ pub fn parse(registry: &Registry, rtype: ResourceType, params: &[(String, String
                         q.ignored.push(name.clone());
                         continue;
                     }
-                    return Err(Error::UnknownSearchParameter(format!("unknown or unsupported search parameter '{code}' for {rtype}")));
+                    return Err(Error::UnknownSearchParameter(format!(
+                        "unknown or unsupported search parameter '{code}' for {rtype}"
+                    )));
                 };
                 let mut modifier = match parse_modifier(&param, name, modifier, true) {
                     Ok(m) => m,
@@ -347,15 +451,33 @@ pub fn parse(registry: &Registry, rtype: ResourceType, params: &[(String, String
                     modifier = Modifier::Missing(match value.as_str() {
                         "true" => true,
                         "false" => false,
-                        _ => return Err(bad_value(name, value, "must be true or false for :missing")),
+                        _ => {
+                            return Err(bad_value(
+                                name,
+                                value,
+                                "must be true or false for :missing",
+                            ))
+                        }
                     });
                 }
                 let values = split_escaped(value, ',')
                     .iter()
                     .map(|v| parse_value(&param, name, &modifier, v))
                     .collect::<Result<Vec<_>>>()?;
-                let single_date_width = (modifier == Modifier::None).then(|| registry.single_date.get(&(rtype, param.code.clone())).copied()).flatten();
-                q.clauses.push(Clause { params: vec![param], modifier, values, single_date_width });
+                let single_date_width = (modifier == Modifier::None)
+                    .then(|| {
+                        registry
+                            .single_date
+                            .get(&(rtype, param.code.clone()))
+                            .copied()
+                    })
+                    .flatten();
+                q.clauses.push(Clause {
+                    params: vec![param],
+                    modifier,
+                    values,
+                    single_date_width,
+                });
             }
         }
         if applied {
@@ -366,10 +488,24 @@ pub fn parse(registry: &Registry, rtype: ResourceType, params: &[(String, String
 }
 
 /// Restrict a query to one Patient's compartment.
-pub fn add_patient_compartment(registry: &Registry, q: &mut SearchQuery, patient_id: &str) -> Result<()> {
+pub fn add_patient_compartment(
+    registry: &Registry,
+    q: &mut SearchQuery,
+    patient_id: &str,
+) -> Result<()> {
     if q.rtype == ResourceType::Patient {
-        let id_param = registry.get(ResourceType::Patient, "_id").ok_or_else(|| Error::Internal("no _id parameter".into()))?;
-        q.clauses.push(Clause { params: vec![id_param], modifier: Modifier::None, values: vec![ClauseValue::Token { system: None, code: Some(patient_id.to_string()) }], single_date_width: None });
+        let id_param = registry
+            .get(ResourceType::Patient, "_id")
+            .ok_or_else(|| Error::Internal("no _id parameter".into()))?;
+        q.clauses.push(Clause {
+            params: vec![id_param],
+            modifier: Modifier::None,
+            values: vec![ClauseValue::Token {
+                system: None,
+                code: Some(patient_id.to_string()),
+            }],
+            single_date_width: None,
+        });
         return Ok(());
     }
     let params = registry
@@ -377,7 +513,12 @@ pub fn add_patient_compartment(registry: &Registry, q: &mut SearchQuery, patient
         .get(&q.rtype)
         .filter(|p| !p.is_empty())
         .ok_or_else(|| Error::NotFound(format!("{} is not in the Patient compartment", q.rtype)))?;
-    q.clauses.push(Clause { params: params.clone(), modifier: Modifier::None, values: vec![ClauseValue::Reference(format!("Patient/{patient_id}"))], single_date_width: None });
+    q.clauses.push(Clause {
+        params: params.clone(),
+        modifier: Modifier::None,
+        values: vec![ClauseValue::Reference(format!("Patient/{patient_id}"))],
+        single_date_width: None,
+    });
     Ok(())
 }
 
@@ -393,7 +534,10 @@ mod tests {
     }
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -405,11 +549,40 @@ mod tests {
 
     #[test]
     fn clauses_values_and_modifiers() {
-        let q = parse(registry(), ResourceType::Patient, &p(&[("family", "Chal,Smith"), ("birthdate", "ge1970"), ("identifier", "urn:x|1"), ("name:exact", "Peter")]), false).unwrap();
+        let q = parse(
+            registry(),
+            ResourceType::Patient,
+            &p(&[
+                ("family", "Chal,Smith"),
+                ("birthdate", "ge1970"),
+                ("identifier", "urn:x|1"),
+                ("name:exact", "Peter"),
+            ]),
+            false,
+        )
+        .unwrap();
         assert_eq!(q.clauses.len(), 4);
-        assert_eq!(q.clauses[0].values, vec![ClauseValue::Str("chal".into()), ClauseValue::Str("smith".into())]);
-        assert!(matches!(q.clauses[1].values[0], ClauseValue::Date { prefix: Prefix::Ge, .. }));
-        assert_eq!(q.clauses[2].values[0], ClauseValue::Token { system: Some("urn:x".into()), code: Some("1".into()) });
+        assert_eq!(
+            q.clauses[0].values,
+            vec![
+                ClauseValue::Str("chal".into()),
+                ClauseValue::Str("smith".into())
+            ]
+        );
+        assert!(matches!(
+            q.clauses[1].values[0],
+            ClauseValue::Date {
+                prefix: Prefix::Ge,
+                ..
+            }
+        ));
+        assert_eq!(
+            q.clauses[2].values[0],
+            ClauseValue::Token {
+                system: Some("urn:x".into()),
+                code: Some("1".into())
+            }
+        );
         assert_eq!(q.clauses[3].modifier, Modifier::Exact);
         assert_eq!(q.clauses[3].values[0], ClauseValue::Str("Peter".into()));
     }
@@ -417,29 +590,74 @@ mod tests {
     #[test]
     fn unknown_parameters_are_errors_unless_lenient() {
         let params = p(&[("nonsense", "1"), ("family", "x")]);
-        assert!(matches!(parse(registry(), ResourceType::Patient, &params, false), Err(Error::UnknownSearchParameter(_))));
+        assert!(matches!(
+            parse(registry(), ResourceType::Patient, &params, false),
+            Err(Error::UnknownSearchParameter(_))
+        ));
         let q = parse(registry(), ResourceType::Patient, &params, true).unwrap();
         assert_eq!(q.ignored, vec!["nonsense"]);
         assert_eq!(q.clauses.len(), 1);
-        assert!(parse(registry(), ResourceType::Patient, &p(&[("family:not", "x")]), false).is_err());
-        assert!(parse(registry(), ResourceType::Patient, &p(&[("_has:Observation:patient:code", "x")]), false).is_err());
+        assert!(parse(
+            registry(),
+            ResourceType::Patient,
+            &p(&[("family:not", "x")]),
+            false
+        )
+        .is_err());
+        assert!(parse(
+            registry(),
+            ResourceType::Patient,
+            &p(&[("_has:Observation:patient:code", "x")]),
+            false
+        )
+        .is_err());
     }
 
     #[test]
     fn malformed_values_are_bad_requests() {
-        for (n, v) in [("birthdate", "1970-13"), ("birthdate", "gex"), ("_count", "-1"), ("_summary", "maybe"), ("active:missing", "perhaps"), ("family", "")] {
-            assert!(matches!(parse(registry(), ResourceType::Patient, &p(&[(n, v)]), false), Err(Error::BadRequest(_))), "{n}={v}");
+        for (n, v) in [
+            ("birthdate", "1970-13"),
+            ("birthdate", "gex"),
+            ("_count", "-1"),
+            ("_summary", "maybe"),
+            ("active:missing", "perhaps"),
+            ("family", ""),
+        ] {
+            assert!(
+                matches!(
+                    parse(registry(), ResourceType::Patient, &p(&[(n, v)]), false),
+                    Err(Error::BadRequest(_))
+                ),
+                "{n}={v}"
+            );
         }
     }
 
     #[test]
     fn controls() {
-        let q = parse(registry(), ResourceType::Patient, &p(&[("_count", "5000"), ("_sort", "-birthdate,_id"), ("_summary", "count"), ("_include", "Patient:organization")]), false).unwrap();
+        let q = parse(
+            registry(),
+            ResourceType::Patient,
+            &p(&[
+                ("_count", "5000"),
+                ("_sort", "-birthdate,_id"),
+                ("_summary", "count"),
+                ("_include", "Patient:organization"),
+            ]),
+            false,
+        )
+        .unwrap();
         assert_eq!(q.count, MAX_COUNT);
         assert_eq!(q.sort.len(), 2);
         assert!(q.sort[0].1);
         assert_eq!(q.summary, Summary::Count);
         assert_eq!(q.include.len(), 1);
-        assert!(parse(registry(), ResourceType::Patient, &p(&[("_include", "Patient:nonsense")]), false).is_err());
+        assert!(parse(
+            registry(),
+            ResourceType::Patient,
+            &p(&[("_include", "Patient:nonsense")]),
+            false
+        )
+        .is_err());
     }
 }

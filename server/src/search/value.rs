@@ -7,17 +7,30 @@ use unicode_normalization::UnicodeNormalization;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IndexValue {
     Str(String),
-    Token { system: Option<String>, code: Option<String>, text: Option<String> },
-    Reference { target: Option<String>, identifier: Option<(Option<String>, String)> },
+    Token {
+        system: Option<String>,
+        code: Option<String>,
+        text: Option<String>,
+    },
+    Reference {
+        target: Option<String>,
+        identifier: Option<(Option<String>, String)>,
+    },
     Uri(String),
     /// Inclusive millisecond range [lo, hi].
-    Date { lo: i64, hi: i64 },
+    Date {
+        lo: i64,
+        hi: i64,
+    },
 }
 
 /// Lower-case, accents stripped, control characters removed: FHIR string matching is case-
 /// and accent-insensitive.
 pub fn normalize(s: &str) -> String {
-    s.nfd().filter(|c| !unicode_normalization::char::is_combining_mark(*c) && !c.is_control()).flat_map(char::to_lowercase).collect()
+    s.nfd()
+        .filter(|c| !unicode_normalization::char::is_combining_mark(*c) && !c.is_control())
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 /// Control characters separate fields in index keys; they never match anything anyway.
@@ -27,7 +40,10 @@ pub fn clean(s: &str) -> String {
 
 /// American Soundex of one word, for the `phonetic` parameter.
 pub fn soundex(word: &str) -> Option<String> {
-    let letters: Vec<char> = normalize(word).chars().filter(|c| c.is_ascii_alphabetic()).collect();
+    let letters: Vec<char> = normalize(word)
+        .chars()
+        .filter(|c| c.is_ascii_alphabetic())
+        .collect();
     let first = *letters.first()?;
     let code = |c: char| match c {
         'b' | 'f' | 'p' | 'v' => '1',
@@ -63,11 +79,14 @@ pub fn soundex(word: &str) -> Option<String> {
 const MS_PER_DAY: i64 = 86_400_000;
 
 fn days_in_month(year: i32, month: u8) -> u8 {
-    time::Month::try_from(month).map(|m| m.length(year)).unwrap_or(31)
+    time::Month::try_from(month)
+        .map(|m| m.length(year))
+        .unwrap_or(31)
 }
 
 fn day_start_ms(year: i32, month: u8, day: u8) -> Option<i64> {
-    let date = time::Date::from_calendar_date(year, time::Month::try_from(month).ok()?, day).ok()?;
+    let date =
+        time::Date::from_calendar_date(year, time::Month::try_from(month).ok()?, day).ok()?;
     Some((date.to_julian_day() as i64 - 2_440_588) * MS_PER_DAY)
 }
 
@@ -130,7 +149,11 @@ pub fn parse_date_range(s: &str) -> Option<(i64, i64)> {
             let frac = &s[20..20 + digits];
             let padded: String = frac.chars().chain(std::iter::repeat('0')).take(3).collect();
             frac_ms = padded.parse::<i64>().ok()?;
-            precision_ms = if digits >= 3 { 1 } else { 10i64.pow(3 - digits as u32) };
+            precision_ms = if digits >= 3 {
+                1
+            } else {
+                10i64.pow(3 - digits as u32)
+            };
             pos = 20 + digits;
         }
     }
@@ -139,7 +162,10 @@ pub fn parse_date_range(s: &str) -> Option<(i64, i64)> {
     }
     let offset_ms = match &s[pos..] {
         "" | "Z" => 0,
-        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && tz.as_bytes()[3] == b':' => {
+        tz if tz.len() == 6
+            && (tz.starts_with('+') || tz.starts_with('-'))
+            && tz.as_bytes()[3] == b':' =>
+        {
             let h: i64 = tz[1..3].parse().ok()?;
             let m: i64 = tz[4..6].parse().ok()?;
             let sign = if tz.starts_with('-') { -1 } else { 1 };
@@ -198,7 +224,10 @@ pub fn encode_values(values: &[IndexValue]) -> Vec<u8> {
             IndexValue::Reference { target, identifier } => {
                 out.push(b'r');
                 put_str(&mut out, target.as_deref());
-                put_str(&mut out, identifier.as_ref().and_then(|(s, _)| s.as_deref()));
+                put_str(
+                    &mut out,
+                    identifier.as_ref().and_then(|(s, _)| s.as_deref()),
+                );
                 put_str(&mut out, identifier.as_ref().map(|(_, v)| v.as_str()));
             }
             IndexValue::Uri(u) => {
@@ -221,15 +250,25 @@ pub fn decode_values(mut input: &[u8]) -> Option<Vec<IndexValue>> {
         input = rest;
         let v = match tag {
             b's' => IndexValue::Str(get_str(&mut input)??),
-            b't' => IndexValue::Token { system: get_str(&mut input)?, code: get_str(&mut input)?, text: get_str(&mut input)? },
+            b't' => IndexValue::Token {
+                system: get_str(&mut input)?,
+                code: get_str(&mut input)?,
+                text: get_str(&mut input)?,
+            },
             b'r' => {
                 let target = get_str(&mut input)?;
                 let system = get_str(&mut input)?;
                 let value = get_str(&mut input)?;
-                IndexValue::Reference { target, identifier: value.map(|v| (system, v)) }
+                IndexValue::Reference {
+                    target,
+                    identifier: value.map(|v| (system, v)),
+                }
             }
             b'u' => IndexValue::Uri(get_str(&mut input)??),
-            b'd' => IndexValue::Date { lo: get_i64(&mut input)?, hi: get_i64(&mut input)? },
+            b'd' => IndexValue::Date {
+                lo: get_i64(&mut input)?,
+                hi: get_i64(&mut input)?,
+            },
             _ => return None,
         };
         out.push(v);
@@ -254,12 +293,24 @@ mod tests {
         assert_eq!(hi - lo, 999);
         let (lo, hi) = parse_date_range("2020-01-01T10:00:00.5Z").unwrap();
         assert_eq!(hi - lo, 99);
-        assert_eq!(parse_date_range("2020-01-01T10:00").map(|(l, h)| h - l), Some(59_999));
+        assert_eq!(
+            parse_date_range("2020-01-01T10:00").map(|(l, h)| h - l),
+            Some(59_999)
+        );
     }
 
     #[test]
     fn bad_dates_are_rejected() {
-        for bad in ["", "20", "2020-13", "2020-02-30", "2020-01-01T", "2020-01-01X10:00", "abcd", "2020-01-01T10:00:00+0200"] {
+        for bad in [
+            "",
+            "20",
+            "2020-13",
+            "2020-02-30",
+            "2020-01-01T",
+            "2020-01-01X10:00",
+            "abcd",
+            "2020-01-01T10:00:00+0200",
+        ] {
             assert_eq!(parse_date_range(bad), None, "{bad}");
         }
     }

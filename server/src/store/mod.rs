@@ -34,7 +34,15 @@ pub const CF_TYPE_HISTORY: &str = "type_history";
 pub const CF_INDEX: &str = "index";
 pub const CF_VALUES: &str = "values";
 pub const CF_META: &str = "meta";
-pub const COLUMN_FAMILIES: [&str; 7] = [CF_VERSIONS, CF_CURRENT, CF_HISTORY, CF_TYPE_HISTORY, CF_INDEX, CF_VALUES, CF_META];
+pub const COLUMN_FAMILIES: [&str; 7] = [
+    CF_VERSIONS,
+    CF_CURRENT,
+    CF_HISTORY,
+    CF_TYPE_HISTORY,
+    CF_INDEX,
+    CF_VALUES,
+    CF_META,
+];
 /// The derived families that `reindex` rebuilds.
 pub const DERIVED_FAMILIES: [&str; 2] = [CF_INDEX, CF_VALUES];
 
@@ -121,7 +129,13 @@ pub struct Version {
 }
 
 impl Version {
-    pub fn encode_value(tx: u64, last_updated: i64, deleted: bool, method: Method, body: &[u8]) -> Vec<u8> {
+    pub fn encode_value(
+        tx: u64,
+        last_updated: i64,
+        deleted: bool,
+        method: Method,
+        body: &[u8],
+    ) -> Vec<u8> {
         let mut v = Vec::with_capacity(17 + body.len());
         v.extend_from_slice(&tx.to_be_bytes());
         v.extend_from_slice(&last_updated.to_be_bytes());
@@ -193,13 +207,24 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
-        let cfs = COLUMN_FAMILIES.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
-        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| Error::Storage(format!("opening {}: {e}", path.display())))?;
-        let store = Store { db, date_widths: Default::default() };
+        let cfs = COLUMN_FAMILIES
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs)
+            .map_err(|e| Error::Storage(format!("opening {}: {e}", path.display())))?;
+        let store = Store {
+            db,
+            date_widths: Default::default(),
+        };
         let mut widths = std::collections::HashMap::new();
-        for item in store.db.iterator_cf(store.cf(CF_META), IteratorMode::From(META_DATE_WIDTH, Direction::Forward)) {
+        for item in store.db.iterator_cf(
+            store.cf(CF_META),
+            IteratorMode::From(META_DATE_WIDTH, Direction::Forward),
+        ) {
             let (k, v) = item?;
-            let Some(prefix) = k.strip_prefix(META_DATE_WIDTH) else { break };
+            let Some(prefix) = k.strip_prefix(META_DATE_WIDTH) else {
+                break;
+            };
             if let Ok(b) = <[u8; 8]>::try_from(&v[..]) {
                 widths.insert(prefix.to_vec(), i64::from_be_bytes(b));
             }
@@ -210,7 +235,11 @@ impl Store {
 
     /// The widest date range indexed so far for a parameter, if any date was indexed.
     pub fn date_width(&self, prefix: &[u8]) -> Option<i64> {
-        self.date_widths.read().unwrap_or_else(|p| p.into_inner()).get(prefix).copied()
+        self.date_widths
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(prefix)
+            .copied()
     }
 
     /// Record that a date range of `width` ms is about to be indexed under `prefix`; returns the
@@ -232,37 +261,56 @@ impl Store {
     }
 
     pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column family declared in COLUMN_FAMILIES")
+        self.db
+            .cf_handle(name)
+            .expect("column family declared in COLUMN_FAMILIES")
     }
 
     pub fn current(&self, rtype: ResourceType, id: &str) -> Result<Option<Current>> {
-        Ok(self.db.get_pinned_cf(self.cf(CF_CURRENT), resource_key(rtype, id))?.and_then(|b| Current::decode(&b)))
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_CURRENT), resource_key(rtype, id))?
+            .and_then(|b| Current::decode(&b)))
     }
 
     pub fn version(&self, rtype: ResourceType, id: &str, version: u64) -> Result<Option<Version>> {
-        let raw = self.db.get_pinned_cf(self.cf(CF_VERSIONS), version_key(rtype, id, version))?;
+        let raw = self
+            .db
+            .get_pinned_cf(self.cf(CF_VERSIONS), version_key(rtype, id, version))?;
         Ok(raw.and_then(|b| Version::decode(rtype, id, version, &b)))
     }
 
     /// The current version, or 404 / 410.
     pub fn read(&self, rtype: ResourceType, id: &str) -> Result<Version> {
-        let cur = self.current(rtype, id)?.ok_or_else(|| Error::NotFound(format!("{rtype}/{id} is not known")))?;
+        let cur = self
+            .current(rtype, id)?
+            .ok_or_else(|| Error::NotFound(format!("{rtype}/{id} is not known")))?;
         if cur.deleted {
-            return Err(Error::Gone { rtype: rtype.to_string(), id: id.to_string(), version: cur.version });
+            return Err(Error::Gone {
+                rtype: rtype.to_string(),
+                id: id.to_string(),
+                version: cur.version,
+            });
         }
-        self.version(rtype, id, cur.version)?.ok_or_else(|| Error::Internal(format!("{rtype}/{id} current version missing")))
+        self.version(rtype, id, cur.version)?
+            .ok_or_else(|| Error::Internal(format!("{rtype}/{id} current version missing")))
     }
 
     /// Live (not deleted) resources of a type, in id order, from `after` on.
     pub fn scan_ids(&self, rtype: ResourceType, mut f: impl FnMut(&str) -> bool) -> Result<()> {
         let prefix = resource_key(rtype, "");
-        for item in self.db.iterator_cf(self.cf(CF_CURRENT), IteratorMode::From(&prefix, Direction::Forward)) {
+        for item in self.db.iterator_cf(
+            self.cf(CF_CURRENT),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
             let (k, v) = item?;
             if !k.starts_with(&prefix) {
                 break;
             }
             if Current::decode(&v).is_some_and(|c| !c.deleted) {
-                let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) else { continue };
+                let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) else {
+                    continue;
+                };
                 if !f(id) {
                     break;
                 }
@@ -272,12 +320,21 @@ impl Store {
     }
 
     /// Visit index entries with keys in [start, end) in order; `f` returns false to stop.
-    pub fn scan_index(&self, start: &[u8], end: Option<&[u8]>, mut f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
+    pub fn scan_index(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
         let mut ro = ReadOptions::default();
         if let Some(e) = end {
             ro.set_iterate_upper_bound(e.to_vec());
         }
-        let iter = self.db.iterator_cf_opt(self.cf(CF_INDEX), ro, IteratorMode::From(start, Direction::Forward));
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_INDEX),
+            ro,
+            IteratorMode::From(start, Direction::Forward),
+        );
         for item in iter {
             let (k, v) = item?;
             if !f(&k, &v) {
@@ -287,7 +344,11 @@ impl Store {
         Ok(())
     }
 
-    pub fn scan_index_prefix(&self, prefix: &[u8], f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<()> {
+    pub fn scan_index_prefix(
+        &self,
+        prefix: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
         let end = prefix_end(prefix);
         self.scan_index(prefix, end.as_deref(), f)
     }
@@ -298,7 +359,11 @@ impl Store {
         if let Some(end) = prefix_end(prefix) {
             ro.set_iterate_upper_bound(end);
         }
-        for item in self.db.iterator_cf_opt(self.cf(CF_VALUES), ro, IteratorMode::From(prefix, Direction::Forward)) {
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_VALUES),
+            ro,
+            IteratorMode::From(prefix, Direction::Forward),
+        ) {
             let (k, _) = item?;
             if let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) {
                 if !f(id) {
@@ -310,18 +375,37 @@ impl Store {
     }
 
     /// The stored index values of one parameter for many resources.
-    pub fn values(&self, rtype: ResourceType, code: &str, ids: &[&str]) -> Result<Vec<Vec<IndexValue>>> {
+    pub fn values(
+        &self,
+        rtype: ResourceType,
+        code: &str,
+        ids: &[&str],
+    ) -> Result<Vec<Vec<IndexValue>>> {
         let cf = self.cf(CF_VALUES);
-        let keys: Vec<_> = ids.iter().map(|id| (cf, crate::search::keys::values_key(rtype, code, id))).collect();
+        let keys: Vec<_> = ids
+            .iter()
+            .map(|id| (cf, crate::search::keys::values_key(rtype, code, id)))
+            .collect();
         self.db
             .multi_get_cf(keys)
             .into_iter()
-            .map(|r| Ok(r?.map(|b| decode_values(&b).unwrap_or_default()).unwrap_or_default()))
+            .map(|r| {
+                Ok(r?
+                    .map(|b| decode_values(&b).unwrap_or_default())
+                    .unwrap_or_default())
+            })
             .collect()
     }
 
     /// All versions of one resource, newest first.
-    pub fn instance_history(&self, rtype: ResourceType, id: &str, since: Option<i64>, before_version: Option<u64>, count: usize) -> Result<HistoryPage> {
+    pub fn instance_history(
+        &self,
+        rtype: ResourceType,
+        id: &str,
+        since: Option<i64>,
+        before_version: Option<u64>,
+        count: usize,
+    ) -> Result<HistoryPage> {
         let prefix = {
             let mut p = resource_key(rtype, id);
             p.push(0);
@@ -333,16 +417,25 @@ impl Store {
         };
         let mut versions = Vec::new();
         let mut next = None;
-        for item in self.db.iterator_cf(self.cf(CF_VERSIONS), IteratorMode::From(&start, Direction::Reverse)) {
+        for item in self.db.iterator_cf(
+            self.cf(CF_VERSIONS),
+            IteratorMode::From(&start, Direction::Reverse),
+        ) {
             let (k, v) = item?;
             if !k.starts_with(&prefix) {
                 break;
             }
-            let ver = u64::from_be_bytes(k[prefix.len()..].try_into().map_err(|_| Error::Internal("bad version key".into()))?);
+            let ver = u64::from_be_bytes(
+                k[prefix.len()..]
+                    .try_into()
+                    .map_err(|_| Error::Internal("bad version key".into()))?,
+            );
             if before_version.is_some_and(|b| ver >= b) {
                 continue;
             }
-            let Some(version) = Version::decode(rtype, id, ver, &v) else { continue };
+            let Some(version) = Version::decode(rtype, id, ver, &v) else {
+                continue;
+            };
             if since.is_some_and(|s| version.last_updated < s) {
                 break;
             }
@@ -356,7 +449,13 @@ impl Store {
     }
 
     /// Type-level (`rtype = Some`) or system-level history, newest first, from `before`.
-    pub fn history(&self, rtype: Option<ResourceType>, since: Option<i64>, before: Option<HistoryCursor>, count: usize) -> Result<HistoryPage> {
+    pub fn history(
+        &self,
+        rtype: Option<ResourceType>,
+        since: Option<i64>,
+        before: Option<HistoryCursor>,
+        count: usize,
+    ) -> Result<HistoryPage> {
         let (cf, prefix) = match rtype {
             Some(t) => (self.cf(CF_TYPE_HISTORY), resource_key(t, "")),
             None => (self.cf(CF_HISTORY), Vec::new()),
@@ -372,19 +471,29 @@ impl Store {
         };
         let mut versions = Vec::new();
         let mut next = None;
-        for item in self.db.iterator_cf(cf, IteratorMode::From(&start, Direction::Reverse)) {
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Reverse))
+        {
             let (k, v) = item?;
             if !k.starts_with(&prefix) || k.len() != prefix.len() + 12 {
                 break;
             }
             let pos = &k[prefix.len()..];
-            let cursor = (u64::from_be_bytes(pos[..8].try_into().expect("8")), u32::from_be_bytes(pos[8..].try_into().expect("4")));
+            let cursor = (
+                u64::from_be_bytes(pos[..8].try_into().expect("8")),
+                u32::from_be_bytes(pos[8..].try_into().expect("4")),
+            );
             if before.is_some_and(|b| cursor >= b) {
                 continue;
             }
             let (t, id, ver) = match rtype {
                 Some(t) => {
-                    let ver = u64::from_be_bytes(v[..8].try_into().map_err(|_| Error::Internal("bad history".into()))?);
+                    let ver = u64::from_be_bytes(
+                        v[..8]
+                            .try_into()
+                            .map_err(|_| Error::Internal("bad history".into()))?,
+                    );
                     (t, String::from_utf8_lossy(&v[8..]).into_owned(), ver)
                 }
                 None => {
@@ -394,11 +503,17 @@ impl Store {
                         .and_then(|s| s.parse().ok())
                         .ok_or_else(|| Error::Internal("bad history type".into()))?;
                     let id = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-                    let ver = parts.next().and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+                    let ver = parts
+                        .next()
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(0);
                     (t, id, ver)
                 }
             };
-            let Some(version) = self.version(t, &id, ver)? else { continue };
+            let Some(version) = self.version(t, &id, ver)? else {
+                continue;
+            };
             if since.is_some_and(|s| version.last_updated < s) {
                 break;
             }
@@ -413,13 +528,21 @@ impl Store {
 
     /// Every key and value of a column family, for `reindex` checks and tests.
     pub fn dump(&self, cf: &str) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
-        self.db.iterator_cf(self.cf(cf), IteratorMode::Start).map(|r| r.map_err(Error::from)).collect()
+        self.db
+            .iterator_cf(self.cf(cf), IteratorMode::Start)
+            .map(|r| r.map_err(Error::from))
+            .collect()
     }
 
     pub fn approximate_disk_bytes(&self) -> u64 {
         COLUMN_FAMILIES
             .iter()
-            .filter_map(|cf| self.db.property_int_value_cf(self.cf(cf), "rocksdb.total-sst-files-size").ok().flatten())
+            .filter_map(|cf| {
+                self.db
+                    .property_int_value_cf(self.cf(cf), "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
+            })
             .sum()
     }
 }
@@ -430,11 +553,19 @@ mod tests {
 
     #[test]
     fn record_layouts_round_trip() {
-        let c = Current { version: 7, deleted: true, tx: 99, last_updated: -3 };
+        let c = Current {
+            version: 7,
+            deleted: true,
+            tx: 99,
+            last_updated: -3,
+        };
         assert_eq!(Current::decode(&c.encode()), Some(c));
         let raw = Version::encode_value(5, 1234, false, Method::Patch, b"{}");
         let v = Version::decode(ResourceType::Consent, "a", 2, &raw).unwrap();
-        assert_eq!((v.tx, v.last_updated, v.deleted, v.method, &*v.body), (5, 1234, false, Method::Patch, &b"{}"[..]));
+        assert_eq!(
+            (v.tx, v.last_updated, v.deleted, v.method, &*v.body),
+            (5, 1234, false, Method::Patch, &b"{}"[..])
+        );
     }
 
     #[test]

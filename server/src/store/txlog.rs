@@ -17,7 +17,10 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use super::{resource_key, version_key, Current, Method, Store, Version};
-use super::{CF_CURRENT, CF_HISTORY, CF_INDEX, CF_META, CF_TYPE_HISTORY, CF_VALUES, CF_VERSIONS, META_LAST_TS, META_LAST_TX};
+use super::{
+    CF_CURRENT, CF_HISTORY, CF_INDEX, CF_META, CF_TYPE_HISTORY, CF_VALUES, CF_VERSIONS,
+    META_LAST_TS, META_LAST_TX,
+};
 use crate::error::{Error, Result};
 use crate::fhir::{format_instant, new_id, now_ms, ResourceType};
 use crate::search::keys::{index_entries, param_prefix, values_key};
@@ -32,19 +35,50 @@ const MAX_GROUP: usize = 512;
 #[derive(Debug, Clone)]
 pub enum Change {
     /// Create with a server-assigned id; with `if_none_exist`, only when nothing matches.
-    Create { rtype: ResourceType, id: String, resource: Value, if_none_exist: Option<SearchQuery>, on_match: OnMatch },
+    Create {
+        rtype: ResourceType,
+        id: String,
+        resource: Value,
+        if_none_exist: Option<SearchQuery>,
+        on_match: OnMatch,
+    },
     /// Update, or create with the client's id.
-    Update { rtype: ResourceType, id: String, resource: Value, if_match: Option<u64>, method: Method },
+    Update {
+        rtype: ResourceType,
+        id: String,
+        resource: Value,
+        if_match: Option<u64>,
+        method: Method,
+    },
     /// Update the single resource the query matches (create when none does).
-    ConditionalUpdate { rtype: ResourceType, query: SearchQuery, resource: Value, if_match: Option<u64> },
-    Delete { rtype: ResourceType, id: String, if_match: Option<u64> },
+    ConditionalUpdate {
+        rtype: ResourceType,
+        query: SearchQuery,
+        resource: Value,
+        if_match: Option<u64>,
+    },
+    Delete {
+        rtype: ResourceType,
+        id: String,
+        if_match: Option<u64>,
+    },
     /// Delete the single resource the query matches.
-    ConditionalDelete { rtype: ResourceType, query: SearchQuery },
+    ConditionalDelete {
+        rtype: ResourceType,
+        query: SearchQuery,
+    },
 }
 
 impl Change {
     fn needs_search(&self) -> bool {
-        matches!(self, Change::Create { if_none_exist: Some(_), .. } | Change::ConditionalUpdate { .. } | Change::ConditionalDelete { .. })
+        matches!(
+            self,
+            Change::Create {
+                if_none_exist: Some(_),
+                ..
+            } | Change::ConditionalUpdate { .. }
+                | Change::ConditionalDelete { .. }
+        )
     }
 }
 
@@ -109,7 +143,9 @@ impl LocalTxLog {
             .name("fhirmament-commit".into())
             .spawn(move || committer.run(receiver))
             .map_err(|e| Error::Internal(format!("cannot start the commit thread: {e}")))?;
-        Ok(LocalTxLog { sender: std::sync::Mutex::new(sender) })
+        Ok(LocalTxLog {
+            sender: std::sync::Mutex::new(sender),
+        })
     }
 }
 
@@ -118,7 +154,9 @@ impl TxLog for LocalTxLog {
         let (reply, rx) = oneshot::channel();
         let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(mpsc::SendError(job)) = sender.send(Job { changes, reply }) {
-            let _ = job.reply.send(Err(Error::Storage("the commit thread has stopped".into())));
+            let _ = job
+                .reply
+                .send(Err(Error::Storage("the commit thread has stopped".into())));
         }
         rx
     }
@@ -157,14 +195,25 @@ struct Committer {
 }
 
 fn read_counter(store: &Store, key: &[u8]) -> Result<u64> {
-    Ok(store.db().get_cf(store.cf(CF_META), key)?.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0))
+    Ok(store
+        .db()
+        .get_cf(store.cf(CF_META), key)?
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0))
 }
 
 impl Committer {
     fn new(store: Arc<Store>, registry: Arc<Registry>, base: String) -> Result<Committer> {
         let last_tx = read_counter(&store, META_LAST_TX)?;
         let last_ts = read_counter(&store, META_LAST_TS)? as i64;
-        Ok(Committer { store, registry, base, last_tx, last_ts })
+        Ok(Committer {
+            store,
+            registry,
+            base,
+            last_tx,
+            last_ts,
+        })
     }
 
     fn run(&mut self, receiver: mpsc::Receiver<Job>) {
@@ -177,7 +226,8 @@ impl Committer {
                 }
             }
             let mut group = Overlay::default();
-            let mut replies: Vec<(oneshot::Sender<Result<Committed>>, Result<Committed>)> = Vec::new();
+            let mut replies: Vec<(oneshot::Sender<Result<Committed>>, Result<Committed>)> =
+                Vec::new();
             let (mut saved_tx, mut saved_ts) = (self.last_tx, self.last_ts);
             for job in jobs {
                 // A conditional operation searches committed state: make the group durable first.
@@ -199,17 +249,35 @@ impl Committer {
     }
 
     /// Make the group durable with one synced WriteBatch, then answer everyone waiting on it.
-    fn flush(&mut self, group: Overlay, replies: &mut Vec<(oneshot::Sender<Result<Committed>>, Result<Committed>)>, saved_tx: u64, saved_ts: i64) {
+    fn flush(
+        &mut self,
+        group: Overlay,
+        replies: &mut Vec<(oneshot::Sender<Result<Committed>>, Result<Committed>)>,
+        saved_tx: u64,
+        saved_ts: i64,
+    ) {
         if !group.is_empty() {
             let mut batch = WriteBatch::default();
             for (cf, key) in &group.order {
-                match group.writes.get(&(*cf, key.clone())).expect("ordered key present") {
+                match group
+                    .writes
+                    .get(&(*cf, key.clone()))
+                    .expect("ordered key present")
+                {
                     Some(v) => batch.put_cf(self.store.cf(cf), key, v),
                     None => batch.delete_cf(self.store.cf(cf), key),
                 }
             }
-            batch.put_cf(self.store.cf(CF_META), META_LAST_TX, self.last_tx.to_be_bytes());
-            batch.put_cf(self.store.cf(CF_META), META_LAST_TS, (self.last_ts as u64).to_be_bytes());
+            batch.put_cf(
+                self.store.cf(CF_META),
+                META_LAST_TX,
+                self.last_tx.to_be_bytes(),
+            );
+            batch.put_cf(
+                self.store.cf(CF_META),
+                META_LAST_TS,
+                (self.last_ts as u64).to_be_bytes(),
+            );
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
             if let Err(e) = self.store.db().write_opt(batch, &wo) {
@@ -227,7 +295,13 @@ impl Committer {
         }
     }
 
-    fn get(&self, group: &Overlay, own: &Overlay, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    fn get(
+        &self,
+        group: &Overlay,
+        own: &Overlay,
+        cf: &'static str,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>> {
         let k = (cf, key.to_vec());
         if let Some(v) = own.writes.get(&k) {
             return Ok(v.clone());
@@ -238,8 +312,16 @@ impl Committer {
         Ok(self.store.db().get_cf(self.store.cf(cf), key)?)
     }
 
-    fn current(&self, group: &Overlay, own: &Overlay, rtype: ResourceType, id: &str) -> Result<Option<Current>> {
-        Ok(self.get(group, own, CF_CURRENT, &resource_key(rtype, id))?.and_then(|b| Current::decode(&b)))
+    fn current(
+        &self,
+        group: &Overlay,
+        own: &Overlay,
+        rtype: ResourceType,
+        id: &str,
+    ) -> Result<Option<Current>> {
+        Ok(self
+            .get(group, own, CF_CURRENT, &resource_key(rtype, id))?
+            .and_then(|b| Current::decode(&b)))
     }
 
     fn search_one(&self, query: &SearchQuery) -> Result<Vec<String>> {
@@ -248,26 +330,56 @@ impl Committer {
         Ok(ids)
     }
 
-    fn apply(&mut self, group: &Overlay, own: &mut Overlay, changes: Vec<Change>) -> Result<Committed> {
+    fn apply(
+        &mut self,
+        group: &Overlay,
+        own: &mut Overlay,
+        changes: Vec<Change>,
+    ) -> Result<Committed> {
         let tx = self.last_tx + 1;
         let ts = now_ms().max(self.last_ts);
         let mut applied = Vec::with_capacity(changes.len());
         let mut wrote = false;
         for (entry, change) in changes.into_iter().enumerate() {
-            let a = self.apply_one(group, own, tx, ts, entry as u32, change).map_err(|e| Error::TransactionEntry { index: entry, source: Box::new(e) })?;
-            wrote |= matches!(a.outcome, Outcome::Created | Outcome::Updated | Outcome::Deleted);
+            let a = self
+                .apply_one(group, own, tx, ts, entry as u32, change)
+                .map_err(|e| Error::TransactionEntry {
+                    index: entry,
+                    source: Box::new(e),
+                })?;
+            wrote |= matches!(
+                a.outcome,
+                Outcome::Created | Outcome::Updated | Outcome::Deleted
+            );
             applied.push(a);
         }
         if wrote {
             self.last_tx = tx;
             self.last_ts = ts;
         }
-        Ok(Committed { tx: if wrote { tx } else { 0 }, applied })
+        Ok(Committed {
+            tx: if wrote { tx } else { 0 },
+            applied,
+        })
     }
 
-    fn apply_one(&mut self, group: &Overlay, own: &mut Overlay, tx: u64, ts: i64, entry: u32, change: Change) -> Result<Applied> {
+    fn apply_one(
+        &mut self,
+        group: &Overlay,
+        own: &mut Overlay,
+        tx: u64,
+        ts: i64,
+        entry: u32,
+        change: Change,
+    ) -> Result<Applied> {
         match change {
-            Change::Create { rtype, id, resource, if_none_exist, on_match } => {
+            Change::Create {
+                rtype,
+                id,
+                resource,
+                if_none_exist,
+                on_match,
+            } => {
                 if let Some(q) = if_none_exist {
                     let found = self.search_one(&q)?;
                     match found.len() {
@@ -283,18 +395,56 @@ impl Committer {
                     }
                 }
                 if self.current(group, own, rtype, &id)?.is_some() {
-                    return Err(Error::VersionConflict(format!("{rtype}/{id} already exists")));
+                    return Err(Error::VersionConflict(format!(
+                        "{rtype}/{id} already exists"
+                    )));
                 }
-                self.write_version(group, own, tx, ts, entry, rtype, &id, Some(resource), Method::Post, None)
+                self.write_version(
+                    group,
+                    own,
+                    tx,
+                    ts,
+                    entry,
+                    rtype,
+                    &id,
+                    Some(resource),
+                    Method::Post,
+                    None,
+                )
             }
-            Change::Update { rtype, id, resource, if_match, method } => {
+            Change::Update {
+                rtype,
+                id,
+                resource,
+                if_match,
+                method,
+            } => {
                 let cur = self.current(group, own, rtype, &id)?;
                 check_if_match(rtype, &id, cur, if_match)?;
-                self.write_version(group, own, tx, ts, entry, rtype, &id, Some(resource), method, cur)
+                self.write_version(
+                    group,
+                    own,
+                    tx,
+                    ts,
+                    entry,
+                    rtype,
+                    &id,
+                    Some(resource),
+                    method,
+                    cur,
+                )
             }
-            Change::ConditionalUpdate { rtype, query, resource, if_match } => {
+            Change::ConditionalUpdate {
+                rtype,
+                query,
+                resource,
+                if_match,
+            } => {
                 let found = self.search_one(&query)?;
-                let body_id = resource.get("id").and_then(Value::as_str).map(str::to_string);
+                let body_id = resource
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
                 let id = match found.len() {
                     0 => body_id.unwrap_or_else(new_id),
                     1 => {
@@ -303,18 +453,55 @@ impl Committer {
                         }
                         found[0].clone()
                     }
-                    _ => return Err(Error::MultipleMatches(format!("the condition matches more than one {rtype}"))),
+                    _ => {
+                        return Err(Error::MultipleMatches(format!(
+                            "the condition matches more than one {rtype}"
+                        )))
+                    }
                 };
                 let cur = self.current(group, own, rtype, &id)?;
                 check_if_match(rtype, &id, cur, if_match)?;
-                self.write_version(group, own, tx, ts, entry, rtype, &id, Some(resource), Method::Put, cur)
+                self.write_version(
+                    group,
+                    own,
+                    tx,
+                    ts,
+                    entry,
+                    rtype,
+                    &id,
+                    Some(resource),
+                    Method::Put,
+                    cur,
+                )
             }
-            Change::Delete { rtype, id, if_match } => {
+            Change::Delete {
+                rtype,
+                id,
+                if_match,
+            } => {
                 let cur = self.current(group, own, rtype, &id)?;
                 check_if_match(rtype, &id, cur, if_match)?;
                 match cur {
-                    Some(c) if !c.deleted => self.write_version(group, own, tx, ts, entry, rtype, &id, None, Method::Delete, cur),
-                    _ => Ok(Applied { rtype, id, version: cur.map_or(0, |c| c.version), last_updated: ts, outcome: Outcome::NoOp, body: None }),
+                    Some(c) if !c.deleted => self.write_version(
+                        group,
+                        own,
+                        tx,
+                        ts,
+                        entry,
+                        rtype,
+                        &id,
+                        None,
+                        Method::Delete,
+                        cur,
+                    ),
+                    _ => Ok(Applied {
+                        rtype,
+                        id,
+                        version: cur.map_or(0, |c| c.version),
+                        last_updated: ts,
+                        outcome: Outcome::NoOp,
+                        body: None,
+                    }),
                 }
             }
             Change::ConditionalDelete { rtype, query } => {
@@ -362,13 +549,39 @@ impl Committer {
                 Some(serde_json::to_vec(&r).map_err(|e| Error::Internal(e.to_string()))?)
             }
             None => {
-                let empty: Vec<(String, Vec<u8>)> = self.registry.params(rtype).map(|p| (p.code.clone(), Vec::new())).collect();
+                let empty: Vec<(String, Vec<u8>)> = self
+                    .registry
+                    .params(rtype)
+                    .map(|p| (p.code.clone(), Vec::new()))
+                    .collect();
                 self.reindex_resource(group, own, rtype, id, &empty, false)?;
                 None
             }
         };
-        own.put(CF_VERSIONS, version_key(rtype, id, version), Some(Version::encode_value(tx, ts, deleted, method, body.as_deref().unwrap_or_default())));
-        own.put(CF_CURRENT, resource_key(rtype, id), Some(Current { version, deleted, tx, last_updated: ts }.encode()));
+        own.put(
+            CF_VERSIONS,
+            version_key(rtype, id, version),
+            Some(Version::encode_value(
+                tx,
+                ts,
+                deleted,
+                method,
+                body.as_deref().unwrap_or_default(),
+            )),
+        );
+        own.put(
+            CF_CURRENT,
+            resource_key(rtype, id),
+            Some(
+                Current {
+                    version,
+                    deleted,
+                    tx,
+                    last_updated: ts,
+                }
+                .encode(),
+            ),
+        );
         let mut pos = tx.to_be_bytes().to_vec();
         pos.extend_from_slice(&entry.to_be_bytes());
         let mut sys = resource_key(rtype, id);
@@ -385,20 +598,44 @@ impl Committer {
             (false, Some(c)) if !c.deleted => Outcome::Updated,
             (false, _) => Outcome::Created,
         };
-        Ok(Applied { rtype, id: id.to_string(), version, last_updated: ts, outcome, body: body.map(Arc::from) })
+        Ok(Applied {
+            rtype,
+            id: id.to_string(),
+            version,
+            last_updated: ts,
+            outcome,
+            body: body.map(Arc::from),
+        })
     }
 
     /// Replace a resource's index entries: remove those derived from its previous values,
     /// add those of the new ones. A resource that never existed has no previous values.
-    fn reindex_resource(&self, group: &Overlay, own: &mut Overlay, rtype: ResourceType, id: &str, new_values: &[(String, Vec<u8>)], is_new: bool) -> Result<()> {
+    fn reindex_resource(
+        &self,
+        group: &Overlay,
+        own: &mut Overlay,
+        rtype: ResourceType,
+        id: &str,
+        new_values: &[(String, Vec<u8>)],
+        is_new: bool,
+    ) -> Result<()> {
         for (code, encoded) in new_values {
             let vkey = values_key(rtype, code, id);
-            let old = if is_new { Vec::new() } else { self.get(group, own, CF_VALUES, &vkey)?.unwrap_or_default() };
+            let old = if is_new {
+                Vec::new()
+            } else {
+                self.get(group, own, CF_VALUES, &vkey)?.unwrap_or_default()
+            };
             if old == *encoded {
                 continue;
             }
             let prefix = param_prefix(rtype, code);
-            for (k, _) in index_entries(&prefix, id, &decode_values(&old).unwrap_or_default(), &self.base) {
+            for (k, _) in index_entries(
+                &prefix,
+                id,
+                &decode_values(&old).unwrap_or_default(),
+                &self.base,
+            ) {
                 own.put(CF_INDEX, k, None);
             }
             let new = decode_values(encoded).unwrap_or_default();
@@ -406,7 +643,15 @@ impl Committer {
             for (k, v) in index_entries(&prefix, id, &new, &self.base) {
                 own.put(CF_INDEX, k, Some(v));
             }
-            own.put(CF_VALUES, vkey, if encoded.is_empty() { None } else { Some(encoded.clone()) });
+            own.put(
+                CF_VALUES,
+                vkey,
+                if encoded.is_empty() {
+                    None
+                } else {
+                    Some(encoded.clone())
+                },
+            );
         }
         Ok(())
     }
@@ -426,21 +671,37 @@ impl Committer {
     }
 }
 
-fn check_if_match(rtype: ResourceType, id: &str, cur: Option<Current>, if_match: Option<u64>) -> Result<()> {
+fn check_if_match(
+    rtype: ResourceType,
+    id: &str,
+    cur: Option<Current>,
+    if_match: Option<u64>,
+) -> Result<()> {
     match (if_match, cur) {
         (None, _) => Ok(()),
         (Some(v), Some(c)) if c.version == v && !c.deleted => Ok(()),
-        (Some(v), Some(c)) => Err(Error::PreconditionFailed(format!("If-Match version {v} is stale: {rtype}/{id} is at version {}{}", c.version, if c.deleted { " (deleted)" } else { "" }))),
-        (Some(v), None) => Err(Error::PreconditionFailed(format!("If-Match version {v}: {rtype}/{id} does not exist"))),
+        (Some(v), Some(c)) => Err(Error::PreconditionFailed(format!(
+            "If-Match version {v} is stale: {rtype}/{id} is at version {}{}",
+            c.version,
+            if c.deleted { " (deleted)" } else { "" }
+        ))),
+        (Some(v), None) => Err(Error::PreconditionFailed(format!(
+            "If-Match version {v}: {rtype}/{id} does not exist"
+        ))),
     }
 }
 
 /// Set `id`, `meta.versionId` and `meta.lastUpdated`, keeping the rest of `meta` and the
 /// element order of everything else.
 pub fn set_id_and_meta(resource: &mut Value, id: &str, version: u64, ts: i64) {
-    let Some(obj) = resource.as_object_mut() else { return };
+    let Some(obj) = resource.as_object_mut() else {
+        return;
+    };
     let mut out = Map::new();
-    out.insert("resourceType".into(), obj.shift_remove("resourceType").unwrap_or(Value::Null));
+    out.insert(
+        "resourceType".into(),
+        obj.shift_remove("resourceType").unwrap_or(Value::Null),
+    );
     obj.shift_remove("id");
     out.insert("id".into(), Value::String(id.to_string()));
     let mut meta = match obj.shift_remove("meta") {
@@ -476,7 +737,9 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
             let mut batch = WriteBatch::default();
             for id in chunk {
                 let v = store.read(rtype, id)?;
-                let resource: Value = serde_json::from_slice(&v.body).map_err(|e| Error::Internal(format!("stored {rtype}/{id} is not JSON: {e}")))?;
+                let resource: Value = serde_json::from_slice(&v.body).map_err(|e| {
+                    Error::Internal(format!("stored {rtype}/{id} is not JSON: {e}"))
+                })?;
                 for p in registry.params(rtype) {
                     let values = extract(p, rtype, &resource);
                     if values.is_empty() {
@@ -485,7 +748,8 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
                     let prefix = param_prefix(rtype, &p.code);
                     for v in &values {
                         if let IndexValue::Date { lo, hi } = v {
-                            if let Some((k, w)) = store.widen_date(&prefix, hi.saturating_sub(*lo)) {
+                            if let Some((k, w)) = store.widen_date(&prefix, hi.saturating_sub(*lo))
+                            {
                                 batch.put_cf(store.cf(CF_META), k, w);
                             }
                         }
@@ -493,7 +757,11 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
                     for (k, val) in index_entries(&prefix, id, &values, base) {
                         batch.put_cf(store.cf(CF_INDEX), k, val);
                     }
-                    batch.put_cf(store.cf(CF_VALUES), values_key(rtype, &p.code, id), encode_values(&values));
+                    batch.put_cf(
+                        store.cf(CF_VALUES),
+                        values_key(rtype, &p.code, id),
+                        encode_values(&values),
+                    );
                 }
                 count += 1;
             }
@@ -513,7 +781,9 @@ mod tests {
     use serde_json::json;
 
     fn submit(log: &LocalTxLog, changes: Vec<Change>) -> Result<Committed> {
-        log.submit(changes).blocking_recv().expect("commit thread answers")
+        log.submit(changes)
+            .blocking_recv()
+            .expect("commit thread answers")
     }
 
     #[test]
@@ -526,16 +796,50 @@ mod tests {
         for i in 0..30 {
             let p = json!({"resourceType":"Patient","name":[{"family":format!("F{i}"),"given":["G"]}],"birthDate":format!("19{:02}-01-01", i + 10),
                 "identifier":[{"system":"urn:x","value":i.to_string()}],"managingOrganization":{"reference":"Organization/o"}});
-            submit(&log, vec![Change::Create { rtype: ResourceType::Patient, id: format!("p{i}"), resource: p, if_none_exist: None, on_match: OnMatch::ReturnExisting }]).unwrap();
+            submit(
+                &log,
+                vec![Change::Create {
+                    rtype: ResourceType::Patient,
+                    id: format!("p{i}"),
+                    resource: p,
+                    if_none_exist: None,
+                    on_match: OnMatch::ReturnExisting,
+                }],
+            )
+            .unwrap();
         }
         // Updates and deletes leave no stale entries behind.
         let changed = json!({"resourceType":"Patient","id":"p3","name":[{"family":"Changed"}]});
-        submit(&log, vec![Change::Update { rtype: ResourceType::Patient, id: "p3".into(), resource: changed, if_match: Some(1), method: Method::Put }]).unwrap();
-        submit(&log, vec![Change::Delete { rtype: ResourceType::Patient, id: "p4".into(), if_match: None }]).unwrap();
-        let before: Vec<_> = DERIVED_FAMILIES.iter().map(|cf| store.dump(cf).unwrap()).collect();
+        submit(
+            &log,
+            vec![Change::Update {
+                rtype: ResourceType::Patient,
+                id: "p3".into(),
+                resource: changed,
+                if_match: Some(1),
+                method: Method::Put,
+            }],
+        )
+        .unwrap();
+        submit(
+            &log,
+            vec![Change::Delete {
+                rtype: ResourceType::Patient,
+                id: "p4".into(),
+                if_match: None,
+            }],
+        )
+        .unwrap();
+        let before: Vec<_> = DERIVED_FAMILIES
+            .iter()
+            .map(|cf| store.dump(cf).unwrap())
+            .collect();
         assert!(!before[0].is_empty());
         assert_eq!(reindex(&store, &registry, &base).unwrap(), 29);
-        let after: Vec<_> = DERIVED_FAMILIES.iter().map(|cf| store.dump(cf).unwrap()).collect();
+        let after: Vec<_> = DERIVED_FAMILIES
+            .iter()
+            .map(|cf| store.dump(cf).unwrap())
+            .collect();
         assert_eq!(before, after);
     }
 
@@ -546,10 +850,26 @@ mod tests {
         let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
         let log = LocalTxLog::start(store.clone(), registry, "http://x/fhir".into()).unwrap();
         let p = json!({"resourceType":"Patient"});
-        let err = submit(&log, vec![
-            Change::Create { rtype: ResourceType::Patient, id: "a".into(), resource: p.clone(), if_none_exist: None, on_match: OnMatch::ReturnExisting },
-            Change::Update { rtype: ResourceType::Patient, id: "b".into(), resource: p, if_match: Some(3), method: Method::Put },
-        ]).unwrap_err();
+        let err = submit(
+            &log,
+            vec![
+                Change::Create {
+                    rtype: ResourceType::Patient,
+                    id: "a".into(),
+                    resource: p.clone(),
+                    if_none_exist: None,
+                    on_match: OnMatch::ReturnExisting,
+                },
+                Change::Update {
+                    rtype: ResourceType::Patient,
+                    id: "b".into(),
+                    resource: p,
+                    if_match: Some(3),
+                    method: Method::Put,
+                },
+            ],
+        )
+        .unwrap_err();
         assert!(matches!(err, Error::TransactionEntry { index: 1, .. }));
         assert!(store.current(ResourceType::Patient, "a").unwrap().is_none());
         assert!(store.dump(crate::store::CF_HISTORY).unwrap().is_empty());

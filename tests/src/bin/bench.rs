@@ -18,7 +18,11 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { patients: 100_000, concurrency: 32, seconds: 10 };
+    let mut a = Args {
+        patients: 100_000,
+        concurrency: 32,
+        seconds: 10,
+    };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < v.len() {
@@ -27,7 +31,9 @@ fn args() -> Args {
             "--patients" => a.patients = next.expect("--patients N") as usize,
             "--concurrency" => a.concurrency = next.expect("--concurrency N") as usize,
             "--seconds" => a.seconds = next.expect("--seconds N"),
-            other => panic!("unknown argument {other}; use --patients N --concurrency N --seconds N"),
+            other => {
+                panic!("unknown argument {other}; use --patients N --concurrency N --seconds N")
+            }
         }
         i += 2;
     }
@@ -68,13 +74,27 @@ fn synthetic_patient(rng: &mut Rng) -> Value {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok())))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
         .unwrap_or(0)
 }
 
 fn dir_bytes(p: &std::path::Path) -> u64 {
     std::fs::read_dir(p)
-        .map(|rd| rd.filter_map(Result::ok).map(|e| if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }).sum())
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| {
+                    if e.path().is_dir() {
+                        dir_bytes(&e.path())
+                    } else {
+                        e.metadata().map(|m| m.len()).unwrap_or(0)
+                    }
+                })
+                .sum()
+        })
         .unwrap_or(0)
 }
 
@@ -93,8 +113,15 @@ type Request = (reqwest::Method, String, Option<Vec<u8>>, u16);
 /// Issue requests from `concurrency` tasks on a single-threaded async client for `seconds`;
 /// print throughput, latency percentiles and how the CPU was shared.
 fn measure(name: &str, a: &Args, server_pid: u32, make: impl Fn(&mut Rng) -> Request + Sync) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(a.concurrency).build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(a.concurrency)
+        .build()
+        .unwrap();
     // Build every request body before the clock starts.
     let per_task: Vec<Vec<Request>> = (0..a.concurrency)
         .map(|t| {
@@ -147,7 +174,12 @@ fn measure(name: &str, a: &Args, server_pid: u32, make: impl Fn(&mut Rng) -> Req
     let errors: u64 = results.iter().map(|r| r.1).sum();
     let mut l: Vec<u32> = results.into_iter().flat_map(|r| r.0).collect();
     l.sort_unstable();
-    let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+    let pct = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
     println!(
         "{name:<26} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} req, {} errors; CPU: server {:.0}%, load generator {:.0}%)",
         l.len() as f64 / elapsed,
@@ -164,7 +196,10 @@ fn main() {
     let a = args();
     let s = TestServer::start();
     let pid = s.pid().expect("server pid");
-    println!("fhirmament bench: {} patients, concurrency {}, {} s per workload, server pid {pid}", a.patients, a.concurrency, a.seconds);
+    println!(
+        "fhirmament bench: {} patients, concurrency {}, {} s per workload, server pid {pid}",
+        a.patients, a.concurrency, a.seconds
+    );
 
     // Load with 100-entry transactions from 4 threads.
     let t0 = Instant::now();
@@ -187,17 +222,38 @@ fn main() {
         }
     });
     let ids = ids.into_inner().unwrap();
-    println!("loaded {} patients in {:.1} s", ids.len(), t0.elapsed().as_secs_f64());
+    println!(
+        "loaded {} patients in {:.1} s",
+        ids.len(),
+        t0.elapsed().as_secs_f64()
+    );
 
     let base = s.base.clone();
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |name: &str| only.is_empty() || name.contains(only.as_str());
     use reqwest::Method;
     if run("read") {
-        measure("read Patient/{id}", &a, pid, |rng| (Method::GET, format!("{base}/Patient/{}", ids[rng.below(ids.len())]), None, 200));
+        measure("read Patient/{id}", &a, pid, |rng| {
+            (
+                Method::GET,
+                format!("{base}/Patient/{}", ids[rng.below(ids.len())]),
+                None,
+                200,
+            )
+        });
     }
     if run("family") {
-        measure("search family=", &a, pid, |rng| (Method::GET, format!("{base}/Patient?family={}&_count=10", family(rng.below(FAMILIES))), None, 200));
+        measure("search family=", &a, pid, |rng| {
+            (
+                Method::GET,
+                format!(
+                    "{base}/Patient?family={}&_count=10",
+                    family(rng.below(FAMILIES))
+                ),
+                None,
+                200,
+            )
+        });
     }
     if run("birthdate") {
         measure("search birthdate month", &a, pid, |rng| {
@@ -206,13 +262,25 @@ fn main() {
         });
     }
     if run("create") {
-        measure("create Patient", &a, pid, |rng| (Method::POST, format!("{base}/Patient"), Some(serde_json::to_vec(&synthetic_patient(rng)).unwrap()), 201));
+        measure("create Patient", &a, pid, |rng| {
+            (
+                Method::POST,
+                format!("{base}/Patient"),
+                Some(serde_json::to_vec(&synthetic_patient(rng)).unwrap()),
+                201,
+            )
+        });
     }
     if run("transaction") {
         measure("transaction (10 entries)", &a, pid, |rng| {
             let entries: Vec<Value> = (0..10).map(|_| json!({"resource": synthetic_patient(rng), "request": {"method": "POST", "url": "Patient"}})).collect();
             let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
-            (Method::POST, format!("{base}/"), Some(serde_json::to_vec(&b).unwrap()), 200)
+            (
+                Method::POST,
+                format!("{base}/"),
+                Some(serde_json::to_vec(&b).unwrap()),
+                200,
+            )
         });
     }
 
