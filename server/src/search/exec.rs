@@ -311,26 +311,7 @@ fn scan_clause(
         }
     }
     if clause.modifier == Modifier::Exact && !positive.is_empty() {
-        let candidates: Vec<&str> = positive.iter().map(String::as_str).collect();
-        let per_param = clause
-            .params
-            .iter()
-            .map(|p| store.values(rtype, &p.code, &candidates))
-            .collect::<Result<Vec<_>>>()?;
-        let keep: BTreeSet<String> = candidates
-            .iter()
-            .enumerate()
-            .filter(|(n, _)| {
-                clause_matches(
-                    clause,
-                    &per_param.iter().map(|v| v[*n].clone()).collect::<Vec<_>>(),
-                    base,
-                    now,
-                )
-            })
-            .map(|(_, id)| id.to_string())
-            .collect();
-        positive = keep;
+        positive = filter_by_values(store, rtype, clause, &positive, base, now)?;
     }
     if complemented {
         if cap != usize::MAX {
@@ -342,6 +323,32 @@ fn scan_clause(
         return Ok(Scan::Complete(all));
     }
     Ok(Scan::Complete(positive))
+}
+
+/// The candidates whose stored values satisfy the clause.
+fn filter_by_values(
+    store: &Store,
+    rtype: ResourceType,
+    clause: &Clause,
+    candidates: &BTreeSet<String>,
+    base: &str,
+    now: i64,
+) -> Result<BTreeSet<String>> {
+    let ids: Vec<&str> = candidates.iter().map(String::as_str).collect();
+    let per_param = clause
+        .params
+        .iter()
+        .map(|p| store.values(rtype, &p.code, &ids))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ids
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| {
+            let values: Vec<Vec<IndexValue>> = per_param.iter().map(|v| v[*n].clone()).collect();
+            clause_matches(clause, &values, base, now)
+        })
+        .map(|(_, id)| id.to_string())
+        .collect())
 }
 
 /// AND-ed date clauses on one single-valued parameter all constrain the same value, so one
@@ -467,23 +474,7 @@ pub fn matching_ids(store: &Store, base: &str, query: &SearchQuery) -> Result<Ve
             if answered.contains(&i) || set.is_empty() {
                 continue;
             }
-            let candidates: Vec<&str> = set.iter().map(String::as_str).collect();
-            let per_param = clause
-                .params
-                .iter()
-                .map(|p| store.values(rtype, &p.code, &candidates))
-                .collect::<Result<Vec<_>>>()?;
-            let keep: BTreeSet<String> = candidates
-                .iter()
-                .enumerate()
-                .filter(|(n, _)| {
-                    let values: Vec<Vec<IndexValue>> =
-                        per_param.iter().map(|v| v[*n].clone()).collect();
-                    clause_matches(clause, &values, base, now)
-                })
-                .map(|(_, id)| id.to_string())
-                .collect();
-            set = keep;
+            set = filter_by_values(store, rtype, clause, &set, base, now)?;
         }
         set
     };
