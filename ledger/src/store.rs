@@ -12,7 +12,10 @@ use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
-use crate::core::message::{decode_batch, decode_signed, encode_batch, encode_signed, DecodeError};
+use crate::core::message::{
+    decode_batch, decode_signed, decode_signed_list, encode_batch, encode_signed,
+    encode_signed_list, DecodeError,
+};
 use crate::core::{Batch, Digest, Payload, Record, Seq, Signed};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,31 +41,6 @@ const META_NEXT: &[u8] = b"next_log_index";
 pub struct LedgerStore {
     db: DB,
     next: u64,
-}
-
-pub fn encode_signed_list(list: &[Signed]) -> Vec<u8> {
-    let mut out = (list.len() as u64).to_be_bytes().to_vec();
-    for s in list {
-        let b = encode_signed(s);
-        out.extend_from_slice(&(b.len() as u64).to_be_bytes());
-        out.extend_from_slice(&b);
-    }
-    out
-}
-
-pub fn decode_signed_list(mut b: &[u8]) -> Result<Vec<Signed>, StoreError> {
-    let corrupt = || StoreError::Corrupt("bad signed list".into());
-    let n = u64::from_be_bytes(b.get(..8).ok_or_else(corrupt)?.try_into().expect("8"));
-    b = &b[8..];
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let len =
-            u64::from_be_bytes(b.get(..8).ok_or_else(corrupt)?.try_into().expect("8")) as usize;
-        let body = b.get(8..8 + len).ok_or_else(corrupt)?;
-        out.push(decode_signed(body)?);
-        b = &b[8 + len..];
-    }
-    Ok(out)
 }
 
 /// The sequence number a logged message is about, for garbage collection.

@@ -414,6 +414,19 @@ impl<'a> Dec<'a> {
     }
 }
 
+/// Decode exactly one value: trailing bytes are an error.
+fn decode_whole<'a, T>(
+    bytes: &'a [u8],
+    f: impl FnOnce(&mut Dec<'a>) -> Result<T, DecodeError>,
+) -> Result<T, DecodeError> {
+    let mut d = Dec(bytes);
+    let v = f(&mut d)?;
+    if !d.0.is_empty() {
+        return Err(DecodeError::Trailing(d.0.len()));
+    }
+    Ok(v)
+}
+
 /// The canonical bytes of a signed message (what travels and what is stored).
 pub fn encode_signed(s: &Signed) -> Vec<u8> {
     let mut e = Enc(Vec::new());
@@ -422,12 +435,18 @@ pub fn encode_signed(s: &Signed) -> Vec<u8> {
 }
 
 pub fn decode_signed(bytes: &[u8]) -> Result<Signed, DecodeError> {
-    let mut d = Dec(bytes);
-    let s = d.signed()?;
-    if !d.0.is_empty() {
-        return Err(DecodeError::Trailing(d.0.len()));
-    }
-    Ok(s)
+    decode_whole(bytes, |d| d.signed())
+}
+
+/// A list of signed messages (a certificate or checkpoint proof), as messages embed them.
+pub fn encode_signed_list(list: &[Signed]) -> Vec<u8> {
+    let mut e = Enc(Vec::new());
+    e.signed_list(list);
+    e.0
+}
+
+pub fn decode_signed_list(bytes: &[u8]) -> Result<Vec<Signed>, DecodeError> {
+    decode_whole(bytes, |d| d.signed_list())
 }
 
 pub fn encode_batch(b: &Batch) -> Vec<u8> {
@@ -437,12 +456,7 @@ pub fn encode_batch(b: &Batch) -> Vec<u8> {
 }
 
 pub fn decode_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
-    let mut d = Dec(bytes);
-    let b = d.batch()?;
-    if !d.0.is_empty() {
-        return Err(DecodeError::Trailing(d.0.len()));
-    }
-    Ok(b)
+    decode_whole(bytes, |d| d.batch())
 }
 
 pub fn encode_payload(p: &Payload) -> Vec<u8> {
@@ -714,6 +728,11 @@ mod tests {
         for s in sample_messages() {
             let bytes = encode_signed(&s);
             assert_eq!(bytes.len(), encoded_len(&s));
+            let list = vec![s.clone(), s.clone()];
+            assert_eq!(
+                decode_signed_list(&encode_signed_list(&list)).unwrap(),
+                list
+            );
             let back = decode_signed(&bytes).unwrap();
             assert_eq!(back, s);
             assert!(m.verify(&back), "{}", s.payload.kind());

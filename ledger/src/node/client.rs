@@ -74,7 +74,7 @@ impl Client {
                     .ok_or_else(|| bad("short reply"))?
                     .try_into()
                     .expect("32");
-                let certificate = crate::store::decode_signed_list(&body[73..])
+                let certificate = crate::core::message::decode_signed_list(&body[73..])
                     .map_err(|e| bad(&e.to_string()))?;
                 Ok(Reply::Committed {
                     entry_hash: hash,

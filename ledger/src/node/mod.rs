@@ -299,7 +299,7 @@ fn drive(
                     root,
                     certificate,
                 } => {
-                    let cert = crate::store::encode_signed_list(&certificate);
+                    let cert = crate::core::message::encode_signed_list(&certificate);
                     for e in &batch.entries {
                         let hash: [u8; 32] = Sha256::digest(e).into();
                         if let Some(clients) = waiting.remove(&hash) {
