@@ -184,6 +184,20 @@ impl LedgerStore {
 
     /// Blocks (from_seq, to_seq], for a replica catching up.
     pub fn blocks(&self, from_seq: Seq, to_seq: Seq) -> Result<Vec<Batch>, StoreError> {
+        Ok(self
+            .blocks_with_roots(from_seq, to_seq)?
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect())
+    }
+
+    /// Blocks (from_seq, to_seq] with the state root after each, for an application replaying
+    /// what it has not applied yet.
+    pub fn blocks_with_roots(
+        &self,
+        from_seq: Seq,
+        to_seq: Seq,
+    ) -> Result<Vec<(Digest, Batch)>, StoreError> {
         let mut out = Vec::new();
         let start = (from_seq + 1).to_be_bytes();
         for item in self.db.iterator_cf(
@@ -199,7 +213,11 @@ impl LedgerStore {
             if seq > to_seq {
                 break;
             }
-            out.push(decode_batch(&v[32..])?);
+            let root: Digest = v
+                .get(..32)
+                .and_then(|r| r.try_into().ok())
+                .ok_or_else(|| StoreError::Corrupt("block root".into()))?;
+            out.push((root, decode_batch(&v[32..])?));
         }
         Ok(out)
     }

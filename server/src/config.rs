@@ -16,6 +16,10 @@ pub struct Config {
     /// Load profiles from this directory instead of the embedded copy.
     pub profiles_dir: Option<PathBuf>,
     pub workers: usize,
+    /// Consortium genesis (none: a consortium of one, generated under the data directory).
+    pub genesis: Option<PathBuf>,
+    pub replica_id: Option<u32>,
+    pub ledger_key: Option<PathBuf>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -32,12 +36,15 @@ pub struct FileConfig {
     pub max_body_bytes: Option<usize>,
     pub profiles_dir: Option<PathBuf>,
     pub workers: Option<usize>,
+    pub genesis: Option<PathBuf>,
+    pub replica_id: Option<u32>,
+    pub ledger_key: Option<PathBuf>,
 }
 
 /// What the command line and environment may set (clap fills these).
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// TOML configuration file (keys: listen, data-dir, base-url, max-body-bytes, profiles-dir, workers).
+    /// TOML configuration file (keys: listen, data-dir, base-url, max-body-bytes, profiles-dir, workers, genesis, replica-id, ledger-key).
     #[arg(long, env = "FHIRMAMENT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -58,6 +65,15 @@ pub struct ServeArgs {
     /// HTTP worker threads [default: number of cores].
     #[arg(long, env = "FHIRMAMENT_WORKERS")]
     pub workers: Option<usize>,
+    /// Consortium genesis file (chain id, replica keys and peer addresses) [default: a consortium of one, created under <data-dir>/ledger].
+    #[arg(long, env = "FHIRMAMENT_GENESIS")]
+    pub genesis: Option<PathBuf>,
+    /// This node's replica id in the genesis (required with --genesis).
+    #[arg(long = "replica-id", env = "FHIRMAMENT_REPLICA_ID")]
+    pub replica_id: Option<u32>,
+    /// This replica's Ed25519 secret key file (required with --genesis).
+    #[arg(long = "ledger-key", env = "FHIRMAMENT_LEDGER_KEY")]
+    pub ledger_key: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +131,9 @@ impl Config {
                 .or(file.workers)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
                 .max(1),
+            genesis: args.genesis.clone().or(file.genesis),
+            replica_id: args.replica_id.or(file.replica_id),
+            ledger_key: args.ledger_key.clone().or(file.ledger_key),
         })
     }
 

@@ -101,6 +101,15 @@ pub enum Error {
     /// The storage engine failed. Nothing was acknowledged.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// Stored bytes do not match what the ledger committed to: served to nobody.
+    #[error("integrity failure: {0}")]
+    Integrity(String),
+    /// The ledger did not commit in time (or is not reachable); the write was not acknowledged.
+    #[error("ledger unavailable: {0}")]
+    LedgerUnavailable(String),
+    /// The server cannot start with this configuration.
+    #[error("{0}")]
+    Startup(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -136,7 +145,10 @@ impl Error {
             Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::TransactionEntry { source, .. } => source.status(),
-            Error::Storage(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Storage(_) | Error::Internal(_) | Error::Integrity(_) | Error::Startup(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            Error::LedgerUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -174,7 +186,15 @@ impl Error {
                 "exception",
                 "the storage engine failed; nothing was written",
             )],
-            Error::Internal(_) => vec![Issue::error("exception", "internal server error")],
+            Error::Internal(_) | Error::Startup(_) => {
+                vec![Issue::error("exception", "internal server error")]
+            }
+            // Which record failed is not a secret; how the store is laid out is.
+            Error::Integrity(m) => vec![Issue::error(
+                "exception",
+                format!("{m}; the record is withheld and operators have been alerted"),
+            )],
+            Error::LedgerUnavailable(m) => vec![Issue::error("transient", m.clone())],
         }
     }
 

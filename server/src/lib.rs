@@ -4,6 +4,7 @@ pub mod config;
 pub mod error;
 pub mod fhir;
 pub mod http;
+pub mod ledger;
 pub mod profiles;
 pub mod search;
 pub mod store;
@@ -17,7 +18,7 @@ use config::Config;
 use error::{Error, Result};
 use profiles::Profiles;
 use search::Registry;
-use store::txlog::{LocalTxLog, TxLog};
+use store::txlog::{LedgerTxLog, TxLog};
 use store::Store;
 use validate::Validator;
 
@@ -49,10 +50,12 @@ impl Service {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::Storage(format!("creating {}: {e}", config.data_dir.display())))?;
         let store = Arc::new(Store::open(&config.data_dir)?);
-        let txlog: Arc<dyn TxLog> = Arc::new(LocalTxLog::start(
+        let replica = ledger::replica::ReplicaSetup::resolve(&config)?;
+        let txlog: Arc<dyn TxLog> = Arc::new(LedgerTxLog::start(
             store.clone(),
             registry.clone(),
             config.base_url.clone(),
+            &replica,
         )?);
         Ok(Service {
             config,

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ledger::core::Config;
 use ledger::node::genesis::{self, Genesis};
 use ledger::node::{self, NodeConfig};
 
@@ -131,19 +130,7 @@ fn run(cli: Cli) -> Result<(), String> {
         } => {
             let genesis = Genesis::load(&genesis).map_err(|e| e.to_string())?;
             let key = genesis::read_key(&key).map_err(|e| e.to_string())?;
-            let consensus = Config {
-                view_change_timeout: view_change_timeout_ms,
-                max_batch_entries,
-                batch_delay: 1,
-                retransmit_interval: 100,
-                // View changes carry prepared certificates (with their batches) above the stable
-                // checkpoint: frequent checkpoints keep them, and NEW-VIEW, within the limit.
-                checkpoint_interval: 16,
-                window: 64,
-                pipeline: 16,
-                max_message_bytes: 32 << 20,
-                ..Config::default()
-            };
+            let consensus = node::consensus(view_change_timeout_ms, max_batch_entries);
             node::run(NodeConfig {
                 id,
                 genesis,

@@ -37,13 +37,19 @@ impl Batch {
     }
 
     pub fn digest(&self) -> Digest {
-        let mut h = Sha256::new();
-        h.update(b"batch");
-        h.update(self.timestamp.to_be_bytes());
-        h.update((self.entries.len() as u64).to_be_bytes());
-        h.update(self.merkle_root());
-        h.finalize().into()
+        batch_digest(self.timestamp, self.entries.len() as u64, &self.merkle_root())
     }
+}
+
+/// A batch's digest from its header alone, so a verifier holding one entry and its Merkle
+/// inclusion proof can recompute what the replicas signed.
+pub fn batch_digest(timestamp: u64, entries: u64, merkle_root: &Digest) -> Digest {
+    let mut h = Sha256::new();
+    h.update(b"batch");
+    h.update(timestamp.to_be_bytes());
+    h.update(entries.to_be_bytes());
+    h.update(merkle_root);
+    h.finalize().into()
 }
 
 /// The leaf a block adds to the ledger's Merkle log: it names the state root before it (so
@@ -53,11 +59,16 @@ impl Batch {
 /// logarithmic inclusion proof against any later checkpoint, and two checkpoints have a
 /// consistency proof.
 pub fn block_leaf(prev_root: &Digest, seq: Seq, batch: &Batch) -> Digest {
+    block_leaf_of_digest(prev_root, seq, &batch.digest())
+}
+
+/// `block_leaf` from the batch digest alone (for verifiers).
+pub fn block_leaf_of_digest(prev_root: &Digest, seq: Seq, batch_digest: &Digest) -> Digest {
     let mut bytes = Vec::with_capacity(5 + 32 + 8 + 32);
     bytes.extend_from_slice(b"block");
     bytes.extend_from_slice(prev_root);
     bytes.extend_from_slice(&seq.to_be_bytes());
-    bytes.extend_from_slice(&batch.digest());
+    bytes.extend_from_slice(batch_digest);
     merkle::leaf_hash(&bytes)
 }
 

@@ -26,7 +26,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc as amp;
 
 use crate::core::message::{decode_signed, encode_signed};
-use crate::core::{Action, Config, Payload, Record, Replica, ReplicaId, Step};
+use crate::core::{
+    Action, Batch, Config, Digest, Payload, Record, Replica, ReplicaId, Seq, Signed, Step,
+};
 use crate::store::{LedgerStore, StoreError};
 use genesis::Genesis;
 
@@ -60,6 +62,23 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
 }
 
+/// Consensus settings for replica processes (ticks are milliseconds).
+pub fn consensus(view_change_timeout_ms: u64, max_batch_entries: usize) -> Config {
+    Config {
+        view_change_timeout: view_change_timeout_ms,
+        max_batch_entries,
+        batch_delay: 1,
+        retransmit_interval: 100,
+        // View changes carry prepared certificates (with their batches) above the stable
+        // checkpoint: frequent checkpoints keep them, and NEW-VIEW, within the limit.
+        checkpoint_interval: 16,
+        window: 64,
+        pipeline: 16,
+        max_message_bytes: 32 << 20,
+        ..Config::default()
+    }
+}
+
 pub struct NodeConfig {
     pub id: ReplicaId,
     pub genesis: Genesis,
@@ -75,6 +94,51 @@ enum Input {
         entry: Vec<u8>,
         reply: amp::Sender<Vec<u8>>,
     },
+    /// From the application embedding this replica: its executions arrive as `Event`s.
+    Local(Vec<u8>),
+}
+
+/// What an embedding application learns from its replica, in ledger order.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A block was executed (or, at start-up, replayed from the store with no certificate).
+    Executed {
+        seq: Seq,
+        batch: Batch,
+        root: Digest,
+        certificate: Vec<Signed>,
+    },
+    /// A checkpoint became stable: 2f+1 signed (seq, root).
+    Stable {
+        seq: Seq,
+        root: Digest,
+        proof: Vec<Signed>,
+    },
+}
+
+/// The submission side of a replica embedded in an application.
+pub struct Embedded {
+    inputs: SyncSender<Input>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the ledger replica is overloaded")]
+    Busy,
+    #[error("the ledger replica has stopped")]
+    Stopped,
+}
+
+impl Embedded {
+    /// Hand an entry to the replica for ordering; its execution arrives as an `Event`.
+    pub fn submit(&self, entry: Vec<u8>) -> Result<(), SubmitError> {
+        self.inputs
+            .try_send(Input::Local(entry))
+            .map_err(|e| match e {
+                TrySendError::Full(_) => SubmitError::Busy,
+                TrySendError::Disconnected(_) => SubmitError::Stopped,
+            })
+    }
 }
 
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
@@ -167,6 +231,63 @@ async fn peer_writer(addr: SocketAddr, mut queue: amp::Receiver<Vec<u8>>) {
 
 /// Start a replica process's services and run its driver on this thread until the process ends.
 pub fn run(cfg: NodeConfig) -> Result<(), NodeError> {
+    let mut node = start(cfg)?;
+    let n = &mut node;
+    drive(&mut n.replica, &mut n.store, &n.inputs, &n.peers, n.tick, None)
+}
+
+/// Start a replica inside an application: its driver runs on its own thread; blocks executed
+/// after `applied` (the last sequence number the application has applied) are first replayed
+/// from the store, then every execution and stable checkpoint is sent to `events` in order.
+pub fn embed(
+    cfg: NodeConfig,
+    applied: Seq,
+    mut on_event: impl FnMut(Event) + Send + 'static,
+) -> Result<Embedded, NodeError> {
+    let mut node = start(cfg)?;
+    let last = node.replica.last_executed();
+    if applied < last {
+        let blocks = node.store.blocks_with_roots(applied, last)?;
+        for (i, (root, batch)) in blocks.into_iter().enumerate() {
+            on_event(Event::Executed {
+                seq: applied + 1 + i as u64,
+                batch,
+                root,
+                certificate: vec![],
+            });
+        }
+    }
+    let inputs = node.inputs_tx.clone();
+    std::thread::Builder::new()
+        .name("ledger-replica".into())
+        .spawn(move || {
+            let n = &mut node;
+            let r = drive(
+                &mut n.replica,
+                &mut n.store,
+                &n.inputs,
+                &n.peers,
+                n.tick,
+                Some(&mut on_event),
+            );
+            if let Err(e) = r {
+                eprintln!("ledger replica stopped: {e}");
+            }
+        })?;
+    Ok(Embedded { inputs })
+}
+
+struct Started {
+    replica: Replica,
+    store: LedgerStore,
+    inputs: Receiver<Input>,
+    inputs_tx: SyncSender<Input>,
+    peers: HashMap<ReplicaId, amp::Sender<Vec<u8>>>,
+    tick: Duration,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn start(cfg: NodeConfig) -> Result<Started, NodeError> {
     let members = cfg.genesis.membership().map_err(NodeError::Genesis)?;
     let me = cfg
         .genesis
@@ -179,9 +300,9 @@ pub fn run(cfg: NodeConfig) -> Result<(), NodeError> {
             cfg.id
         )));
     }
-    let mut store = LedgerStore::open(&cfg.data_dir)?;
+    let store = LedgerStore::open(&cfg.data_dir)?;
     let records = store.load()?;
-    let mut replica = Replica::restore(
+    let replica = Replica::restore(
         cfg.id,
         cfg.consensus.clone(),
         cfg.key.clone(),
@@ -209,7 +330,15 @@ pub fn run(cfg: NodeConfig) -> Result<(), NodeError> {
             peers.insert(r.id, tx);
         }
     }
-    drive(&mut replica, &mut store, &inputs, &peers, cfg.tick)
+    Ok(Started {
+        replica,
+        store,
+        inputs,
+        inputs_tx,
+        peers,
+        tick: cfg.tick,
+        _rt: rt,
+    })
 }
 
 fn drive(
@@ -218,6 +347,7 @@ fn drive(
     inputs: &Receiver<Input>,
     peers: &HashMap<ReplicaId, amp::Sender<Vec<u8>>>,
     tick: Duration,
+    mut events: Option<&mut dyn FnMut(Event)>,
 ) -> Result<(), NodeError> {
     // Clients waiting for their entries, by entry hash.
     let mut waiting: HashMap<[u8; 32], Vec<amp::Sender<Vec<u8>>>> = HashMap::new();
@@ -260,6 +390,7 @@ fn drive(
                         .push(reply);
                     steps.push(replica.handle_request(now, entry));
                 }
+                Input::Local(entry) => steps.push(replica.handle_request(now, entry)),
             }
         }
         if std::time::Instant::now() >= next_tick {
@@ -281,6 +412,11 @@ fn drive(
         store.append(&records)?;
         for a in actions {
             match a {
+                Action::Persist(Record::Stable { seq, root, proof }) => {
+                    if let Some(ev) = events.as_mut() {
+                        ev(Event::Stable { seq, root, proof });
+                    }
+                }
                 Action::Persist(_) => {}
                 Action::Send { to, message } => {
                     if let Some(q) = peers.get(&to) {
@@ -300,6 +436,14 @@ fn drive(
                     certificate,
                 } => {
                     let cert = crate::core::message::encode_signed_list(&certificate);
+                    if let Some(ev) = events.as_mut() {
+                        ev(Event::Executed {
+                            seq,
+                            batch: batch.clone(),
+                            root,
+                            certificate,
+                        });
+                    }
                     for e in &batch.entries {
                         let hash: [u8; 32] = Sha256::digest(e).into();
                         if let Some(clients) = waiting.remove(&hash) {

@@ -11,7 +11,16 @@
 //! | `index`       | see `search::keys`                    | date bounds or empty                   |
 //! | `values`      | param prefix(5) id                    | encoded `IndexValue` list              |
 //! | `meta`        | name                                  | counters (last tx, last timestamp)     |
+//! | `ledger`      | `b` seq(8)                            | `BlockInfo`: header, entries, commits  |
+//! |               | `l` seq(8)                            | the block's leaf in the ledger's tree  |
+//! |               | `c` type \0 id                        | `LedgerHead`: version, deleted, holder |
+//! |               | `r` type \0 id \0 version(8)          | `RecordRef`: position, commitment      |
+//! |               | `s` type \0 id \0 version(8)          | the version's salt (held versions only)|
+//! |               | `p` sha256(entry)                     | a submitted entry's pending writes     |
+//! |               | `k`                                   | the latest `StableCheckpoint`          |
 //!
+//! `ledger` is what this replica derived from executed blocks, in ledger order (the same on
+//! every replica, except `s` and `p`, which belong to the holder).
 //! `versions`, `current` and both histories are the record; `index` and `values` are derived
 //! from the stored versions alone and `fhirmament reindex` rebuilds them byte for byte.
 //! Every change is written by the commit thread in `txlog` as one synced WriteBatch.
@@ -34,7 +43,8 @@ pub const CF_TYPE_HISTORY: &str = "type_history";
 pub const CF_INDEX: &str = "index";
 pub const CF_VALUES: &str = "values";
 pub const CF_META: &str = "meta";
-pub const COLUMN_FAMILIES: [&str; 7] = [
+pub const CF_LEDGER: &str = "ledger";
+pub const COLUMN_FAMILIES: [&str; 8] = [
     CF_VERSIONS,
     CF_CURRENT,
     CF_HISTORY,
@@ -42,12 +52,16 @@ pub const COLUMN_FAMILIES: [&str; 7] = [
     CF_INDEX,
     CF_VALUES,
     CF_META,
+    CF_LEDGER,
 ];
 /// The derived families that `reindex` rebuilds.
 pub const DERIVED_FAMILIES: [&str; 2] = [CF_INDEX, CF_VALUES];
 
 pub const META_LAST_TX: &[u8] = b"last_tx";
 pub const META_LAST_TS: &[u8] = b"last_timestamp";
+/// The last ledger sequence number applied, and the ledger root after it.
+pub const META_APPLIED_SEQ: &[u8] = b"applied_seq";
+pub const META_LEDGER_ROOT: &[u8] = b"ledger_root";
 /// `date_width` + param prefix -> the widest date range (ms) ever indexed for that parameter.
 pub const META_DATE_WIDTH: &[u8] = b"date_width";
 
@@ -173,6 +187,13 @@ pub fn version_key(rtype: ResourceType, id: &str, version: u64) -> Vec<u8> {
     k
 }
 
+pub fn ledger_key(tag: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + rest.len());
+    k.push(tag);
+    k.extend_from_slice(rest);
+    k
+}
+
 /// Position in the system history: (transaction, entry within it).
 pub type HistoryCursor = (u64, u32);
 
@@ -273,11 +294,150 @@ impl Store {
             .and_then(|b| Current::decode(&b)))
     }
 
+    /// A stored version, checked against the ledger's commitment: bytes that do not match
+    /// what the ledger committed to are never returned.
     pub fn version(&self, rtype: ResourceType, id: &str, version: u64) -> Result<Option<Version>> {
+        match self.version_unchecked(rtype, id, version)? {
+            Some(v) => self.check_commitment(v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A stored version as it is on disk, for `$verify` to report on.
+    pub fn version_unchecked(
+        &self,
+        rtype: ResourceType,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<Version>> {
         let raw = self
             .db
             .get_pinned_cf(self.cf(CF_VERSIONS), version_key(rtype, id, version))?;
         Ok(raw.and_then(|b| Version::decode(rtype, id, version, &b)))
+    }
+
+    /// Compare a stored version with its ledger record; alert and fail closed on a mismatch.
+    pub fn check_commitment(&self, v: Version) -> Result<Version> {
+        match self.commitment_mismatch(&v)? {
+            None => Ok(v),
+            Some(why) => {
+                tracing::error!(
+                    target: "fhirmament::integrity",
+                    resource = %format!("{}/{}/_history/{}", v.rtype, v.id, v.version),
+                    "ALERT: stored record does not match the ledger: {why}"
+                );
+                Err(Error::Integrity(format!(
+                    "{}/{}/_history/{} does not match its ledger commitment",
+                    v.rtype, v.id, v.version
+                )))
+            }
+        }
+    }
+
+    /// Why a stored version does not match the ledger, or None when it does.
+    pub fn commitment_mismatch(&self, v: &Version) -> Result<Option<String>> {
+        let vk = version_key(v.rtype, &v.id, v.version);
+        let Some(rec) = self.ledger_record_at(&vk)? else {
+            return Ok(Some("the ledger has no record of this version".into()));
+        };
+        if rec.deleted != v.deleted {
+            return Ok(Some("the deletion flag differs from the ledger".into()));
+        }
+        let Some(expected) = rec.commitment else {
+            return Ok(None);
+        };
+        let Some(salt) = self.salt_at(&vk)? else {
+            return Ok(Some("the version's salt is missing".into()));
+        };
+        match crate::ledger::entry::commitment_of_stored(&salt, &v.body) {
+            Ok(c) if c == expected => Ok(None),
+            Ok(_) => Ok(Some("the commitment of the stored bytes differs".into())),
+            Err(_) => Ok(Some("the stored bytes are not JSON".into())),
+        }
+    }
+
+    fn ledger_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_LEDGER), key)?)
+    }
+
+    fn ledger_record_at(&self, vk: &[u8]) -> Result<Option<crate::ledger::RecordRef>> {
+        Ok(self
+            .ledger_get(&ledger_key(b'r', vk))?
+            .and_then(|b| crate::ledger::RecordRef::decode(&b)))
+    }
+
+    fn salt_at(&self, vk: &[u8]) -> Result<Option<[u8; 32]>> {
+        Ok(self
+            .ledger_get(&ledger_key(b's', vk))?
+            .and_then(|b| <[u8; 32]>::try_from(&b[..]).ok()))
+    }
+
+    pub fn ledger_record(
+        &self,
+        rtype: ResourceType,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<crate::ledger::RecordRef>> {
+        self.ledger_record_at(&version_key(rtype, id, version))
+    }
+
+    pub fn salt(&self, rtype: ResourceType, id: &str, version: u64) -> Result<Option<[u8; 32]>> {
+        self.salt_at(&version_key(rtype, id, version))
+    }
+
+    pub fn ledger_head(
+        &self,
+        rtype: ResourceType,
+        id: &str,
+    ) -> Result<Option<crate::ledger::LedgerHead>> {
+        Ok(self
+            .ledger_get(&ledger_key(b'c', &resource_key(rtype, id)))?
+            .and_then(|b| crate::ledger::LedgerHead::decode(&b)))
+    }
+
+    pub fn ledger_block(&self, seq: u64) -> Result<Option<crate::ledger::BlockInfo>> {
+        Ok(self
+            .ledger_get(&ledger_key(b'b', &seq.to_be_bytes()))?
+            .and_then(|b| crate::ledger::BlockInfo::decode(&b)))
+    }
+
+    pub fn stable_checkpoint(&self) -> Result<Option<crate::ledger::StableCheckpoint>> {
+        Ok(self
+            .ledger_get(b"k")?
+            .and_then(|b| crate::ledger::StableCheckpoint::decode(&b)))
+    }
+
+    /// The ledger tree's leaves for blocks 1..=seq.
+    pub fn ledger_leaves(&self, seq: u64) -> Result<Vec<[u8; 32]>> {
+        let mut out = Vec::with_capacity(seq as usize);
+        let start = ledger_key(b'l', &1u64.to_be_bytes());
+        for item in self.db.iterator_cf(
+            self.cf(CF_LEDGER),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if k.first() != Some(&b'l') || out.len() as u64 >= seq {
+                break;
+            }
+            out.push(
+                <[u8; 32]>::try_from(&v[..])
+                    .map_err(|_| Error::Storage("corrupt ledger leaf".into()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The last applied ledger position and the root after it.
+    pub fn applied(&self) -> Result<(u64, [u8; 32])> {
+        let meta = |k: &[u8]| self.db.get_cf(self.cf(CF_META), k);
+        let seq = meta(META_APPLIED_SEQ)?
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        let root = meta(META_LEDGER_ROOT)?
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or_else(|| ledger::merkle::Frontier::default().root());
+        Ok((seq, root))
     }
 
     /// The current version, or 404 / 410.
@@ -443,7 +603,7 @@ impl Store {
                 next = Some((ver + 1, 0));
                 break;
             }
-            versions.push(version);
+            versions.push(self.check_commitment(version)?);
         }
         Ok(HistoryPage { versions, next })
     }

@@ -1,26 +1,36 @@
 //! The transaction log: the one narrow interface every change passes through.
 //!
-//! `TxLog::submit` takes an atomic list of `Change`s and answers, once they are durable,
-//! with the position they were committed at. The local implementation here applies changes
-//! on a single commit thread (so preconditions, If-Match and conditional operations are
-//! evaluated in one serial order) and groups whatever arrived together into one synced
-//! RocksDB WriteBatch (group commit): many writers share each fsync. The PBFT ledger will
-//! take this place: it orders the same `Change` lists and every replica applies them with the
-//! same `apply` code.
+//! `TxLog::submit` takes an atomic list of `Change`s and answers once they are committed on
+//! the ledger and durable here. A single commit thread evaluates submissions in one serial
+//! order (preconditions, If-Match, conditional operations) against this node's state, seals
+//! each successful one into a signed ledger entry (`crate::ledger::entry`) with a salted
+//! commitment per new version, makes its pending writes durable, and submits the entries to
+//! the embedded PBFT replica. Executed blocks come back in ledger order — this node's entries
+//! and every other organization's — and are applied one synced WriteBatch per block; only then
+//! are clients answered. Whatever arrived while the ledger worked forms the next group, so
+//! many writers share each round trip and each fsync.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ledger::core::{block_leaf, Batch};
+use ledger::node::{Embedded, Event};
+use sha2::{Digest as _, Sha256};
 
 use rocksdb::{WriteBatch, WriteOptions};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
-use super::{resource_key, version_key, Current, Method, Store, Version};
+use super::{ledger_key, resource_key, version_key, Current, Method, Store, Version};
 use super::{
-    CF_CURRENT, CF_HISTORY, CF_INDEX, CF_META, CF_TYPE_HISTORY, CF_VALUES, CF_VERSIONS,
-    META_LAST_TS, META_LAST_TX,
+    CF_CURRENT, CF_HISTORY, CF_INDEX, CF_LEDGER, CF_META, CF_TYPE_HISTORY, CF_VALUES, CF_VERSIONS,
+    COLUMN_FAMILIES, META_APPLIED_SEQ, META_LAST_TS, META_LAST_TX, META_LEDGER_ROOT,
 };
+use crate::ledger::entry::{self, LedgerEntry, VersionRecord};
+use crate::ledger::replica::ReplicaSetup;
+use crate::ledger::{BlockInfo, LedgerHead, RecordRef, StableCheckpoint};
 use crate::error::{Error, Result};
 use crate::fhir::{format_instant, new_id, now_ms, ResourceType};
 use crate::search::keys::{index_entries, param_prefix, values_key};
@@ -112,6 +122,10 @@ pub struct Applied {
     pub outcome: Outcome,
     /// The stored JSON (None for deletes and no-ops).
     pub body: Option<Arc<[u8]>>,
+    /// The salted commitment to the stored JSON (None for deletes and no-ops).
+    pub commitment: Option<[u8; 32]>,
+    /// The patient compartments the new version belongs to.
+    pub patients: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -130,30 +144,51 @@ struct Job {
     reply: oneshot::Sender<Result<Committed>>,
 }
 
-/// The single-node TxLog: a commit thread over the local RocksDB store.
-pub struct LocalTxLog {
-    sender: std::sync::Mutex<mpsc::Sender<Job>>,
+enum Input {
+    Job(Job),
+    Ledger(Event),
 }
 
-impl LocalTxLog {
-    pub fn start(store: Arc<Store>, registry: Arc<Registry>, base: String) -> Result<LocalTxLog> {
-        let (sender, receiver) = mpsc::channel::<Job>();
-        let mut committer = Committer::new(store, registry, base)?;
+/// How long a write waits for the ledger before its client is told the outcome is unknown.
+const LEDGER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The TxLog of a ledger replica: the commit thread evaluates submissions serially against
+/// this node's state, seals each into a signed ledger entry, and applies it only when the
+/// ledger executes it (after 2f+1 replicas committed it), in ledger order, with every other
+/// organization's entries. Nothing is acknowledged before that.
+pub struct LedgerTxLog {
+    sender: std::sync::Mutex<mpsc::Sender<Input>>,
+}
+
+impl LedgerTxLog {
+    pub fn start(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        base: String,
+        replica: &ReplicaSetup,
+    ) -> Result<LedgerTxLog> {
+        let (sender, receiver) = mpsc::channel::<Input>();
+        let (applied, _) = store.applied()?;
+        let events = sender.clone();
+        let embedded = replica.start(applied, move |ev| {
+            let _ = events.send(Input::Ledger(ev));
+        })?;
+        let mut committer = Committer::new(store, registry, base, replica, embedded)?;
         std::thread::Builder::new()
             .name("fhirmament-commit".into())
             .spawn(move || committer.run(receiver))
             .map_err(|e| Error::Internal(format!("cannot start the commit thread: {e}")))?;
-        Ok(LocalTxLog {
+        Ok(LedgerTxLog {
             sender: std::sync::Mutex::new(sender),
         })
     }
 }
 
-impl TxLog for LocalTxLog {
+impl TxLog for LedgerTxLog {
     fn submit(&self, changes: Vec<Change>) -> oneshot::Receiver<Result<Committed>> {
         let (reply, rx) = oneshot::channel();
         let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(mpsc::SendError(job)) = sender.send(Job { changes, reply }) {
+        if let Err(mpsc::SendError(Input::Job(job))) = sender.send(Input::Job(Job { changes, reply })) {
             let _ = job
                 .reply
                 .send(Err(Error::Storage("the commit thread has stopped".into())));
@@ -163,7 +198,7 @@ impl TxLog for LocalTxLog {
 }
 
 /// Pending writes of one group, readable before they are durable.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Overlay {
     writes: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
     order: Vec<(&'static str, Vec<u8>)>,
@@ -181,9 +216,67 @@ impl Overlay {
             self.put(k.0, k.1, v);
         }
     }
-    fn is_empty(&self) -> bool {
-        self.order.is_empty()
+    /// `tx(8) ts(8)` then, per write: family index(1), key length(4), key, present(1),
+    /// value length(4), value.
+    fn encode(&self, tx: u64, ts: i64) -> Vec<u8> {
+        let mut out = tx.to_be_bytes().to_vec();
+        out.extend_from_slice(&ts.to_be_bytes());
+        for k in &self.order {
+            let v = self.writes.get(k).expect("ordered key present");
+            let cf = COLUMN_FAMILIES
+                .iter()
+                .position(|c| *c == k.0)
+                .expect("declared family");
+            out.push(cf as u8);
+            out.extend_from_slice(&(k.1.len() as u32).to_be_bytes());
+            out.extend_from_slice(&k.1);
+            match v {
+                Some(v) => {
+                    out.push(1);
+                    out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                    out.extend_from_slice(v);
+                }
+                None => out.push(0),
+            }
+        }
+        out
     }
+
+    fn decode(b: &[u8]) -> Option<(u64, i64, Overlay)> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            (b.len() >= n).then(|| {
+                let (h, t) = b.split_at(n);
+                *b = t;
+                h
+            })
+        }
+        let mut b = b;
+        let b = &mut b;
+        let tx = u64::from_be_bytes(take(b, 8)?.try_into().ok()?);
+        let ts = i64::from_be_bytes(take(b, 8)?.try_into().ok()?);
+        let mut o = Overlay::default();
+        while !b.is_empty() {
+            let cf = *COLUMN_FAMILIES.get(take(b, 1)?[0] as usize)?;
+            let klen = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
+            let key = take(b, klen)?.to_vec();
+            let value = match take(b, 1)?[0] {
+                0 => None,
+                _ => {
+                    let vlen = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
+                    Some(take(b, vlen)?.to_vec())
+                }
+            };
+            o.put(cf, key, value);
+        }
+        Some((tx, ts, o))
+    }
+}
+
+/// A submission sealed into a ledger entry and waiting for the ledger to execute it.
+struct InFlight {
+    reply: oneshot::Sender<Result<Committed>>,
+    committed: Committed,
+    since: Instant,
 }
 
 struct Committer {
@@ -192,6 +285,20 @@ struct Committer {
     base: String,
     last_tx: u64,
     last_ts: i64,
+    /// This replica: the holder of what it accepts.
+    me: u32,
+    chain_id: String,
+    key: ed25519_dalek::SigningKey,
+    members: ledger::core::Membership,
+    replica: Embedded,
+    /// By sha256 of the sealed entry.
+    inflight: HashMap<[u8; 32], InFlight>,
+    /// Pending writes of entries this node submitted, by the same hash (also durable under
+    /// `p` in the ledger family, for entries that execute after a restart).
+    pending: HashMap<[u8; 32], (u64, i64, Overlay)>,
+    queued: VecDeque<Job>,
+    applied_seq: u64,
+    ledger_root: [u8; 32],
 }
 
 fn read_counter(store: &Store, key: &[u8]) -> Result<u64> {
@@ -203,96 +310,391 @@ fn read_counter(store: &Store, key: &[u8]) -> Result<u64> {
         .unwrap_or(0))
 }
 
+fn sync_write(store: &Store, batch: WriteBatch) -> Result<()> {
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    Ok(store.db().write_opt(batch, &wo)?)
+}
+
 impl Committer {
-    fn new(store: Arc<Store>, registry: Arc<Registry>, base: String) -> Result<Committer> {
+    fn new(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        base: String,
+        replica: &ReplicaSetup,
+        embedded: Embedded,
+    ) -> Result<Committer> {
         let last_tx = read_counter(&store, META_LAST_TX)?;
         let last_ts = read_counter(&store, META_LAST_TS)? as i64;
+        let (applied_seq, ledger_root) = store.applied()?;
         Ok(Committer {
             store,
             registry,
             base,
             last_tx,
             last_ts,
+            me: replica.id,
+            chain_id: replica.membership.chain_id.clone(),
+            key: replica.key.clone(),
+            members: replica.membership.clone(),
+            replica: embedded,
+            inflight: HashMap::new(),
+            pending: HashMap::new(),
+            queued: VecDeque::new(),
+            applied_seq,
+            ledger_root,
         })
     }
 
-    fn run(&mut self, receiver: mpsc::Receiver<Job>) {
-        while let Ok(first) = receiver.recv() {
-            let mut jobs = vec![first];
-            while jobs.len() < MAX_GROUP {
+    fn run(&mut self, receiver: mpsc::Receiver<Input>) {
+        loop {
+            let first = if !self.inflight.is_empty() {
+                match receiver.recv_timeout(Duration::from_millis(100)) {
+                    Ok(i) => Some(i),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else if self.queued.is_empty() {
+                match receiver.recv() {
+                    Ok(i) => Some(i),
+                    Err(_) => return,
+                }
+            } else {
+                None
+            };
+            let mut inputs: Vec<Input> = first.into_iter().collect();
+            while inputs.len() < 4 * MAX_GROUP {
                 match receiver.try_recv() {
-                    Ok(j) => jobs.push(j),
+                    Ok(i) => inputs.push(i),
                     Err(_) => break,
                 }
             }
-            let mut group = Overlay::default();
-            let mut replies: Vec<(oneshot::Sender<Result<Committed>>, Result<Committed>)> =
-                Vec::new();
-            let (mut saved_tx, mut saved_ts) = (self.last_tx, self.last_ts);
-            for job in jobs {
-                // A conditional operation searches committed state: make the group durable first.
-                if job.changes.iter().any(Change::needs_search) && !group.is_empty() {
-                    self.flush(std::mem::take(&mut group), &mut replies, saved_tx, saved_ts);
-                    (saved_tx, saved_ts) = (self.last_tx, self.last_ts);
+            for input in inputs {
+                match input {
+                    Input::Job(j) => self.queued.push_back(j),
+                    Input::Ledger(ev) => self.on_ledger_event(ev),
                 }
-                let mut own = Overlay::default();
-                let (tx_before, ts_before) = (self.last_tx, self.last_ts);
-                let result = self.apply(&group, &mut own, job.changes);
-                match &result {
-                    Ok(c) if c.tx != 0 => group.merge(own),
-                    _ => (self.last_tx, self.last_ts) = (tx_before, ts_before),
-                }
-                replies.push((job.reply, result));
             }
-            self.flush(group, &mut replies, saved_tx, saved_ts);
+            self.expire();
+            if self.inflight.is_empty() && !self.queued.is_empty() {
+                self.submit_group();
+            }
         }
     }
 
-    /// Make the group durable with one synced WriteBatch, then answer everyone waiting on it.
-    fn flush(
+    fn on_ledger_event(&mut self, ev: Event) {
+        let result = match ev {
+            Event::Executed {
+                seq,
+                batch,
+                root,
+                certificate,
+            } => self.apply_block(seq, batch, root, certificate),
+            Event::Stable { seq, root, proof } => self.record_checkpoint(seq, root, proof),
+        };
+        if let Err(e) = result {
+            // The ledger executed a block this node cannot record: stop rather than diverge.
+            // On restart the block is replayed from the replica's store.
+            tracing::error!(error = %e, "cannot apply a committed ledger block; stopping");
+            std::process::exit(70);
+        }
+    }
+
+    fn record_checkpoint(&mut self, seq: u64, root: [u8; 32], proof: Vec<ledger::core::Signed>) -> Result<()> {
+        let newer = self.store.stable_checkpoint()?.is_none_or(|s| s.seq < seq);
+        if newer {
+            let cp = StableCheckpoint { seq, root, proof };
+            self.store
+                .db()
+                .put_cf(self.store.cf(CF_LEDGER), b"k", cp.encode())?;
+        }
+        Ok(())
+    }
+
+    /// Answer submissions the ledger has not executed in time. Their pending writes stay
+    /// durable: if the entry does execute later, it is applied like any other.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let late: Vec<[u8; 32]> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.since) > LEDGER_TIMEOUT)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in late {
+            if let Some(f) = self.inflight.remove(&h) {
+                let _ = f.reply.send(Err(Error::LedgerUnavailable(format!(
+                    "the ledger did not commit this write within {} s; it may still commit later — read the resource before retrying",
+                    LEDGER_TIMEOUT.as_secs()
+                ))));
+            }
+        }
+    }
+
+    /// Evaluate queued submissions in order, seal the successful ones into ledger entries,
+    /// make their pending writes durable and hand the entries to the replica.
+    fn submit_group(&mut self) {
+        let mut group = Overlay::default();
+        let mut sealed: Vec<([u8; 32], Vec<u8>, InFlight, u64, i64, Overlay)> = Vec::new();
+        while let Some(job) = self.queued.front() {
+            // A conditional operation searches applied state: it starts a group of its own.
+            if job.changes.iter().any(Change::needs_search) && !sealed.is_empty() {
+                break;
+            }
+            if sealed.len() >= MAX_GROUP {
+                break;
+            }
+            let job = self.queued.pop_front().expect("front exists");
+            let mut own = Overlay::default();
+            let (tx_before, ts_before) = (self.last_tx, self.last_ts);
+            let result = self
+                .apply(&group, &mut own, job.changes)
+                .and_then(|c| Ok((self.seal(&c)?, c)));
+            match result {
+                Ok((Some(bytes), c)) => {
+                    group.merge(own.clone());
+                    let hash: [u8; 32] = Sha256::digest(&bytes).into();
+                    let f = InFlight {
+                        reply: job.reply,
+                        committed: c,
+                        since: Instant::now(),
+                    };
+                    sealed.push((hash, bytes, f, self.last_tx, self.last_ts, own));
+                }
+                Ok((None, c)) => {
+                    let _ = job.reply.send(Ok(c));
+                }
+                Err(e) => {
+                    (self.last_tx, self.last_ts) = (tx_before, ts_before);
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+        }
+        if sealed.is_empty() {
+            return;
+        }
+        let mut batch = WriteBatch::default();
+        for (hash, _, _, tx, ts, own) in &sealed {
+            batch.put_cf(
+                self.store.cf(CF_LEDGER),
+                ledger_key(b'p', hash),
+                own.encode(*tx, *ts),
+            );
+        }
+        if let Err(e) = sync_write(&self.store, batch) {
+            tracing::error!(error = %e, "cannot persist pending writes; nothing in the group was submitted");
+            for (_, _, f, ..) in sealed {
+                let _ = f.reply.send(Err(Error::Storage(e.to_string())));
+            }
+            return;
+        }
+        for (hash, bytes, f, tx, ts, own) in sealed {
+            match self.replica.submit(bytes) {
+                Ok(()) => {
+                    self.pending.insert(hash, (tx, ts, own));
+                    self.inflight.insert(hash, f);
+                }
+                Err(e) => {
+                    let _ = self
+                        .store
+                        .db()
+                        .delete_cf(self.store.cf(CF_LEDGER), ledger_key(b'p', &hash));
+                    let _ = f.reply.send(Err(Error::LedgerUnavailable(e.to_string())));
+                }
+            }
+        }
+    }
+
+    /// The sealed ledger entry for a successful submission; None when it wrote nothing.
+    fn seal(&self, c: &Committed) -> Result<Option<Vec<u8>>> {
+        let records: Vec<VersionRecord> = c
+            .applied
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a.outcome,
+                    Outcome::Created | Outcome::Updated | Outcome::Deleted
+                )
+            })
+            .map(|a| VersionRecord {
+                rtype: a.rtype.to_string(),
+                id: a.id.clone(),
+                version: a.version,
+                deleted: a.outcome == Outcome::Deleted,
+                commitment: a.commitment.map(|c| entry::hex(&c)),
+                patients: a.patients.clone(),
+            })
+            .collect();
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let e = LedgerEntry {
+            format: entry::ENTRY_FORMAT,
+            tx: new_id(),
+            holder: self.me,
+            client: "anonymous".into(),
+            at: format_instant(c.applied.first().map_or(self.last_ts, |a| a.last_updated)),
+            records,
+        };
+        Ok(Some(entry::seal(&e, &self.chain_id, &self.key)))
+    }
+
+    /// Apply an executed block, in ledger order: check each entry against the ledger state
+    /// (every replica reaches the same verdict), record it, and apply the pending writes of
+    /// the entries this node holds. One synced WriteBatch per block; then answer the clients.
+    fn apply_block(
         &mut self,
-        group: Overlay,
-        replies: &mut Vec<(oneshot::Sender<Result<Committed>>, Result<Committed>)>,
-        saved_tx: u64,
-        saved_ts: i64,
-    ) {
-        if !group.is_empty() {
-            let mut batch = WriteBatch::default();
-            for (cf, key) in &group.order {
-                match group
-                    .writes
-                    .get(&(*cf, key.clone()))
-                    .expect("ordered key present")
-                {
-                    Some(v) => batch.put_cf(self.store.cf(cf), key, v),
-                    None => batch.delete_cf(self.store.cf(cf), key),
-                }
+        seq: u64,
+        batch: Batch,
+        root: [u8; 32],
+        certificate: Vec<ledger::core::Signed>,
+    ) -> Result<()> {
+        if seq <= self.applied_seq {
+            return Ok(());
+        }
+        if seq != self.applied_seq + 1 {
+            return Err(Error::Storage(format!(
+                "ledger block {seq} arrived after block {}",
+                self.applied_seq
+            )));
+        }
+        let mut wb = WriteBatch::default();
+        let leaf = block_leaf(&self.ledger_root, seq, &batch);
+        let mut heads: HashMap<Vec<u8>, LedgerHead> = HashMap::new();
+        let mut verdicts: Vec<([u8; 32], bool)> = Vec::new();
+        let (mut max_tx, mut max_ts) = (0u64, 0i64);
+        for (i, bytes) in batch.entries.iter().enumerate() {
+            let Some(e) = entry::open_sealed(bytes, &self.members) else {
+                tracing::warn!(seq, entry = i, "ignoring a ledger entry that is not a sealed Fhirmament entry");
+                continue;
+            };
+            let accepted = self.record_entry(&e, seq, i as u32, &mut heads, &mut wb)?;
+            if e.holder != self.me {
+                continue;
             }
-            batch.put_cf(
-                self.store.cf(CF_META),
-                META_LAST_TX,
-                self.last_tx.to_be_bytes(),
-            );
-            batch.put_cf(
-                self.store.cf(CF_META),
-                META_LAST_TS,
-                (self.last_ts as u64).to_be_bytes(),
-            );
-            let mut wo = WriteOptions::default();
-            wo.set_sync(true);
-            if let Err(e) = self.store.db().write_opt(batch, &wo) {
-                tracing::error!(error = %e, "group commit failed; nothing in the group was acknowledged");
-                (self.last_tx, self.last_ts) = (saved_tx, saved_ts);
-                for (_, r) in replies.iter_mut() {
-                    if r.is_ok() {
-                        *r = Err(Error::Storage(e.to_string()));
+            let hash: [u8; 32] = Sha256::digest(bytes).into();
+            let pending = match self.pending.remove(&hash) {
+                Some(p) => Some(p),
+                None => self
+                    .store
+                    .db()
+                    .get_cf(self.store.cf(CF_LEDGER), ledger_key(b'p', &hash))?
+                    .and_then(|b| Overlay::decode(&b)),
+            };
+            match (accepted, pending) {
+                (true, Some((tx, ts, own))) => {
+                    for (cf, key) in &own.order {
+                        match own.writes.get(&(*cf, key.clone())).expect("ordered key") {
+                            Some(v) => wb.put_cf(self.store.cf(cf), key, v),
+                            None => wb.delete_cf(self.store.cf(cf), key),
+                        }
                     }
+                    max_tx = max_tx.max(tx);
+                    max_ts = max_ts.max(ts);
                 }
+                (true, None) => tracing::error!(
+                    seq,
+                    entry = i,
+                    "ALERT: the ledger committed a version this node holds but its bytes are missing"
+                ),
+                (false, _) => {}
+            }
+            wb.delete_cf(self.store.cf(CF_LEDGER), ledger_key(b'p', &hash));
+            verdicts.push((hash, accepted));
+        }
+        let info = BlockInfo {
+            timestamp: batch.timestamp,
+            prev_root: self.ledger_root,
+            root,
+            entries: batch.entries,
+            certificate,
+        };
+        let seq_key = seq.to_be_bytes();
+        wb.put_cf(self.store.cf(CF_LEDGER), ledger_key(b'b', &seq_key), info.encode());
+        wb.put_cf(self.store.cf(CF_LEDGER), ledger_key(b'l', &seq_key), leaf);
+        wb.put_cf(self.store.cf(CF_META), META_APPLIED_SEQ, seq_key);
+        wb.put_cf(self.store.cf(CF_META), META_LEDGER_ROOT, root);
+        if max_tx > 0 {
+            self.last_tx = self.last_tx.max(max_tx);
+            self.last_ts = self.last_ts.max(max_ts);
+            wb.put_cf(self.store.cf(CF_META), META_LAST_TX, self.last_tx.to_be_bytes());
+            wb.put_cf(self.store.cf(CF_META), META_LAST_TS, (self.last_ts as u64).to_be_bytes());
+        }
+        sync_write(&self.store, wb)?;
+        self.applied_seq = seq;
+        self.ledger_root = root;
+        for (hash, accepted) in verdicts {
+            if let Some(f) = self.inflight.remove(&hash) {
+                let _ = f.reply.send(if accepted {
+                    Ok(f.committed)
+                } else {
+                    Err(Error::VersionConflict(
+                        "a concurrent change to the same resource committed first on the ledger; retry".into(),
+                    ))
+                });
             }
         }
-        for (reply, result) in replies.drain(..) {
-            let _ = reply.send(result);
+        Ok(())
+    }
+
+    /// Check an entry against the ledger state (each record must be the next version of its
+    /// resource) and, when it holds, record it. Returns whether the entry was accepted.
+    fn record_entry(
+        &self,
+        e: &LedgerEntry,
+        seq: u64,
+        index: u32,
+        heads: &mut HashMap<Vec<u8>, LedgerHead>,
+        wb: &mut WriteBatch,
+    ) -> Result<bool> {
+        let mut staged: Vec<(Vec<u8>, LedgerHead, Option<[u8; 32]>)> = Vec::new();
+        for r in &e.records {
+            let Ok(rt) = r.rtype.parse::<ResourceType>() else {
+                return Ok(false);
+            };
+            let key = resource_key(rt, &r.id);
+            let cur = match staged.iter().rev().find(|s| s.0 == key) {
+                Some(s) => Some(s.1),
+                None => match heads.get(&key) {
+                    Some(h) => Some(*h),
+                    None => self.store.ledger_head(rt, &r.id)?,
+                },
+            };
+            if r.version != cur.map_or(0, |h| h.version) + 1 {
+                return Ok(false);
+            }
+            let commitment = match (&r.commitment, r.deleted) {
+                (None, true) => None,
+                (Some(c), false) => match entry::unhex32(c) {
+                    Some(c) => Some(c),
+                    None => return Ok(false),
+                },
+                _ => return Ok(false),
+            };
+            let head = LedgerHead {
+                version: r.version,
+                deleted: r.deleted,
+                holder: e.holder,
+            };
+            staged.push((key, head, commitment));
         }
+        for (i, (key, head, commitment)) in staged.into_iter().enumerate() {
+            let mut vk = key.clone();
+            vk.push(0);
+            vk.extend_from_slice(&head.version.to_be_bytes());
+            let rec = RecordRef {
+                seq,
+                entry: index,
+                record: i as u32,
+                holder: head.holder,
+                deleted: head.deleted,
+                commitment,
+            };
+            wb.put_cf(self.store.cf(CF_LEDGER), ledger_key(b'r', &vk), rec.encode());
+            wb.put_cf(self.store.cf(CF_LEDGER), ledger_key(b'c', &key), head.encode());
+            heads.insert(key, head);
+        }
+        Ok(true)
     }
 
     fn get(
@@ -389,7 +791,7 @@ impl Committer {
                         }
                         1 => {
                             let v = self.store.read(rtype, &found[0])?;
-                            return Ok(Applied { rtype, id: v.id, version: v.version, last_updated: v.last_updated, outcome: Outcome::Existing, body: Some(v.body) });
+                            return Ok(Applied { rtype, id: v.id, version: v.version, last_updated: v.last_updated, outcome: Outcome::Existing, body: Some(v.body), commitment: None, patients: vec![] });
                         }
                         _ => return Err(Error::MultipleMatches(format!("If-None-Exist matches more than one {rtype}"))),
                     }
@@ -501,13 +903,15 @@ impl Committer {
                         last_updated: ts,
                         outcome: Outcome::NoOp,
                         body: None,
+                        commitment: None,
+                        patients: vec![],
                     }),
                 }
             }
             Change::ConditionalDelete { rtype, query } => {
                 let found = self.search_one(&query)?;
                 match found.len() {
-                    0 => Ok(Applied { rtype, id: String::new(), version: 0, last_updated: ts, outcome: Outcome::NoOp, body: None }),
+                    0 => Ok(Applied { rtype, id: String::new(), version: 0, last_updated: ts, outcome: Outcome::NoOp, body: None, commitment: None, patients: vec![] }),
                     1 => {
                         let cur = self.current(group, own, rtype, &found[0])?;
                         self.write_version(group, own, tx, ts, entry, rtype, &found[0], None, Method::Delete, cur)
@@ -536,9 +940,22 @@ impl Committer {
     ) -> Result<Applied> {
         let version = cur.map_or(1, |c| c.version + 1);
         let deleted = resource.is_none();
+        let mut commitment = None;
+        let mut patients = Vec::new();
         let body: Option<Vec<u8>> = match resource {
             Some(mut r) => {
                 set_id_and_meta(&mut r, id, version, ts);
+                let salt = entry::new_salt()?;
+                commitment = Some(entry::commitment_of_canonical(
+                    &salt,
+                    &entry::canonical_json(&r),
+                ));
+                own.put(
+                    CF_LEDGER,
+                    ledger_key(b's', &version_key(rtype, id, version)),
+                    Some(salt.to_vec()),
+                );
+                patients = self.patients_of(rtype, id, &r);
                 // Index from the stored form, so reindexing from stored bytes is identical.
                 let new_values: Vec<(String, Vec<u8>)> = self
                     .registry
@@ -605,6 +1022,8 @@ impl Committer {
             last_updated: ts,
             outcome,
             body: body.map(Arc::from),
+            commitment,
+            patients,
         })
     }
 
@@ -658,6 +1077,30 @@ impl Committer {
 }
 
 impl Committer {
+    /// The patient compartments a resource belongs to (`Patient/<id>`), from the
+    /// CompartmentDefinition's parameters.
+    fn patients_of(&self, rtype: ResourceType, id: &str, r: &Value) -> Vec<String> {
+        let mut out = Vec::new();
+        if rtype == ResourceType::Patient {
+            out.push(format!("Patient/{id}"));
+        }
+        let base = format!("{}/", self.base);
+        for p in self.registry.patient_compartment.get(&rtype).into_iter().flatten() {
+            for v in extract(p, rtype, r) {
+                if let IndexValue::Reference {
+                    target: Some(t), ..
+                } = v
+                {
+                    let t = t.strip_prefix(&base).unwrap_or(&t).to_string();
+                    if t.starts_with("Patient/") && !out.contains(&t) {
+                        out.push(t);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Widen the recorded date width before the entries become visible, so a concurrent search
     /// never uses a window narrower than the data.
     fn record_date_widths(&self, own: &mut Overlay, prefix: &[u8], values: &[IndexValue]) {
@@ -780,7 +1223,19 @@ mod tests {
     use crate::store::DERIVED_FAMILIES;
     use serde_json::json;
 
-    fn submit(log: &LocalTxLog, changes: Vec<Change>) -> Result<Committed> {
+    /// A commit thread over a consortium of one in its own directory.
+    fn start_log(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        base: String,
+    ) -> (LedgerTxLog, tempfile::TempDir, ReplicaSetup) {
+        let ledger_dir = tempfile::tempdir().unwrap();
+        let replica = ReplicaSetup::single(ledger_dir.path()).unwrap();
+        let log = LedgerTxLog::start(store, registry, base, &replica).unwrap();
+        (log, ledger_dir, replica)
+    }
+
+    fn submit(log: &LedgerTxLog, changes: Vec<Change>) -> Result<Committed> {
         log.submit(changes)
             .blocking_recv()
             .expect("commit thread answers")
@@ -792,7 +1247,7 @@ mod tests {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
         let base = "http://localhost/fhir".to_string();
-        let log = LocalTxLog::start(store.clone(), registry.clone(), base.clone()).unwrap();
+        let (log, _ledger, _) = start_log(store.clone(), registry.clone(), base.clone());
         for i in 0..30 {
             let p = json!({"resourceType":"Patient","name":[{"family":format!("F{i}"),"given":["G"]}],"birthDate":format!("19{:02}-01-01", i + 10),
                 "identifier":[{"system":"urn:x","value":i.to_string()}],"managingOrganization":{"reference":"Organization/o"}});
@@ -848,7 +1303,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
-        let log = LocalTxLog::start(store.clone(), registry, "http://x/fhir".into()).unwrap();
+        let (log, _ledger, _) = start_log(store.clone(), registry, "http://x/fhir".into());
         let p = json!({"resourceType":"Patient"});
         let err = submit(
             &log,
@@ -883,5 +1338,105 @@ mod tests {
             serde_json::to_string(&r).unwrap(),
             r#"{"resourceType":"Patient","id":"new","meta":{"tag":[{"code":"x"}],"versionId":"3","lastUpdated":"1970-01-01T00:00:00.000Z"},"name":[{"family":"A"}],"weight":72.50}"#
         );
+    }
+
+    fn create(log: &LedgerTxLog, id: &str, family: &str) -> Committed {
+        submit(
+            log,
+            vec![Change::Update {
+                rtype: ResourceType::Patient,
+                id: id.into(),
+                resource: json!({"resourceType":"Patient","name":[{"family":family}]}),
+                if_match: None,
+                method: Method::Put,
+            }],
+        )
+        .unwrap()
+    }
+
+    fn receipt_holds(checks: &[crate::ledger::receipt::Check]) -> bool {
+        checks.iter().all(|c| c.ok)
+    }
+
+    #[test]
+    fn every_version_is_on_the_ledger_and_its_receipt_verifies_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
+        let (log, _ledger, replica) = start_log(store.clone(), registry, "http://x/fhir".into());
+        // Enough blocks for a stable checkpoint (every 16) to cover the first ones.
+        for i in 0..40 {
+            create(&log, &format!("p{i}"), &format!("F{i}"));
+        }
+        create(&log, "p0", "Changed");
+        let members = &replica.membership;
+        let chain = &members.chain_id;
+        for (id, version) in [("p0", 1), ("p0", 2), ("p39", 1)] {
+            let rec = store.ledger_record(ResourceType::Patient, id, version).unwrap().unwrap();
+            assert_eq!(rec.holder, 0);
+            let r = crate::ledger::receipt::build(&store, chain, ResourceType::Patient, id, version).unwrap();
+            let checks = crate::ledger::receipt::verify(&r, members);
+            assert!(receipt_holds(&checks), "{id}/{version}: {checks:?}");
+            assert!(checks.iter().any(|c| c.name == "resource" && c.ok));
+        }
+        let early = crate::ledger::receipt::build(&store, chain, ResourceType::Patient, "p0", 1).unwrap();
+        let checks = crate::ledger::receipt::verify(&early, members);
+        assert!(checks.iter().any(|c| c.name == "checkpoint" && c.ok), "{checks:?}");
+
+        // Any flipped bit in any part breaks the chain.
+        let text = serde_json::to_string(&early).unwrap();
+        let fields = ["entry", "batchRoot", "prevRoot", "salt", "commitCertificate", "sequence"];
+        for f in fields {
+            let mut r = early.clone();
+            let p = r["parameter"].as_array_mut().unwrap().iter_mut().find(|p| p["name"] == f).unwrap();
+            let key = ["valueString", "valueBase64Binary"].into_iter().find(|k| p.get(*k).is_some()).unwrap();
+            let v = p[key].as_str().unwrap().to_string();
+            let flipped: String = if key == "valueBase64Binary" {
+                use base64::Engine as _;
+                let mut b = base64::engine::general_purpose::STANDARD.decode(&v).unwrap();
+                let mid = b.len() / 2;
+                b[mid] ^= 0x10;
+                base64::engine::general_purpose::STANDARD.encode(b)
+            } else if f == "sequence" {
+                (v.parse::<u64>().unwrap() + 1).to_string()
+            } else {
+                let mut c: Vec<char> = v.chars().collect();
+                c[3] = if c[3] == '0' { '1' } else { '0' };
+                c.into_iter().collect()
+            };
+            p[key] = json!(flipped);
+            assert!(!receipt_holds(&crate::ledger::receipt::verify(&r, members)), "flipping {f} went unnoticed");
+        }
+        let mut r: Value = serde_json::from_str(&text).unwrap();
+        let res = r["parameter"].as_array_mut().unwrap().iter_mut().find(|p| p["name"] == "resource").unwrap();
+        res["resource"]["name"][0]["family"] = json!("Forged");
+        assert!(!receipt_holds(&crate::ledger::receipt::verify(&r, members)));
+        // Another consortium's genesis does not vouch for it.
+        let other = ledger::core::Membership::new(chain.clone(), vec![ledger::core::test_key(9, 0).verifying_key()]);
+        assert!(!receipt_holds(&crate::ledger::receipt::verify(&early, &other)));
+    }
+
+    #[test]
+    fn bytes_changed_behind_the_servers_back_are_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
+        let (log, _ledger, replica) = start_log(store.clone(), registry, "http://x/fhir".into());
+        create(&log, "t", "Original");
+        assert!(store.read(ResourceType::Patient, "t").is_ok());
+        let key = version_key(ResourceType::Patient, "t", 1);
+        let raw = store.db().get_cf(store.cf(CF_VERSIONS), &key).unwrap().unwrap();
+        let at = raw.windows(8).position(|w| w == b"Original").unwrap();
+        let mut forged = raw.clone();
+        forged[at..at + 8].copy_from_slice(b"Tampered");
+        store.db().put_cf(store.cf(CF_VERSIONS), &key, &forged).unwrap();
+        let err = store.read(ResourceType::Patient, "t").unwrap_err();
+        assert!(matches!(err, Error::Integrity(_)), "{err:?}");
+        assert!(store.instance_history(ResourceType::Patient, "t", None, None, 10).is_err());
+        let r = crate::ledger::receipt::build(&store, &replica.membership.chain_id, ResourceType::Patient, "t", 1).unwrap();
+        assert_eq!(r["parameter"][0]["valueBoolean"], false);
+        assert!(!r.to_string().contains("Tampered"), "tampered bytes are reported, not served");
+        let checks = crate::ledger::receipt::verify(&r, &replica.membership);
+        assert!(checks.iter().any(|c| c.name == "stored" && !c.ok));
     }
 }
