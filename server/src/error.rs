@@ -75,6 +75,12 @@ pub enum Error {
     UnknownSearchParameter(String),
     #[error("{0}")]
     NotFound(String),
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Something this request needs (another organization's node) is not available now.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{rtype}/{id} was deleted")]
     Gone {
         rtype: String,
@@ -135,6 +141,8 @@ impl Error {
             Error::BadRequest(_) | Error::UnknownSearchParameter(_) => StatusCode::BAD_REQUEST,
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Gone { .. } => StatusCode::GONE,
             Error::VersionConflict(_) => StatusCode::CONFLICT,
             Error::PreconditionFailed(_) | Error::MultipleMatches(_) => {
@@ -158,6 +166,8 @@ impl Error {
             Error::Invalid(issues) => issues.clone(),
             Error::UnknownSearchParameter(m) => vec![Issue::error("not-supported", m.clone())],
             Error::NotFound(m) => vec![Issue::error("not-found", m.clone())],
+            Error::Forbidden(m) => vec![Issue::error("forbidden", m.clone())],
+            Error::Unavailable(m) => vec![Issue::error("transient", m.clone())],
             Error::Gone { .. } => vec![Issue::error("deleted", self.to_string())],
             Error::VersionConflict(m) | Error::PreconditionFailed(m) => {
                 vec![Issue::error("conflict", m.clone())]

@@ -1,5 +1,6 @@
 //! Fhirmament: a FHIR R4 server. See ARCHITECTURE.md for the map.
 
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod fhir;
@@ -30,6 +31,10 @@ pub struct Service {
     pub validator: Arc<Validator>,
     pub store: Arc<Store>,
     pub txlog: Arc<dyn TxLog>,
+    /// Which replica of which consortium this node is.
+    pub replica: Arc<ledger::replica::ReplicaSetup>,
+    /// HTTP client for retrieval from other organizations' nodes.
+    pub peers: reqwest::Client,
 }
 
 pub fn load_profiles(config: &Config) -> Result<Profiles> {
@@ -64,6 +69,8 @@ impl Service {
             validator,
             store,
             txlog,
+            replica: Arc::new(replica),
+            peers: reqwest::Client::new(),
         })
     }
 }

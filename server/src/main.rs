@@ -21,6 +21,26 @@ enum Command {
     Serve(ServeArgs),
     /// Rebuild the search indexes from the stored resources. Run it with the server stopped.
     Reindex(ServeArgs),
+    /// Check a `$verify` receipt offline, with only the consortium's genesis public keys.
+    /// Exits 0 when every link of the proof holds, 1 otherwise.
+    Verify {
+        /// The receipt: the Parameters resource `$verify` returned (a file, or - for stdin).
+        receipt: std::path::PathBuf,
+        /// The consortium's genesis file (a single node's is <data-dir>/ledger/genesis.json).
+        #[arg(long)]
+        genesis: std::path::PathBuf,
+    },
+    /// A local consortium: one process per replica on loopback.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Start n replicas (creating the genesis and keys on first use) and wait until all answer.
+    Up(fhirmament::cluster::ClusterArgs),
+    /// Stop the replicas started by `up`; their data stays for the next `up`.
+    Down(fhirmament::cluster::ClusterArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +55,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => run_serve(&args),
         Command::Reindex(args) => run_reindex(&args),
+        Command::Verify { receipt, genesis } => run_verify(&receipt, &genesis),
+        Command::Cluster(ClusterCommand::Up(args)) => fhirmament::cluster::up(&args),
+        Command::Cluster(ClusterCommand::Down(args)) => fhirmament::cluster::down(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,4 +86,28 @@ fn run_reindex(args: &ServeArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     println!("reindexed {n} resources");
     Ok(())
+}
+
+fn run_verify(receipt: &std::path::Path, genesis: &std::path::Path) -> Result<(), String> {
+    let text = if receipt.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| e.to_string())?;
+        s
+    } else {
+        std::fs::read_to_string(receipt).map_err(|e| format!("{}: {e}", receipt.display()))?
+    };
+    let receipt: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("the receipt is not JSON: {e}"))?;
+    let genesis = ledger::node::genesis::Genesis::load(genesis).map_err(|e| e.to_string())?;
+    let members = genesis.membership()?;
+    let checks = fhirmament::ledger::receipt::verify(&receipt, &members);
+    for c in &checks {
+        println!("{:<5} {:<11} {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail);
+    }
+    if checks.iter().all(|c| c.ok) {
+        println!("receipt verified against {} ({} replicas)", members.chain_id, members.n());
+        Ok(())
+    } else {
+        Err("the receipt does not verify".into())
+    }
 }

@@ -27,6 +27,10 @@ pub struct GenesisReplica {
     /// Hex-encoded Ed25519 public key.
     pub public_key: String,
     pub address: SocketAddr,
+    /// Where the application embedding this replica answers its peers (opaque to the
+    /// ledger; Fhirmament puts the organization's FHIR base URL here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -160,6 +164,7 @@ impl Genesis {
                 id: i as u32,
                 public_key: public_key_hex(&key),
                 address: SocketAddr::from(([127, 0, 0, 1], base_port + i as u16)),
+                api: None,
             });
         }
         let g = Genesis {

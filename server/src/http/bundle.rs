@@ -213,6 +213,7 @@ async fn batch(svc: &Service, entries: &[Value], prefer: Prefer) -> Result<FhirR
                 if_none_exist: entry.if_none_exist,
                 if_none_match: entry.if_none_match,
                 prefer,
+                node: None,
             };
             Box::pin(interaction::handle(svc, freq)).await
         }
@@ -667,6 +668,7 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
                     if_none_exist: None,
                     if_none_match: e.if_none_match.clone(),
                     prefer,
+                    node: None,
                 };
                 match Box::pin(interaction::handle(svc, freq)).await {
                     Ok(resp) => response_entry(&resp, None),

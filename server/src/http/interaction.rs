@@ -24,8 +24,8 @@ pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
             capability::statement(svc),
         )),
         Route::SystemBundle => bundle::process(svc, req).await,
-        Route::Read(t, id) => read(svc, t, &id, req.if_none_match.as_deref()),
-        Route::VRead(t, id, v) => vread(svc, t, &id, v),
+        Route::Read(t, id) => read(svc, t, &id, req.if_none_match.as_deref()).await,
+        Route::VRead(t, id, v) => vread(svc, t, &id, v).await,
         Route::Create(t) => create(svc, t, req).await,
         Route::Update(t, id) => update(svc, t, &id, req).await,
         Route::ConditionalUpdate(t) => conditional_update(svc, t, req).await,
@@ -69,11 +69,15 @@ pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
             search(svc, t, None, &params, &req)
         }
         Route::PatientCompartment(pid, t) => search(svc, t, Some(&pid), &req.query, &req),
-        Route::InstanceHistory(t, id) => history(svc, Some((t, id)), None, &req.query),
-        Route::TypeHistory(t) => history(svc, None, Some(t), &req.query),
-        Route::SystemHistory => history(svc, None, None, &req.query),
+        Route::InstanceHistory(t, id) => history(svc, Some((t, id)), None, &req.query).await,
+        Route::TypeHistory(t) => history(svc, None, Some(t), &req.query).await,
+        Route::SystemHistory => history(svc, None, None, &req.query).await,
+        Route::NodeVersion(t, id, v) => node_version(svc, t, &id, v, req.node.as_deref()),
         Route::ValidateType(t) => validate_operation(svc, t, None, &req.body),
         Route::ValidateInstance(t, id) => validate_operation(svc, t, Some(&id), &req.body),
+        Route::Verify(t, id, v) => verify(svc, t, &id, v),
+        Route::LedgerHead => Ok(FhirResponse::json(StatusCode::OK, crate::ledger::views::head(svc)?)),
+        Route::LedgerBlock(seq) => Ok(FhirResponse::json(StatusCode::OK, crate::ledger::views::block(svc, seq)?)),
     }
 }
 
@@ -107,13 +111,97 @@ fn version_response(status: StatusCode, v: &Version) -> FhirResponse {
     }
 }
 
-fn read(
+/// A resource's versions, newest first: from this node's store when it holds them all,
+/// otherwise along the ledger's records, fetching other organizations' versions.
+async fn instance_history(
+    svc: &Service,
+    t: ResourceType,
+    id: &str,
+    since: Option<i64>,
+    before: Option<u64>,
+    count: usize,
+) -> Result<crate::store::HistoryPage> {
+    let records = svc.store.ledger_versions(t, id)?;
+    if records.is_empty() && svc.store.current(t, id)?.is_none() {
+        return Err(Error::NotFound(format!("{t}/{id} is not known")));
+    }
+    if records.iter().all(|(_, r)| r.holder == me(svc)) {
+        return svc.store.instance_history(t, id, since, before, count);
+    }
+    let mut versions = Vec::new();
+    let mut next = None;
+    for (ver, _) in records.into_iter().filter(|(v, _)| before.is_none_or(|b| *v < b)) {
+        let v = match remote_version(svc, t, id, ver).await? {
+            Some(v) => v,
+            None => match svc.store.version(t, id, ver)? {
+                Some(v) => v,
+                None => continue,
+            },
+        };
+        if since.is_some_and(|s| v.last_updated != 0 && v.last_updated < s) {
+            break;
+        }
+        if versions.len() == count {
+            next = Some((ver + 1, 0));
+            break;
+        }
+        versions.push(v);
+    }
+    Ok(crate::store::HistoryPage { versions, next })
+}
+
+/// This node's replica id: the holder of what it accepted.
+fn me(svc: &Service) -> u32 {
+    svc.replica.id
+}
+
+/// A version held by another organization, fetched from it and checked against the ledger.
+async fn remote_version(svc: &Service, t: ResourceType, id: &str, version: u64) -> Result<Option<Version>> {
+    let Some(rec) = svc.store.ledger_record(t, id, version)? else {
+        return Ok(None);
+    };
+    if rec.holder == me(svc) {
+        return Ok(None);
+    }
+    if rec.deleted {
+        return Ok(Some(Version {
+            rtype: t,
+            id: id.to_string(),
+            version,
+            tx: 0,
+            last_updated: 0,
+            deleted: true,
+            method: Method::Delete,
+            body: Vec::new().into(),
+        }));
+    }
+    crate::ledger::peer::fetch(&svc.replica, &svc.peers, t, id, version, &rec)
+        .await
+        .map(Some)
+}
+
+async fn read(
     svc: &Service,
     t: ResourceType,
     id: &str,
     if_none_match: Option<&str>,
 ) -> Result<FhirResponse> {
-    let v = svc.store.read(t, id)?;
+    let head = svc.store.ledger_head(t, id)?;
+    let v = match head {
+        Some(h) if h.holder != me(svc) => {
+            if h.deleted {
+                return Err(Error::Gone {
+                    rtype: t.to_string(),
+                    id: id.to_string(),
+                    version: h.version,
+                });
+            }
+            remote_version(svc, t, id, h.version)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("{t}/{id} is not known")))?
+        }
+        _ => svc.store.read(t, id)?,
+    };
     if let Some(tag) = if_none_match {
         if super::negotiate::parse_etag(tag).ok() == Some(v.version) {
             return Ok(FhirResponse {
@@ -128,11 +216,14 @@ fn read(
     Ok(version_response(StatusCode::OK, &v))
 }
 
-fn vread(svc: &Service, t: ResourceType, id: &str, version: u64) -> Result<FhirResponse> {
-    let v = svc
-        .store
-        .version(t, id, version)?
-        .ok_or_else(|| Error::NotFound(format!("{t}/{id} has no version {version}")))?;
+async fn vread(svc: &Service, t: ResourceType, id: &str, version: u64) -> Result<FhirResponse> {
+    let v = match remote_version(svc, t, id, version).await? {
+        Some(v) => v,
+        None => svc
+            .store
+            .version(t, id, version)?
+            .ok_or_else(|| Error::NotFound(format!("{t}/{id} has no version {version}")))?,
+    };
     if v.deleted {
         return Err(Error::Gone {
             rtype: t.to_string(),
@@ -141,6 +232,47 @@ fn vread(svc: &Service, t: ResourceType, id: &str, version: u64) -> Result<FhirR
         });
     }
     Ok(version_response(StatusCode::OK, &v))
+}
+
+/// Node-to-node release of a version this node holds (see `ledger::peer`).
+fn node_version(svc: &Service, t: ResourceType, id: &str, version: u64, creds: Option<&str>) -> Result<FhirResponse> {
+    let path = crate::ledger::peer::resource_path(t, id, version);
+    let from = crate::ledger::peer::check_request(&svc.replica, creds, &path)?;
+    let v = svc
+        .store
+        .version(t, id, version)?
+        .ok_or_else(|| Error::NotFound(format!("{t}/{id} has no version {version} here")))?;
+    if v.deleted {
+        return Err(Error::Gone { rtype: t.to_string(), id: id.to_string(), version });
+    }
+    let salt = svc
+        .store
+        .salt(t, id, version)?
+        .ok_or_else(|| Error::Integrity(format!("{path} has no salt")))?;
+    let resource: Value = serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
+    tracing::info!(to = from, resource = %path, "released a version to another replica");
+    Ok(FhirResponse::json(StatusCode::OK, crate::ledger::peer::release(resource, &salt)))
+}
+
+/// `$verify`: the receipt proving a version against the consortium's signatures.
+fn verify(svc: &Service, t: ResourceType, id: &str, version: Option<u64>) -> Result<FhirResponse> {
+    let version = match version {
+        Some(v) => v,
+        None => {
+            svc.store
+                .current(t, id)?
+                .ok_or_else(|| Error::NotFound(format!("{t}/{id} is not known")))?
+                .version
+        }
+    };
+    let receipt = crate::ledger::receipt::build(
+        &svc.store,
+        &svc.replica.membership.chain_id,
+        t,
+        id,
+        version,
+    )?;
+    Ok(FhirResponse::json(StatusCode::OK, receipt))
 }
 
 fn take_resource(body: &Body) -> Result<Value> {
@@ -645,7 +777,7 @@ fn includes(
 
 // ---- history ----
 
-fn history(
+async fn history(
     svc: &Service,
     instance: Option<(ResourceType, String)>,
     rtype: Option<ResourceType>,
@@ -695,16 +827,10 @@ fn history(
         }
     }
     let (page, path) = match &instance {
-        Some((t, id)) => {
-            if svc.store.current(*t, id)?.is_none() {
-                return Err(Error::NotFound(format!("{t}/{id} is not known")));
-            }
-            (
-                svc.store
-                    .instance_history(*t, id, since, cursor.map(|c| c.0), count)?,
-                format!("{t}/{id}/_history"),
-            )
-        }
+        Some((t, id)) => (
+            instance_history(svc, *t, id, since, cursor.map(|c| c.0), count).await?,
+            format!("{t}/{id}/_history"),
+        ),
         None => (
             svc.store.history(rtype, since, cursor, count)?,
             rtype.map_or("_history".to_string(), |t| format!("{t}/_history")),

@@ -62,6 +62,13 @@ pub enum Route {
     InstanceHistory(ResourceType, String),
     VRead(ResourceType, String, u64),
     ValidateInstance(ResourceType, String),
+    /// `$verify`: the ledger receipt of a version (the current one when None).
+    Verify(ResourceType, String, Option<u64>),
+    /// Read-only ledger views: `_ledger`, `_ledger/blocks/{seq}`.
+    LedgerHead,
+    LedgerBlock(u64),
+    /// Node-to-node: a version this node holds, for another replica (`_node/T/id/_history/v`).
+    NodeVersion(ResourceType, String, u64),
     /// `Patient/{id}/{type}`
     PatientCompartment(String, ResourceType),
 }
@@ -87,6 +94,17 @@ pub fn route(method: Method, segments: &[&str]) -> Result<Route> {
         ["metadata"] if read => Route::Capabilities,
         ["_history"] if read => Route::SystemHistory,
         ["metadata"] | ["_history"] => return Err(not_allowed(method, segments[0])),
+        ["_ledger"] if read => Route::LedgerHead,
+        ["_node", t, id, "_history", v] if read => {
+            check_id(id)?;
+            let v: u64 = v.parse().map_err(|_| {
+                Error::bad_request("invalid", format!("version '{v}' is not a number"))
+            })?;
+            Route::NodeVersion(t.parse()?, id.to_string(), v)
+        }
+        ["_ledger", "blocks", seq] if read => Route::LedgerBlock(seq.parse().map_err(|_| {
+            Error::bad_request("invalid", format!("block '{seq}' is not a sequence number"))
+        })?),
         [t] => {
             let rt: ResourceType = t.parse()?;
             match method {
@@ -128,6 +146,17 @@ pub fn route(method: Method, segments: &[&str]) -> Result<Route> {
             })?;
             Route::VRead(t.parse()?, id.to_string(), v)
         }
+        [t, id, "$verify"] if read => {
+            check_id(id)?;
+            Route::Verify(t.parse()?, id.to_string(), None)
+        }
+        [t, id, "_history", v, "$verify"] if read => {
+            check_id(id)?;
+            let v: u64 = v.parse().map_err(|_| {
+                Error::bad_request("invalid", format!("version '{v}' is not a number"))
+            })?;
+            Route::Verify(t.parse()?, id.to_string(), Some(v))
+        }
         [t, id, "$validate"] if method == Post => {
             check_id(id)?;
             Route::ValidateInstance(t.parse()?, id.to_string())
@@ -165,6 +194,8 @@ pub struct FhirRequest {
     pub if_none_exist: Option<String>,
     pub if_none_match: Option<String>,
     pub prefer: Prefer,
+    /// Node-to-node credentials (`X-Fhirmament-Node`), for `_node` requests.
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +333,7 @@ pub async fn dispatch(
         if_none_exist: negotiate::header(&req, "If-None-Exist"),
         if_none_match: negotiate::header(&req, "If-None-Match"),
         prefer: negotiate::prefer(&req),
+        node: negotiate::header(&req, crate::ledger::peer::NODE_HEADER),
     };
     let resp = interaction::handle(&svc, freq).await?;
     Ok(to_http(resp, pretty, method == Method::Head))

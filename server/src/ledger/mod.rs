@@ -4,8 +4,10 @@
 //! (`replica`).
 
 pub mod entry;
+pub mod peer;
 pub mod receipt;
 pub mod replica;
+pub mod views;
 
 use ledger::core::message::{decode_signed_list, encode_signed_list};
 use ledger::core::{Digest, Seq, Signed};

@@ -381,6 +381,35 @@ impl Store {
         self.ledger_record_at(&version_key(rtype, id, version))
     }
 
+    /// Every version the ledger records for a resource, newest first.
+    pub fn ledger_versions(
+        &self,
+        rtype: ResourceType,
+        id: &str,
+    ) -> Result<Vec<(u64, crate::ledger::RecordRef)>> {
+        let mut prefix = ledger_key(b'r', &resource_key(rtype, id));
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_LEDGER),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let ver = k[prefix.len()..]
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| Error::Storage("corrupt ledger record key".into()))?;
+            if let Some(r) = crate::ledger::RecordRef::decode(&v) {
+                out.push((ver, r));
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     pub fn salt(&self, rtype: ResourceType, id: &str, version: u64) -> Result<Option<[u8; 32]>> {
         self.salt_at(&version_key(rtype, id, version))
     }

@@ -637,6 +637,35 @@ impl Committer {
         Ok(())
     }
 
+    /// Another organization now holds the latest version of a resource this node held:
+    /// take the resource out of this node's current view and search indexes (its own
+    /// versions stay in its history).
+    fn drop_local_copy(&self, key: &[u8], wb: &mut WriteBatch) -> Result<()> {
+        let Some(cut) = key.iter().position(|b| *b == 0) else {
+            return Ok(());
+        };
+        let Ok(rtype) = std::str::from_utf8(&key[..cut]).unwrap_or("").parse::<ResourceType>() else {
+            return Ok(());
+        };
+        let id = std::str::from_utf8(&key[cut + 1..]).unwrap_or("");
+        if self.store.current(rtype, id)?.is_none() {
+            return Ok(());
+        }
+        for p in self.registry.params(rtype) {
+            let vkey = values_key(rtype, &p.code, id);
+            if let Some(old) = self.store.db().get_cf(self.store.cf(CF_VALUES), &vkey)? {
+                let prefix = param_prefix(rtype, &p.code);
+                let old = decode_values(&old).unwrap_or_default();
+                for (k, _) in index_entries(&prefix, id, &old, &self.base) {
+                    wb.delete_cf(self.store.cf(CF_INDEX), k);
+                }
+                wb.delete_cf(self.store.cf(CF_VALUES), vkey);
+            }
+        }
+        wb.delete_cf(self.store.cf(CF_CURRENT), key);
+        Ok(())
+    }
+
     /// Check an entry against the ledger state (each record must be the next version of its
     /// resource) and, when it holds, record it. Returns whether the entry was accepted.
     fn record_entry(
@@ -692,6 +721,9 @@ impl Committer {
             };
             wb.put_cf(self.store.cf(CF_LEDGER), ledger_key(b'r', &vk), rec.encode());
             wb.put_cf(self.store.cf(CF_LEDGER), ledger_key(b'c', &key), head.encode());
+            if head.holder != self.me {
+                self.drop_local_copy(&key, wb)?;
+            }
             heads.insert(key, head);
         }
         Ok(true)
@@ -714,6 +746,8 @@ impl Committer {
         Ok(self.store.db().get_cf(self.store.cf(cf), key)?)
     }
 
+    /// A resource's latest version as this node must build on it: its own (possibly
+    /// pending) version, or a later one another organization committed on the ledger.
     fn current(
         &self,
         group: &Overlay,
@@ -721,9 +755,20 @@ impl Committer {
         rtype: ResourceType,
         id: &str,
     ) -> Result<Option<Current>> {
-        Ok(self
+        let local = self
             .get(group, own, CF_CURRENT, &resource_key(rtype, id))?
-            .and_then(|b| Current::decode(&b)))
+            .and_then(|b| Current::decode(&b));
+        match self.store.ledger_head(rtype, id)? {
+            Some(h) if h.holder != self.me && local.is_none_or(|c| c.version < h.version) => {
+                Ok(Some(Current {
+                    version: h.version,
+                    deleted: h.deleted,
+                    tx: 0,
+                    last_updated: 0,
+                }))
+            }
+            _ => Ok(local),
+        }
     }
 
     fn search_one(&self, query: &SearchQuery) -> Result<Vec<String>> {

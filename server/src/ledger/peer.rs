@@ -1,0 +1,174 @@
+//! Retrieval between organizations. A version's bytes stay with the organization whose node
+//! accepted the write (its holder); any other replica that must serve it asks the holder over
+//! HTTP, authenticating with its genesis key, and serves the bytes only if they reproduce the
+//! commitment the ledger holds for that version.
+//!
+//! Request authentication: header `X-Fhirmament-Node: <replica id>.<unix ms>.<hex signature>`,
+//! the signature being Ed25519 over `fhirmament/node-get/v1 \0 chain \0 <resource path> \0 ms`.
+//! The holder accepts it within `MAX_SKEW_MS` of its clock from a genesis member other than
+//! itself.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Signer, Verifier};
+
+use super::entry::{commitment_of_stored, hex};
+use super::replica::ReplicaSetup;
+use super::RecordRef;
+use crate::error::{Error, Result};
+use crate::fhir::{now_ms, ResourceType};
+use crate::store::{Method, Version};
+
+pub const NODE_HEADER: &str = "X-Fhirmament-Node";
+const MAX_SKEW_MS: i64 = 60_000;
+const DOMAIN: &[u8] = b"fhirmament/node-get/v1\0";
+
+/// The path a node request names, independent of either side's base URL.
+pub fn resource_path(t: ResourceType, id: &str, version: u64) -> String {
+    format!("{t}/{id}/_history/{version}")
+}
+
+fn message(chain: &str, path: &str, ms: i64) -> Vec<u8> {
+    let mut m = DOMAIN.to_vec();
+    m.extend_from_slice(chain.as_bytes());
+    m.push(0);
+    m.extend_from_slice(path.as_bytes());
+    m.push(0);
+    m.extend_from_slice(ms.to_string().as_bytes());
+    m
+}
+
+pub fn sign_request(me: &ReplicaSetup, path: &str, ms: i64) -> String {
+    let sig = me.key.sign(&message(&me.membership.chain_id, path, ms));
+    format!("{}.{ms}.{}", me.id, hex(&sig.to_bytes()))
+}
+
+/// The replica a node request comes from, if its signature holds.
+pub fn check_request(me: &ReplicaSetup, header: Option<&str>, path: &str) -> Result<u32> {
+    let refuse = |why: &str| Error::Forbidden(format!("node request refused: {why}"));
+    let h = header.ok_or_else(|| refuse("no node credentials"))?;
+    let mut parts = h.splitn(3, '.');
+    let (Some(id), Some(ms), Some(sig)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(refuse("malformed credentials"));
+    };
+    let id: u32 = id.parse().map_err(|_| refuse("malformed replica id"))?;
+    let ms: i64 = ms.parse().map_err(|_| refuse("malformed time"))?;
+    if (now_ms() - ms).abs() > MAX_SKEW_MS {
+        return Err(refuse("stale or future credentials"));
+    }
+    if id == me.id {
+        return Err(refuse("a node does not ask itself"));
+    }
+    let key = me
+        .membership
+        .keys
+        .get(id as usize)
+        .ok_or_else(|| refuse("not a member of the consortium"))?;
+    let bytes: Vec<u8> = (0..sig.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(sig.get(i..i + 2)?, 16).ok())
+        .collect();
+    let sig = Signature::from_slice(&bytes).map_err(|_| refuse("malformed signature"))?;
+    key.verify(&message(&me.membership.chain_id, path, ms), &sig)
+        .map_err(|_| refuse("bad signature"))?;
+    Ok(id)
+}
+
+/// What a holder sends: a Parameters resource with the version and its salt.
+pub fn release(resource: serde_json::Value, salt: &[u8; 32]) -> serde_json::Value {
+    serde_json::json!({
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "salt", "valueBase64Binary": base64::engine::general_purpose::STANDARD.encode(salt)},
+            {"name": "resource", "resource": resource},
+        ]
+    })
+}
+
+fn parse_release(v: &serde_json::Value) -> Option<([u8; 32], serde_json::Value)> {
+    let params = v["parameter"].as_array()?;
+    let salt = params
+        .iter()
+        .find(|p| p["name"] == "salt")?["valueBase64Binary"]
+        .as_str()
+        .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())?
+        .try_into()
+        .ok()?;
+    let resource = params.iter().find(|p| p["name"] == "resource")?["resource"].clone();
+    Some((salt, resource))
+}
+
+/// Fetch a version from its holder and check it against the ledger record.
+pub async fn fetch(
+    me: &ReplicaSetup,
+    client: &reqwest::Client,
+    t: ResourceType,
+    id: &str,
+    version: u64,
+    rec: &RecordRef,
+) -> Result<Version> {
+    let unavailable = |why: String| {
+        Error::Unavailable(format!(
+            "{t}/{id}/_history/{version} is held by replica {}, which {why}",
+            rec.holder
+        ))
+    };
+    let api = me
+        .genesis
+        .replicas
+        .get(rec.holder as usize)
+        .and_then(|r| r.api.clone())
+        .ok_or_else(|| unavailable("has no API address in the genesis".into()))?;
+    let path = resource_path(t, id, version);
+    let resp = client
+        .get(format!("{}/_node/{path}", api.trim_end_matches('/')))
+        .header(NODE_HEADER, sign_request(me, &path, now_ms()))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| unavailable(format!("did not answer ({e})")))?;
+    if !resp.status().is_success() {
+        return Err(unavailable(format!("answered {}", resp.status())));
+    }
+    let released: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|e| unavailable(format!("sent an unreadable answer ({e})")))?;
+    let (salt, resource) = parse_release(&released)
+        .ok_or_else(|| unavailable("sent an answer without salt and resource".into()))?;
+    let body = serde_json::to_vec(&resource).map_err(|e| Error::Internal(e.to_string()))?;
+    let matches = rec.commitment.is_some_and(|c| {
+        commitment_of_stored(&salt, &body).is_ok_and(|got| got == c)
+    });
+    if !matches {
+        tracing::error!(
+            target: "fhirmament::integrity",
+            holder = rec.holder,
+            resource = %path,
+            "ALERT: a holder served bytes that do not match the ledger commitment"
+        );
+        return Err(unavailable(
+            "sent bytes that do not match the ledger commitment; they were discarded".into(),
+        ));
+    }
+    let meta_ts = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v["meta"]["lastUpdated"]
+                .as_str()
+                .and_then(crate::search::value::parse_date_range)
+                .map(|(lo, _)| lo)
+        })
+        .unwrap_or(0);
+    Ok(Version {
+        rtype: t,
+        id: id.to_string(),
+        version,
+        tx: 0,
+        last_updated: meta_ts,
+        deleted: false,
+        method: if version == 1 { Method::Post } else { Method::Put },
+        body: body.to_vec().into(),
+    })
+}
