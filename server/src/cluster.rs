@@ -40,22 +40,15 @@ fn listen_of(api: &str) -> Option<String> {
 }
 
 /// Start the consortium (creating its genesis and keys on first use) and wait until every
-/// replica answers on its FHIR endpoint.
+/// replica answers on its FHIR endpoint. Replicas already running are left alone, so `up`
+/// also restarts the ones that stopped.
 pub fn up(args: &ClusterArgs) -> Result<(), String> {
     let dir = &args.dir;
-    if let Ok(pids) = std::fs::read_to_string(pids_path(dir)) {
-        if pids
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .any(alive)
-        {
-            return Err(format!(
-                "a cluster is already running from {}; run `fhirmament cluster down --dir {}` first",
-                dir.display(),
-                dir.display()
-            ));
-        }
-    }
+    let running: Vec<u32> = std::fs::read_to_string(pids_path(dir))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap_or(0))
+        .collect();
     let genesis_path = dir.join("genesis.json");
     let genesis = if genesis_path.exists() {
         Genesis::load(&genesis_path).map_err(|e| e.to_string())?
@@ -83,8 +76,16 @@ pub fn up(args: &ClusterArgs) -> Result<(), String> {
             .api
             .clone()
             .ok_or_else(|| format!("replica {} has no api URL in the genesis", r.id))?;
+        if let Some(&pid) = running.get(r.id as usize).filter(|p| alive(**p)) {
+            pids.push(pid);
+            endpoints.push(api);
+            continue;
+        }
         let listen = listen_of(&api).ok_or_else(|| format!("cannot listen at {api}"))?;
-        let log = std::fs::File::create(dir.join(format!("node-{}.log", r.id)))
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("node-{}.log", r.id)))
             .map_err(|e| e.to_string())?;
         let mut cmd = Command::new(&exe);
         cmd.arg("serve")

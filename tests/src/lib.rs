@@ -239,3 +239,129 @@ pub fn assert_outcome(r: Response, status: u16) -> Value {
     );
     body
 }
+
+/// `n` free consecutive loopback ports.
+pub fn free_port_run(n: u16) -> u16 {
+    let mut seed = std::process::id() as u64 ^ (Instant::now().elapsed().as_nanos() as u64);
+    loop {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let base = 20_000 + (seed >> 33) as u16 % 30_000;
+        if (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+}
+
+/// A local consortium started with the documented `fhirmament cluster up`, stopped with
+/// `cluster down` when dropped.
+pub struct Consortium {
+    pub dir: tempfile::TempDir,
+    pub n: usize,
+    pub http_port: u16,
+    pub peer_port: u16,
+    pub client: Client,
+}
+
+impl Consortium {
+    pub fn up(n: usize) -> Consortium {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let http_port = free_port_run(n as u16);
+        let peer_port = free_port_run(n as u16);
+        let c = Consortium {
+            dir,
+            n,
+            http_port,
+            peer_port,
+            client: Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("client"),
+        };
+        c.cluster("up");
+        c
+    }
+
+    /// Run `fhirmament cluster <cmd>` for this consortium.
+    pub fn cluster(&self, cmd: &str) -> std::process::Output {
+        let out = Command::new(binary())
+            .args(["cluster", cmd, "--replicas", &self.n.to_string()])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--http-port", &self.http_port.to_string()])
+            .args(["--peer-port", &self.peer_port.to_string()])
+            .env("FHIRMAMENT_LOG", "warn")
+            .output()
+            .expect("run fhirmament cluster");
+        assert!(
+            out.status.success(),
+            "cluster {cmd}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn url(&self, replica: usize, path: &str) -> String {
+        format!(
+            "http://127.0.0.1:{}/fhir/{}",
+            self.http_port as usize + replica,
+            path.trim_start_matches('/')
+        )
+    }
+
+    pub fn get_json(&self, replica: usize, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(self.url(replica, path))
+            .send()
+            .expect("GET");
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    pub fn send(&self, replica: usize, method: &str, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .request(method.parse().expect("method"), self.url(replica, path))
+            .header("Content-Type", FHIR_JSON)
+            .body(serde_json::to_vec(body).expect("json"))
+            .send()
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    /// The replicas' process ids, in replica order.
+    pub fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.dir.path().join("pids"))
+            .expect("pids file")
+            .split_whitespace()
+            .map(|p| p.parse().expect("pid"))
+            .collect()
+    }
+
+    pub fn signal(&self, replica: usize, sig: &str) {
+        let pid = self.pids()[replica];
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
+    pub fn genesis(&self) -> PathBuf {
+        self.dir.path().join("genesis.json")
+    }
+}
+
+impl Drop for Consortium {
+    fn drop(&mut self) {
+        let _ = Command::new(binary())
+            .args(["cluster", "down"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .output();
+    }
+}

@@ -60,15 +60,15 @@ pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
                 &commit_one(svc, Change::ConditionalDelete { rtype: t, query: q }).await?,
             ))
         }
-        Route::Search(t) => search(svc, t, None, &req.query, &req),
+        Route::Search(t) => search(svc, t, None, &req.query, &req).await,
         Route::SearchPost(t) => {
             let mut params = req.query.clone();
             if let Body::Form(form) = &req.body {
                 params.extend(form.iter().cloned());
             }
-            search(svc, t, None, &params, &req)
+            search(svc, t, None, &params, &req).await
         }
-        Route::PatientCompartment(pid, t) => search(svc, t, Some(&pid), &req.query, &req),
+        Route::PatientCompartment(pid, t) => search(svc, t, Some(&pid), &req.query, &req).await,
         Route::InstanceHistory(t, id) => history(svc, Some((t, id)), None, &req.query).await,
         Route::TypeHistory(t) => history(svc, None, Some(t), &req.query).await,
         Route::SystemHistory => history(svc, None, None, &req.query).await,
@@ -638,7 +638,7 @@ fn project(svc: &Service, t: ResourceType, q: &SearchQuery, resource: Value) -> 
     Value::Object(out)
 }
 
-fn search(
+async fn search(
     svc: &Service,
     t: ResourceType,
     compartment: Option<&str>,
@@ -653,7 +653,34 @@ fn search(
         }
         None => t.to_string(),
     };
-    let ids = exec::matching_ids(&svc.store, &svc.config.base_url, &q)?;
+    let mut ids = exec::matching_ids(&svc.store, &svc.config.base_url, &q)?;
+    // A patient's compartment spans the consortium: add the matching members other
+    // organizations hold, fetched from them and checked against the ledger.
+    let mut remote: std::collections::BTreeMap<String, Version> = Default::default();
+    let mut missing: Vec<String> = Vec::new();
+    if let Some(pid) = compartment {
+        let now = crate::fhir::now_ms();
+        for id in svc.store.ledger_compartment(pid, t)? {
+            let Some(h) = svc.store.ledger_head(t, &id)? else {
+                continue;
+            };
+            if h.holder == me(svc) || h.deleted || ids.contains(&id) {
+                continue;
+            }
+            match remote_version(svc, t, &id, h.version).await {
+                Ok(Some(v)) => {
+                    let resource: Value = serde_json::from_slice(&v.body)
+                        .map_err(|e| Error::Internal(e.to_string()))?;
+                    if exec::resource_matches(&q, &resource, &svc.config.base_url, now) {
+                        remote.insert(id, v);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => missing.push(e.to_string()),
+            }
+        }
+        ids.extend(remote.keys().cloned());
+    }
     let total = ids.len();
     let mut bundle = json!({"resourceType": "Bundle", "id": new_id(), "meta": {"lastUpdated": format_instant(crate::fhir::now_ms())}, "type": "searchset"});
     if q.total == Total::Accurate || q.summary == Summary::Count {
@@ -694,8 +721,12 @@ fn search(
     let mut seen = std::collections::BTreeSet::new();
     for id in &page {
         // A resource deleted between the index scan and this read is simply absent.
-        let Ok(v) = svc.store.read(t, id) else {
-            continue;
+        let v = match remote.get(id.as_str()) {
+            Some(v) => v.clone(),
+            None => match svc.store.read(t, id) {
+                Ok(v) => v,
+                Err(_) => continue,
+            },
         };
         seen.insert((t, id.to_string()));
         let resource: Value =
@@ -708,6 +739,13 @@ fn search(
                 serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
             entries.push(json!({"fullUrl": resource_url(svc, target, &v.id), "resource": resource, "search": {"mode": "include"}}));
         }
+    }
+    if !missing.is_empty() {
+        let issues: Vec<Issue> = missing
+            .into_iter()
+            .map(|m| Issue::warning("incomplete", format!("results are incomplete: {m}")))
+            .collect();
+        entries.push(json!({"resource": operation_outcome(&issues), "search": {"mode": "outcome"}}));
     }
     if !q.ignored.is_empty() {
         let oo = operation_outcome(&[Issue::warning(

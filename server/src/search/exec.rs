@@ -124,6 +124,19 @@ fn value_matches(
     }
 }
 
+/// Does one resource (fetched from another organization, so not in this node's indexes)
+/// satisfy every clause of a query?
+pub fn resource_matches(query: &SearchQuery, resource: &serde_json::Value, base: &str, now: i64) -> bool {
+    query.clauses.iter().all(|clause| {
+        let values: Vec<Vec<IndexValue>> = clause
+            .params
+            .iter()
+            .map(|p| crate::search::extract(p, query.rtype, resource))
+            .collect();
+        clause_matches(clause, &values, base, now)
+    })
+}
+
 /// Does a resource with these stored values (one list per clause parameter) satisfy the clause?
 fn clause_matches(clause: &Clause, values: &[Vec<IndexValue>], base: &str, now: i64) -> bool {
     let all: Vec<&IndexValue> = values.iter().flatten().collect();

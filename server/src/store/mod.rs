@@ -18,6 +18,7 @@
 //! |               | `s` type \0 id \0 version(8)          | the version's salt (held versions only)|
 //! |               | `p` sha256(entry)                     | a submitted entry's pending writes     |
 //! |               | `k`                                   | the latest `StableCheckpoint`          |
+//! |               | `x` Patient/id \0 type \0 id          | compartment membership (ever)          |
 //!
 //! `ledger` is what this replica derived from executed blocks, in ledger order (the same on
 //! every replica, except `s` and `p`, which belong to the holder).
@@ -184,6 +185,14 @@ pub fn version_key(rtype: ResourceType, id: &str, version: u64) -> Vec<u8> {
     let mut k = resource_key(rtype, id);
     k.push(0);
     k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+/// `Patient/<id> \0 type \0 id`: the ledger's patient-compartment index.
+pub fn compartment_key(patient: &str, rtype: ResourceType, id: &str) -> Vec<u8> {
+    let mut k = patient.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&resource_key(rtype, id));
     k
 }
 
@@ -379,6 +388,24 @@ impl Store {
         version: u64,
     ) -> Result<Option<crate::ledger::RecordRef>> {
         self.ledger_record_at(&version_key(rtype, id, version))
+    }
+
+    /// Ids of the given type the ledger has ever placed in a patient's compartment (callers
+    /// check the current version: a resource may have left it since).
+    pub fn ledger_compartment(&self, patient_id: &str, rtype: ResourceType) -> Result<Vec<String>> {
+        let prefix = ledger_key(b'x', &compartment_key(&format!("Patient/{patient_id}"), rtype, ""));
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_LEDGER),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(out)
     }
 
     /// Every version the ledger records for a resource, newest first.

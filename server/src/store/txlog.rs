@@ -707,6 +707,14 @@ impl Committer {
             };
             staged.push((key, head, commitment));
         }
+        for r in &e.records {
+            if let Ok(rt) = r.rtype.parse::<ResourceType>() {
+                for p in &r.patients {
+                    let k = ledger_key(b'x', &super::compartment_key(p, rt, &r.id));
+                    wb.put_cf(self.store.cf(CF_LEDGER), k, []);
+                }
+            }
+        }
         for (i, (key, head, commitment)) in staged.into_iter().enumerate() {
             let mut vk = key.clone();
             vk.push(0);
