@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod fhir;
+pub mod health;
 pub mod http;
 pub mod ledger;
 pub mod profiles;
@@ -35,6 +36,7 @@ pub struct Service {
     pub replica: Arc<ledger::replica::ReplicaSetup>,
     /// HTTP client for retrieval from other organizations' nodes.
     pub peers: reqwest::Client,
+    pub health: Arc<health::Health>,
 }
 
 pub fn load_profiles(config: &Config) -> Result<Profiles> {
@@ -56,12 +58,14 @@ impl Service {
             .map_err(|e| Error::Storage(format!("creating {}: {e}", config.data_dir.display())))?;
         let store = Arc::new(Store::open(&config.data_dir)?);
         let replica = ledger::replica::ReplicaSetup::resolve(&config)?;
-        let txlog: Arc<dyn TxLog> = Arc::new(LedgerTxLog::start(
+        let log = LedgerTxLog::start(
             store.clone(),
             registry.clone(),
             config.base_url.clone(),
             &replica,
-        )?);
+        )?;
+        let health = log.health.clone();
+        let txlog: Arc<dyn TxLog> = Arc::new(log);
         Ok(Service {
             config,
             profiles,
@@ -71,6 +75,7 @@ impl Service {
             txlog,
             replica: Arc::new(replica),
             peers: reqwest::Client::new(),
+            health,
         })
     }
 }
@@ -93,6 +98,8 @@ pub async fn serve(svc: Service) -> std::io::Result<()> {
             .app_data(web::PayloadConfig::new(usize::MAX))
             .wrap(middleware::Compress::default())
             .wrap(middleware::from_fn(http::strip_identity_encoding))
+            .route("/health/live", web::get().to(http::live))
+            .route("/health/ready", web::get().to(http::ready))
             .service(web::scope(&scope).default_service(web::to(http::dispatch)))
             .default_service(web::to(http::not_found))
     })

@@ -331,6 +331,19 @@ impl Consortium {
         (status, r.json().unwrap_or(Value::Null))
     }
 
+    /// GET until `done` holds (a replica applies a block a few milliseconds after the one that
+    /// acknowledged the write); the last answer after 10 s otherwise.
+    pub fn get_when(&self, replica: usize, path: &str, done: impl Fn(u16, &Value) -> bool) -> (u16, Value) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (s, v) = self.get_json(replica, path);
+            if done(s, &v) || Instant::now() > deadline {
+                return (s, v);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The replicas' process ids, in replica order.
     pub fn pids(&self) -> Vec<u32> {
         std::fs::read_to_string(self.dir.path().join("pids"))

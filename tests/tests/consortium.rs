@@ -33,6 +33,12 @@ fn verify_cli(receipt: &Value, genesis: &std::path::Path) -> bool {
 #[test]
 fn a_record_written_at_one_organization_is_served_identically_and_verifiably_by_another() {
     let c = Consortium::up(4);
+    for replica in 0..4 {
+        let r = c.client.get(format!("http://127.0.0.1:{}/health/ready", c.http_port as usize + replica)).send().unwrap();
+        assert_eq!(r.status().as_u16(), 200, "replica {replica} ready");
+        let h: Value = r.json().unwrap();
+        assert_eq!((h["live"].as_bool(), h["viewActive"].as_bool()), (Some(true), Some(true)), "{h}");
+    }
     let (s, p) = c.send(0, "POST", "Patient", &patient("Consortium", "Ada", "1970-01-01"));
     assert_eq!(s, 201, "{p}");
     let pid = p["id"].as_str().unwrap().to_string();
@@ -44,10 +50,11 @@ fn a_record_written_at_one_organization_is_served_identically_and_verifiably_by_
     let did = d["id"].as_str().unwrap().to_string();
 
     // Replica 2 holds none of these bytes: it fetches them from replica 0 and checks them.
+    c.get_when(2, &format!("DocumentReference/{did}"), |s, _| s == 200);
     let (s, read) = c.get_json(2, &format!("Patient/{pid}"));
     assert_eq!(s, 200, "{read}");
     assert_eq!(read, p, "identical content at another organization");
-    let (s, vread) = c.get_json(3, &format!("Patient/{pid}/_history/1"));
+    let (s, vread) = c.get_when(3, &format!("Patient/{pid}/_history/1"), |s, _| s == 200);
     assert_eq!((s, &vread), (200, &p));
     let (s, compartment) = c.get_json(2, &format!("Patient/{pid}/DocumentReference"));
     assert_eq!(s, 200, "{compartment}");
@@ -72,7 +79,7 @@ fn a_record_written_at_one_organization_is_served_identically_and_verifiably_by_
     assert_eq!(s, 200, "{v2}");
     assert_eq!(v2["meta"]["versionId"], "2");
     for replica in 0..4 {
-        let (s, now) = c.get_json(replica, &format!("Patient/{pid}"));
+        let (s, now) = c.get_when(replica, &format!("Patient/{pid}"), |_, v| v["meta"]["versionId"] == "2");
         assert_eq!((s, &now["name"][0]["family"]), (200, &json!("Moved")), "replica {replica}");
         let (_, h) = c.get_json(replica, &format!("Patient/{pid}/_history"));
         let versions: Vec<String> = resources(&h)
@@ -99,7 +106,7 @@ fn a_holder_that_does_not_answer_makes_its_records_unavailable_never_stale() {
     let (s, p) = c.send(1, "POST", "Patient", &patient("Held", "By", "1980-02-02"));
     assert_eq!(s, 201);
     let pid = p["id"].as_str().unwrap().to_string();
-    let (s, _) = c.get_json(2, &format!("Patient/{pid}"));
+    let (s, _) = c.get_when(2, &format!("Patient/{pid}"), |s, _| s == 200);
     assert_eq!(s, 200);
     // Freeze replica 1's process: its store no longer answers.
     c.signal(1, "-STOP");
@@ -155,7 +162,7 @@ fn killing_the_primary_loses_no_acknowledged_write_and_it_catches_up_after_resta
     // Every acknowledged write is readable, through a replica other than its holder.
     for (replica, id, _) in &acked {
         let reader = if *replica == 3 { 2 } else { 3 };
-        let (s, body) = c.get_json(reader, &format!("Patient/{id}"));
+        let (s, body) = c.get_when(reader, &format!("Patient/{id}"), |s, _| s == 200);
         assert_eq!(s, 200, "acknowledged Patient/{id} (held by {replica}) is lost: {body}");
     }
     // Restart the killed replica: `cluster up` starts only what is not running.
@@ -174,6 +181,6 @@ fn killing_the_primary_loses_no_acknowledged_write_and_it_catches_up_after_resta
     }
     // Once caught up, it serves what was written while it was down.
     let (_, id, _) = acked.last().unwrap();
-    let (s, _) = c.get_json(0, &format!("Patient/{id}"));
+    let (s, _) = c.get_when(0, &format!("Patient/{id}"), |s, _| s == 200);
     assert_eq!(s, 200);
 }

@@ -119,6 +119,17 @@ pub enum Event {
 /// The submission side of a replica embedded in an application.
 pub struct Embedded {
     inputs: SyncSender<Input>,
+    pub status: std::sync::Arc<NodeStatus>,
+}
+
+/// What the driver last saw, for health probes: updated every round (at least every tick).
+#[derive(Debug, Default)]
+pub struct NodeStatus {
+    pub view: AtomicU64,
+    pub view_active: std::sync::atomic::AtomicBool,
+    pub last_executed: AtomicU64,
+    /// Wall-clock ms of the driver's last round.
+    pub heartbeat_ms: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +269,8 @@ pub fn embed(
         }
     }
     let inputs = node.inputs_tx.clone();
+    let status = std::sync::Arc::new(NodeStatus::default());
+    let shared = status.clone();
     std::thread::Builder::new()
         .name("ledger-replica".into())
         .spawn(move || {
@@ -268,13 +281,13 @@ pub fn embed(
                 &n.inputs,
                 &n.peers,
                 n.tick,
-                Some(&mut on_event),
+                Some((&mut on_event, &shared)),
             );
             if let Err(e) = r {
                 eprintln!("ledger replica stopped: {e}");
             }
         })?;
-    Ok(Embedded { inputs })
+    Ok(Embedded { inputs, status })
 }
 
 struct Started {
@@ -347,8 +360,12 @@ fn drive(
     inputs: &Receiver<Input>,
     peers: &HashMap<ReplicaId, amp::Sender<Vec<u8>>>,
     tick: Duration,
-    mut events: Option<&mut dyn FnMut(Event)>,
+    embedding: Option<(&mut dyn FnMut(Event), &NodeStatus)>,
 ) -> Result<(), NodeError> {
+    let (mut events, status) = match embedding {
+        Some((e, s)) => (Some(e), Some(s)),
+        None => (None, None),
+    };
     // Clients waiting for their entries, by entry hash.
     let mut waiting: HashMap<[u8; 32], Vec<amp::Sender<Vec<u8>>>> = HashMap::new();
     let mut next_tick = std::time::Instant::now();
@@ -373,6 +390,12 @@ fn drive(
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         };
         let now = now_ms();
+        if let Some(s) = status {
+            s.view.store(replica.view(), Ordering::Relaxed);
+            s.view_active.store(replica.is_view_active(), Ordering::Relaxed);
+            s.last_executed.store(replica.last_executed(), Ordering::Relaxed);
+            s.heartbeat_ms.store(now, Ordering::Relaxed);
+        }
         let mut batch: Vec<Input> = first.into_iter().collect();
         while batch.len() < INPUTS_PER_ROUND {
             match inputs.try_recv() {

@@ -339,6 +339,28 @@ pub async fn dispatch(
     Ok(to_http(resp, pretty, method == Method::Head))
 }
 
+/// `GET /health/live` and `/health/ready` (see `crate::health`): 200 or 503, with details.
+pub async fn live(svc: web::Data<Service>) -> HttpResponse {
+    let (live, _, details) = svc.health.report();
+    health_response(live, details)
+}
+
+pub async fn ready(svc: web::Data<Service>) -> HttpResponse {
+    let (_, ready, details) = svc.health.report();
+    health_response(ready, details)
+}
+
+fn health_response(ok: bool, details: Value) -> HttpResponse {
+    let mut r = if ok {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::ServiceUnavailable()
+    };
+    r.content_type("application/json")
+        .insert_header(("Cache-Control", "no-store"))
+        .body(details.to_string())
+}
+
 fn percent_decode(s: &str) -> Result<String> {
     let bytes: Vec<u8> = form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
         .next()

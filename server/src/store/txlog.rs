@@ -28,6 +28,7 @@ use super::{
     CF_CURRENT, CF_HISTORY, CF_INDEX, CF_LEDGER, CF_META, CF_TYPE_HISTORY, CF_VALUES, CF_VERSIONS,
     COLUMN_FAMILIES, META_APPLIED_SEQ, META_LAST_TS, META_LAST_TX, META_LEDGER_ROOT,
 };
+use crate::health::Health;
 use crate::ledger::entry::{self, LedgerEntry, VersionRecord};
 use crate::ledger::replica::ReplicaSetup;
 use crate::ledger::{BlockInfo, LedgerHead, RecordRef, StableCheckpoint};
@@ -158,6 +159,7 @@ const LEDGER_TIMEOUT: Duration = Duration::from_secs(30);
 /// organization's entries. Nothing is acknowledged before that.
 pub struct LedgerTxLog {
     sender: std::sync::Mutex<mpsc::Sender<Input>>,
+    pub health: Arc<Health>,
 }
 
 impl LedgerTxLog {
@@ -173,13 +175,15 @@ impl LedgerTxLog {
         let embedded = replica.start(applied, move |ev| {
             let _ = events.send(Input::Ledger(ev));
         })?;
-        let mut committer = Committer::new(store, registry, base, replica, embedded)?;
+        let health = Arc::new(Health::new(embedded.status.clone()));
+        let mut committer = Committer::new(store, registry, base, replica, embedded, health.clone())?;
         std::thread::Builder::new()
             .name("fhirmament-commit".into())
             .spawn(move || committer.run(receiver))
             .map_err(|e| Error::Internal(format!("cannot start the commit thread: {e}")))?;
         Ok(LedgerTxLog {
             sender: std::sync::Mutex::new(sender),
+            health,
         })
     }
 }
@@ -299,6 +303,7 @@ struct Committer {
     queued: VecDeque<Job>,
     applied_seq: u64,
     ledger_root: [u8; 32],
+    health: Arc<Health>,
 }
 
 fn read_counter(store: &Store, key: &[u8]) -> Result<u64> {
@@ -323,6 +328,7 @@ impl Committer {
         base: String,
         replica: &ReplicaSetup,
         embedded: Embedded,
+        health: Arc<Health>,
     ) -> Result<Committer> {
         let last_tx = read_counter(&store, META_LAST_TX)?;
         let last_ts = read_counter(&store, META_LAST_TS)? as i64;
@@ -343,21 +349,19 @@ impl Committer {
             queued: VecDeque::new(),
             applied_seq,
             ledger_root,
+            health,
         })
     }
 
     fn run(&mut self, receiver: mpsc::Receiver<Input>) {
         loop {
-            let first = if !self.inflight.is_empty() {
-                match receiver.recv_timeout(Duration::from_millis(100)) {
+            self.report_health();
+            let first = if !self.inflight.is_empty() || self.queued.is_empty() {
+                let wait = if self.inflight.is_empty() { 1000 } else { 100 };
+                match receiver.recv_timeout(Duration::from_millis(wait)) {
                     Ok(i) => Some(i),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-            } else if self.queued.is_empty() {
-                match receiver.recv() {
-                    Ok(i) => Some(i),
-                    Err(_) => return,
                 }
             } else {
                 None
@@ -380,6 +384,19 @@ impl Committer {
                 self.submit_group();
             }
         }
+    }
+
+    fn report_health(&self) {
+        use std::sync::atomic::Ordering;
+        let now = crate::fhir::now_ms();
+        self.health.commit_heartbeat_ms.store(now, Ordering::Relaxed);
+        let oldest = self
+            .inflight
+            .values()
+            .map(|f| now - f.since.elapsed().as_millis() as i64)
+            .min()
+            .unwrap_or(0);
+        self.health.oldest_waiting_ms.store(oldest, Ordering::Relaxed);
     }
 
     fn on_ledger_event(&mut self, ev: Event) {
