@@ -24,6 +24,51 @@ pub struct ClusterArgs {
     pub peer_port: u16,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenesisArgs {
+    /// Directory to write genesis.json and replica-<i>.key into (must not hold a genesis yet).
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub replicas: usize,
+    /// Peer address of replica i, with {i} for its id, e.g.
+    /// fhirmament-{i}.fhirmament-peers.fhirmament.svc.cluster.local:7000
+    #[arg(long)]
+    pub peer: String,
+    /// FHIR base URL of replica i, with {i} for its id, e.g.
+    /// http://fhirmament-{i}.fhirmament-peers.fhirmament.svc.cluster.local:8080/fhir
+    #[arg(long)]
+    pub api: String,
+    /// The chain id [default: fhirmament-<random uuid>].
+    #[arg(long = "chain-id")]
+    pub chain_id: Option<String>,
+}
+
+/// Keys and a genesis for a consortium whose replicas are reached by name (e.g. on
+/// Kubernetes). Each secret key goes to its organization; the genesis goes to all of them.
+pub fn genesis(args: &GenesisArgs) -> Result<(), String> {
+    let path = args.dir.join("genesis.json");
+    if path.exists() {
+        return Err(format!("{} exists; refusing to replace a consortium's keys", path.display()));
+    }
+    if args.replicas == 0 {
+        return Err("--replicas must be at least 1".into());
+    }
+    let chain = args
+        .chain_id
+        .clone()
+        .unwrap_or_else(|| format!("fhirmament-{}", uuid::Uuid::new_v4()));
+    let mut g = Genesis::generate(&chain, args.replicas, 0, &args.dir).map_err(|e| e.to_string())?;
+    for r in &mut g.replicas {
+        r.address = args.peer.replace("{i}", &r.id.to_string());
+        r.api = Some(args.api.replace("{i}", &r.id.to_string()));
+    }
+    g.membership()?;
+    g.save(&path).map_err(|e| e.to_string())?;
+    println!("wrote {} and {} keys (replica-<i>.key) for chain {chain}", path.display(), args.replicas);
+    Ok(())
+}
+
 fn pids_path(dir: &Path) -> PathBuf {
     dir.join("pids")
 }

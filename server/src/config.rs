@@ -20,6 +20,7 @@ pub struct Config {
     pub genesis: Option<PathBuf>,
     pub replica_id: Option<u32>,
     pub ledger_key: Option<PathBuf>,
+    pub peer_listen: Option<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -39,12 +40,13 @@ pub struct FileConfig {
     pub genesis: Option<PathBuf>,
     pub replica_id: Option<u32>,
     pub ledger_key: Option<PathBuf>,
+    pub peer_listen: Option<String>,
 }
 
 /// What the command line and environment may set (clap fills these).
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// TOML configuration file (keys: listen, data-dir, base-url, max-body-bytes, profiles-dir, workers, genesis, replica-id, ledger-key).
+    /// TOML configuration file (keys: listen, data-dir, base-url, max-body-bytes, profiles-dir, workers, genesis, replica-id, ledger-key, peer-listen).
     #[arg(long, env = "FHIRMAMENT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -74,6 +76,9 @@ pub struct ServeArgs {
     /// This replica's Ed25519 secret key file (required with --genesis).
     #[arg(long = "ledger-key", env = "FHIRMAMENT_LEDGER_KEY")]
     pub ledger_key: Option<PathBuf>,
+    /// Accept ledger peer connections here instead of at this replica's genesis address (e.g. 0.0.0.0:7000 in a container).
+    #[arg(long = "peer-listen", env = "FHIRMAMENT_PEER_LISTEN")]
+    pub peer_listen: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +139,7 @@ impl Config {
             genesis: args.genesis.clone().or(file.genesis),
             replica_id: args.replica_id.or(file.replica_id),
             ledger_key: args.ledger_key.clone().or(file.ledger_key),
+            peer_listen: args.peer_listen.clone().or(file.peer_listen),
         })
     }
 

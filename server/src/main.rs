@@ -30,6 +30,8 @@ enum Command {
         #[arg(long)]
         genesis: std::path::PathBuf,
     },
+    /// Create a consortium's genesis and replica keys (peers reached by name, e.g. on Kubernetes).
+    Genesis(fhirmament::cluster::GenesisArgs),
     /// A local consortium: one process per replica on loopback.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_serve(&args),
         Command::Reindex(args) => run_reindex(&args),
         Command::Verify { receipt, genesis } => run_verify(&receipt, &genesis),
+        Command::Genesis(args) => fhirmament::cluster::genesis(&args),
         Command::Cluster(ClusterCommand::Up(args)) => fhirmament::cluster::up(&args),
         Command::Cluster(ClusterCommand::Down(args)) => fhirmament::cluster::down(&args),
     };

@@ -133,6 +133,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let consensus = node::consensus(view_change_timeout_ms, max_batch_entries);
             node::run(NodeConfig {
                 id,
+                listen: None,
                 genesis,
                 key,
                 data_dir,

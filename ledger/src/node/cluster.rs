@@ -65,11 +65,15 @@ impl Cluster {
         let mut g =
             Genesis::generate("local-cluster", n, 0, &dir).map_err(std::io::Error::other)?;
         for r in &mut g.replicas {
-            r.address = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            r.address = TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
         }
         g.save(&dir.join("genesis.json"))
             .map_err(std::io::Error::other)?;
-        let addrs = g.replicas.iter().map(|r| r.address).collect();
+        let addrs = g
+            .replicas
+            .iter()
+            .map(|r| r.address.parse().expect("loopback address"))
+            .collect();
         let membership = g.membership().ok();
         let mut c = Cluster {
             dir,

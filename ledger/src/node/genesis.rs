@@ -26,7 +26,8 @@ pub struct GenesisReplica {
     pub id: u32,
     /// Hex-encoded Ed25519 public key.
     pub public_key: String,
-    pub address: SocketAddr,
+    /// `host:port` where peers reach this replica (a name is resolved at each connection).
+    pub address: String,
     /// Where the application embedding this replica answers its peers (opaque to the
     /// ledger; Fhirmament puts the organization's FHIR base URL here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,6 +134,15 @@ impl Genesis {
                     r.id
                 ));
             }
+            if r
+                .address
+                .rsplit_once(':')
+                .and_then(|(host, port)| (!host.is_empty()).then_some(port))
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(format!("replica {i}: address '{}' is not host:port", r.address));
+            }
             let bytes: [u8; 32] = unhex(&r.public_key)
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| format!("replica {i}: public_key is not 32 hex bytes"))?;
@@ -163,7 +173,7 @@ impl Genesis {
             replicas.push(GenesisReplica {
                 id: i as u32,
                 public_key: public_key_hex(&key),
-                address: SocketAddr::from(([127, 0, 0, 1], base_port + i as u16)),
+                address: SocketAddr::from(([127, 0, 0, 1], base_port + i as u16)).to_string(),
                 api: None,
             });
         }

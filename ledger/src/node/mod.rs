@@ -13,7 +13,6 @@ pub mod cluster;
 pub mod genesis;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -81,6 +80,9 @@ pub fn consensus(view_change_timeout_ms: u64, max_batch_entries: usize) -> Confi
 
 pub struct NodeConfig {
     pub id: ReplicaId,
+    /// Where to accept peer connections, when not at the genesis address (e.g. `0.0.0.0:7000`
+    /// in a container whose genesis address is a DNS name).
+    pub listen: Option<String>,
     pub genesis: Genesis,
     pub key: SigningKey,
     pub data_dir: PathBuf,
@@ -219,11 +221,11 @@ async fn serve_connection(stream: TcpStream, inputs: SyncSender<Input>) {
 }
 
 /// Keep a connection to one peer and write its queued frames; reconnect on failure.
-async fn peer_writer(addr: SocketAddr, mut queue: amp::Receiver<Vec<u8>>) {
+async fn peer_writer(addr: String, mut queue: amp::Receiver<Vec<u8>>) {
     let mut conn: Option<TcpStream> = None;
     while let Some(f) = queue.recv().await {
         if conn.is_none() {
-            match TcpStream::connect(addr).await {
+            match TcpStream::connect(addr.as_str()).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
                     conn = Some(s);
@@ -328,7 +330,8 @@ fn start(cfg: NodeConfig) -> Result<Started, NodeError> {
         .enable_all()
         .build()?;
     let (inputs_tx, inputs) = mpsc::sync_channel::<Input>(INPUT_QUEUE);
-    let listener = rt.block_on(TcpListener::bind(me.address))?;
+    let listen = cfg.listen.clone().unwrap_or_else(|| me.address.clone());
+    let listener = rt.block_on(TcpListener::bind(listen.as_str()))?;
     let accept_inputs = inputs_tx.clone();
     rt.spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
@@ -339,7 +342,7 @@ fn start(cfg: NodeConfig) -> Result<Started, NodeError> {
     for r in &cfg.genesis.replicas {
         if r.id != cfg.id {
             let (tx, rx) = amp::channel(PEER_QUEUE);
-            rt.spawn(peer_writer(r.address, rx));
+            rt.spawn(peer_writer(r.address.clone(), rx));
             peers.insert(r.id, tx);
         }
     }

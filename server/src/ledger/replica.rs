@@ -22,6 +22,8 @@ pub struct ReplicaSetup {
     pub key: SigningKey,
     /// The replica's own RocksDB (consensus log and blocks).
     pub dir: PathBuf,
+    /// Where to accept peer connections instead of the genesis address.
+    pub peer_listen: Option<String>,
 }
 
 fn startup(msg: String) -> Error {
@@ -45,7 +47,9 @@ impl ReplicaSetup {
                 (g, id, key)
             }
         };
-        ReplicaSetup::new(genesis, id, key, &ledger_dir)
+        let mut setup = ReplicaSetup::new(genesis, id, key, &ledger_dir)?;
+        setup.peer_listen = config.peer_listen.clone();
+        Ok(setup)
     }
 
     /// A consortium of one under `ledger_dir`, created on first use.
@@ -80,6 +84,7 @@ impl ReplicaSetup {
             id,
             key,
             dir: ledger_dir.join(format!("replica-{id}")),
+            peer_listen: None,
         })
     }
 
@@ -92,6 +97,7 @@ impl ReplicaSetup {
         ledger::node::embed(
             NodeConfig {
                 id: self.id,
+                listen: self.peer_listen.clone(),
                 genesis: self.genesis.clone(),
                 key: self.key.clone(),
                 data_dir: self.dir.clone(),

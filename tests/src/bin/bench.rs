@@ -3,6 +3,11 @@
 //! req/s, p50 and p99, the server's RSS and bytes on disk per stored resource.
 //!
 //! cargo run --release -p fhirmament-e2e --bin bench -- --patients 100000 --concurrency 32 --seconds 10
+//!
+//! `--replicas 4` runs the same workloads against a local 4-replica consortium (`fhirmament
+//! cluster up`): every write is committed by PBFT across the four processes before it is
+//! acknowledged. Requests go to replica 0, or round-robin over all replicas with `--spread`.
+//! CPU figures then add up all replicas.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -15,6 +20,8 @@ struct Args {
     patients: usize,
     concurrency: usize,
     seconds: u64,
+    replicas: usize,
+    spread: bool,
 }
 
 fn args() -> Args {
@@ -22,6 +29,8 @@ fn args() -> Args {
         patients: 100_000,
         concurrency: 32,
         seconds: 10,
+        replicas: 1,
+        spread: false,
     };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -31,8 +40,14 @@ fn args() -> Args {
             "--patients" => a.patients = next.expect("--patients N") as usize,
             "--concurrency" => a.concurrency = next.expect("--concurrency N") as usize,
             "--seconds" => a.seconds = next.expect("--seconds N"),
+            "--replicas" => a.replicas = next.expect("--replicas N") as usize,
+            "--spread" => {
+                a.spread = true;
+                i += 1;
+                continue;
+            }
             other => {
-                panic!("unknown argument {other}; use --patients N --concurrency N --seconds N")
+                panic!("unknown argument {other}; use --patients N --concurrency N --seconds N --replicas N --spread")
             }
         }
         i += 2;
@@ -112,7 +127,8 @@ type Request = (reqwest::Method, String, Option<Vec<u8>>, u16);
 
 /// Issue requests from `concurrency` tasks on a single-threaded async client for `seconds`;
 /// print throughput, latency percentiles and how the CPU was shared.
-fn measure(name: &str, a: &Args, server_pid: u32, make: impl Fn(&mut Rng) -> Request + Sync) {
+fn measure(name: &str, a: &Args, server_pids: &[u32], make: impl Fn(&mut Rng) -> Request + Sync) {
+    let servers_cpu = || server_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -130,7 +146,7 @@ fn measure(name: &str, a: &Args, server_pid: u32, make: impl Fn(&mut Rng) -> Req
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(a.seconds);
-    let (server_cpu0, own_cpu0) = (cpu_seconds(server_pid), cpu_seconds(std::process::id()));
+    let (server_cpu0, own_cpu0) = (servers_cpu(), cpu_seconds(std::process::id()));
     let start = Instant::now();
     let results: Vec<(Vec<u32>, u64)> = rt.block_on(async {
         let tasks: Vec<_> = per_task
@@ -169,7 +185,7 @@ fn measure(name: &str, a: &Args, server_pid: u32, make: impl Fn(&mut Rng) -> Req
         out
     });
     let elapsed = start.elapsed().as_secs_f64();
-    let server_cpu = cpu_seconds(server_pid) - server_cpu0;
+    let server_cpu = servers_cpu() - server_cpu0;
     let own_cpu = cpu_seconds(std::process::id()) - own_cpu0;
     let errors: u64 = results.iter().map(|r| r.1).sum();
     let mut l: Vec<u32> = results.into_iter().flat_map(|r| r.0).collect();
@@ -194,11 +210,27 @@ fn measure(name: &str, a: &Args, server_pid: u32, make: impl Fn(&mut Rng) -> Req
 
 fn main() {
     let a = args();
-    let s = TestServer::start();
-    let pid = s.pid().expect("server pid");
+    let (single, cluster) = if a.replicas > 1 {
+        (None, Some(Consortium::up(a.replicas)))
+    } else {
+        (Some(TestServer::start()), None)
+    };
+    let (bases, pids, data): (Vec<String>, Vec<u32>, Vec<std::path::PathBuf>) = match (&single, &cluster) {
+        (Some(s), _) => (vec![s.base.clone()], vec![s.pid().expect("server pid")], vec![s.data.clone()]),
+        (_, Some(c)) => (
+            (0..c.n).map(|i| c.url(i, "").trim_end_matches('/').to_string()).collect(),
+            c.pids(),
+            (0..c.n).map(|i| c.dir.path().join(format!("node-{i}"))).collect(),
+        ),
+        _ => unreachable!(),
+    };
+    let targets = if a.spread { bases.len() } else { 1 };
+    let pid = &pids[..];
+    let loader = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
     println!(
-        "fhirmament bench: {} patients, concurrency {}, {} s per workload, server pid {pid}",
-        a.patients, a.concurrency, a.seconds
+        "fhirmament bench: {} patients, concurrency {}, {} s per workload, {} replica(s){}, server pids {pids:?}",
+        a.patients, a.concurrency, a.seconds, bases.len(),
+        if targets > 1 { " (requests spread over all)" } else { "" }
     );
 
     // Load with 100-entry transactions from 4 threads.
@@ -206,14 +238,14 @@ fn main() {
     let ids = Mutex::new(Vec::<String>::with_capacity(a.patients));
     std::thread::scope(|scope| {
         for t in 0..4 {
-            let (s, ids, a) = (&s, &ids, &a);
+            let (loader, base, ids, a) = (&loader, &bases[0], &ids, &a);
             scope.spawn(move || {
                 let mut rng = Rng(42 + t as u64);
                 let mut made = 0;
                 while made < a.patients / 4 {
                     let n = 100.min(a.patients / 4 - made);
                     let entries: Vec<Value> = (0..n).map(|_| json!({"resource": synthetic_patient(&mut rng), "request": {"method": "POST", "url": "Patient"}})).collect();
-                    let r: Value = s.post("", &json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})).json().expect("load transaction");
+                    let r: Value = loader.post(format!("{base}/")).header("Content-Type", FHIR_JSON).body(serde_json::to_vec(&json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})).unwrap()).send().expect("load").json().expect("load transaction");
                     let new: Vec<String> = r["entry"].as_array().expect("entries").iter().map(|e| e["resource"]["id"].as_str().unwrap().to_string()).collect();
                     ids.lock().unwrap().extend(new);
                     made += n;
@@ -228,7 +260,9 @@ fn main() {
         t0.elapsed().as_secs_f64()
     );
 
-    let base = s.base.clone();
+    // A replica applies a block moments after the one that answered; let reads elsewhere see it.
+    std::thread::sleep(Duration::from_millis(500));
+    let base_of = |rng: &mut Rng| bases[rng.below(targets)].clone();
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |name: &str| only.is_empty() || name.contains(only.as_str());
     use reqwest::Method;
@@ -236,7 +270,7 @@ fn main() {
         measure("read Patient/{id}", &a, pid, |rng| {
             (
                 Method::GET,
-                format!("{base}/Patient/{}", ids[rng.below(ids.len())]),
+                format!("{}/Patient/{}", base_of(rng), ids[rng.below(ids.len())]),
                 None,
                 200,
             )
@@ -247,7 +281,8 @@ fn main() {
             (
                 Method::GET,
                 format!(
-                    "{base}/Patient?family={}&_count=10",
+                    "{}/Patient?family={}&_count=10",
+                    base_of(rng),
                     family(rng.below(FAMILIES))
                 ),
                 None,
@@ -258,14 +293,14 @@ fn main() {
     if run("birthdate") {
         measure("search birthdate month", &a, pid, |rng| {
             let (y, m) = (1930 + rng.below(90), 1 + rng.below(12));
-            (Method::GET, format!("{base}/Patient?birthdate=ge{y:04}-{m:02}-01&birthdate=le{y:04}-{m:02}-28&_count=10"), None, 200)
+            (Method::GET, format!("{}/Patient?birthdate=ge{y:04}-{m:02}-01&birthdate=le{y:04}-{m:02}-28&_count=10", base_of(rng)), None, 200)
         });
     }
     if run("create") {
         measure("create Patient", &a, pid, |rng| {
             (
                 Method::POST,
-                format!("{base}/Patient"),
+                format!("{}/Patient", base_of(rng)),
                 Some(serde_json::to_vec(&synthetic_patient(rng)).unwrap()),
                 201,
             )
@@ -277,16 +312,23 @@ fn main() {
             let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
             (
                 Method::POST,
-                format!("{base}/"),
+                format!("{}/", base_of(rng)),
                 Some(serde_json::to_vec(&b).unwrap()),
                 200,
             )
         });
     }
 
-    let (_, count) = s.get_json("Patient?_summary=count");
-    let stored = count["total"].as_u64().unwrap_or(1).max(1);
+    let stored: u64 = bases
+        .iter()
+        .map(|b| {
+            let v: Value = loader.get(format!("{b}/Patient?_summary=count")).send().unwrap().json().unwrap();
+            v["total"].as_u64().unwrap_or(0)
+        })
+        .sum::<u64>()
+        .max(1);
     std::thread::sleep(Duration::from_secs(1));
-    let disk = dir_bytes(&s.data);
-    println!("server RSS {:.1} MiB; {} resources stored; {:.0} bytes on disk per resource (WAL and memtables included)", rss_kib(pid) as f64 / 1024.0, stored, disk as f64 / stored as f64);
+    let disk: u64 = data.iter().map(|d| dir_bytes(d)).sum();
+    let rss: u64 = pids.iter().map(|p| rss_kib(*p)).sum();
+    println!("server RSS {:.1} MiB (all replicas); {} resources stored (held, summed over organizations); {:.0} bytes on disk per resource (all replicas: ledger, WAL and memtables included)", rss as f64 / 1024.0, stored, disk as f64 / stored as f64);
 }
