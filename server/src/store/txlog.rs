@@ -41,6 +41,8 @@ use crate::search::{exec, extract, Registry};
 
 /// How many submissions one group commit takes at most.
 const MAX_GROUP: usize = 512;
+/// How many submissions may wait for the ledger at once (across groups).
+const MAX_IN_FLIGHT: usize = 4096;
 
 /// One change to one resource. A list of them is applied all-or-nothing.
 #[derive(Debug, Clone)]
@@ -276,6 +278,21 @@ impl Overlay {
     }
 }
 
+/// What one round of the commit thread makes durable together.
+#[derive(Default)]
+struct Round {
+    batch: WriteBatch,
+    /// Ledger heads changed by this round's blocks (not in the store until the batch is).
+    heads: HashMap<Vec<u8>, LedgerHead>,
+    /// This node's entries applied (true) or refused (false), with their writes.
+    verdicts: Vec<([u8; 32], bool, Option<Overlay>)>,
+    /// The last block applied in the round and the root after it.
+    applied: Option<(u64, [u8; 32])>,
+}
+
+/// A sealed submission: entry hash, entry bytes, its waiting client, tx, timestamp, writes.
+type Sealed = ([u8; 32], Vec<u8>, InFlight, u64, i64, Overlay);
+
 /// A submission sealed into a ledger entry and waiting for the ledger to execute it.
 struct InFlight {
     reply: oneshot::Sender<Result<Committed>>,
@@ -301,6 +318,9 @@ struct Committer {
     /// `p` in the ledger family, for entries that execute after a restart).
     pending: HashMap<[u8; 32], (u64, i64, Overlay)>,
     queued: VecDeque<Job>,
+    /// Writes of submitted entries not yet applied, with the entry that wrote each last:
+    /// later submissions are evaluated on top of them (pipelining).
+    unapplied: HashMap<(&'static str, Vec<u8>), (Option<Vec<u8>>, [u8; 32])>,
     applied_seq: u64,
     ledger_root: [u8; 32],
     health: Arc<Health>,
@@ -347,16 +367,20 @@ impl Committer {
             inflight: HashMap::new(),
             pending: HashMap::new(),
             queued: VecDeque::new(),
+            unapplied: HashMap::new(),
             applied_seq,
             ledger_root,
             health,
         })
     }
 
+    /// One round: take what arrived, apply the executed blocks, evaluate and seal the queued
+    /// submissions, make all of it durable with one synced WriteBatch, then answer the clients
+    /// whose entries were applied and hand the new entries to the replica.
     fn run(&mut self, receiver: mpsc::Receiver<Input>) {
         loop {
             self.report_health();
-            let first = if !self.inflight.is_empty() || self.queued.is_empty() {
+            let first = if !self.can_submit() {
                 let wait = if self.inflight.is_empty() { 1000 } else { 100 };
                 match receiver.recv_timeout(Duration::from_millis(wait)) {
                     Ok(i) => Some(i),
@@ -373,15 +397,49 @@ impl Committer {
                     Err(_) => break,
                 }
             }
+            let mut round = Round::default();
             for input in inputs {
                 match input {
                     Input::Job(j) => self.queued.push_back(j),
-                    Input::Ledger(ev) => self.on_ledger_event(ev),
+                    Input::Ledger(ev) => self.on_ledger_event(&mut round, ev),
                 }
             }
             self.expire();
-            if self.inflight.is_empty() && !self.queued.is_empty() {
-                self.submit_group();
+            let sealed = if self.can_submit() {
+                self.submit_group(&mut round.batch)
+            } else {
+                Vec::new()
+            };
+            if round.batch.len() > 0 {
+                if let Err(e) = sync_write(&self.store, std::mem::take(&mut round.batch)) {
+                    // Committed blocks this node cannot record: stop rather than diverge. On
+                    // restart they are replayed from the replica's store.
+                    tracing::error!(error = %e, "cannot persist applied ledger blocks; stopping");
+                    std::process::exit(70);
+                }
+            }
+            self.finish(round, sealed);
+        }
+    }
+
+    /// Whether queued submissions can be evaluated now: room in the pipeline, and a
+    /// conditional operation (which searches applied state) waits until nothing is pending.
+    fn can_submit(&self) -> bool {
+        match self.queued.front() {
+            None => false,
+            Some(job) => {
+                self.inflight.len() < MAX_IN_FLIGHT
+                    && (self.unapplied.is_empty() || !job.changes.iter().any(Change::needs_search))
+            }
+        }
+    }
+
+    /// Forget an entry's unapplied writes once it was applied (or refused): reads then go to
+    /// the store, or to a later entry that wrote the same key.
+    fn settle(&mut self, hash: &[u8; 32], own: &Overlay) {
+        for k in &own.order {
+            if self.unapplied.get(k).is_some_and(|(_, w)| w == hash) {
+                self.unapplied.remove(k);
             }
         }
     }
@@ -399,19 +457,17 @@ impl Committer {
         self.health.oldest_waiting_ms.store(oldest, Ordering::Relaxed);
     }
 
-    fn on_ledger_event(&mut self, ev: Event) {
+    fn on_ledger_event(&mut self, round: &mut Round, ev: Event) {
         let result = match ev {
             Event::Executed {
                 seq,
                 batch,
                 root,
                 certificate,
-            } => self.apply_block(seq, batch, root, certificate),
+            } => self.apply_block(round, seq, batch, root, certificate),
             Event::Stable { seq, root, proof } => self.record_checkpoint(seq, root, proof),
         };
         if let Err(e) = result {
-            // The ledger executed a block this node cannot record: stop rather than diverge.
-            // On restart the block is replayed from the replica's store.
             tracing::error!(error = %e, "cannot apply a committed ledger block; stopping");
             std::process::exit(70);
         }
@@ -450,15 +506,17 @@ impl Committer {
 
     /// Evaluate queued submissions in order, seal the successful ones into ledger entries,
     /// make their pending writes durable and hand the entries to the replica.
-    fn submit_group(&mut self) {
+    fn submit_group(&mut self, batch: &mut WriteBatch) -> Vec<Sealed> {
         let mut group = Overlay::default();
-        let mut sealed: Vec<([u8; 32], Vec<u8>, InFlight, u64, i64, Overlay)> = Vec::new();
+        let mut sealed: Vec<Sealed> = Vec::new();
         while let Some(job) = self.queued.front() {
             // A conditional operation searches applied state: it starts a group of its own.
-            if job.changes.iter().any(Change::needs_search) && !sealed.is_empty() {
+            if job.changes.iter().any(Change::needs_search)
+                && (!sealed.is_empty() || !self.unapplied.is_empty())
+            {
                 break;
             }
-            if sealed.len() >= MAX_GROUP {
+            if sealed.len() >= MAX_GROUP || self.inflight.len() + sealed.len() >= MAX_IN_FLIGHT {
                 break;
             }
             let job = self.queued.pop_front().expect("front exists");
@@ -487,10 +545,6 @@ impl Committer {
                 }
             }
         }
-        if sealed.is_empty() {
-            return;
-        }
-        let mut batch = WriteBatch::default();
         for (hash, _, _, tx, ts, own) in &sealed {
             batch.put_cf(
                 self.store.cf(CF_LEDGER),
@@ -498,16 +552,37 @@ impl Committer {
                 own.encode(*tx, *ts),
             );
         }
-        if let Err(e) = sync_write(&self.store, batch) {
-            tracing::error!(error = %e, "cannot persist pending writes; nothing in the group was submitted");
-            for (_, _, f, ..) in sealed {
-                let _ = f.reply.send(Err(Error::Storage(e.to_string())));
+        sealed
+    }
+
+    /// After the round's batch is durable: answer for the applied entries, forget their
+    /// unapplied writes, and submit the newly sealed entries to the replica.
+    fn finish(&mut self, round: Round, sealed: Vec<Sealed>) {
+        if let Some((seq, root)) = round.applied {
+            self.applied_seq = seq;
+            self.ledger_root = root;
+        }
+        for (hash, accepted, own) in round.verdicts {
+            if let Some(own) = own {
+                self.settle(&hash, &own);
             }
-            return;
+            if let Some(f) = self.inflight.remove(&hash) {
+                let _ = f.reply.send(if accepted {
+                    Ok(f.committed)
+                } else {
+                    Err(Error::VersionConflict(
+                        "a concurrent change to the same resource committed first on the ledger; retry".into(),
+                    ))
+                });
+            }
         }
         for (hash, bytes, f, tx, ts, own) in sealed {
             match self.replica.submit(bytes) {
                 Ok(()) => {
+                    for k in &own.order {
+                        let v = own.writes.get(k).cloned().expect("ordered key present");
+                        self.unapplied.insert(k.clone(), (v, hash));
+                    }
                     self.pending.insert(hash, (tx, ts, own));
                     self.inflight.insert(hash, f);
                 }
@@ -561,35 +636,41 @@ impl Committer {
     /// the entries this node holds. One synced WriteBatch per block; then answer the clients.
     fn apply_block(
         &mut self,
+        round: &mut Round,
         seq: u64,
         batch: Batch,
         root: [u8; 32],
         certificate: Vec<ledger::core::Signed>,
     ) -> Result<()> {
-        if seq <= self.applied_seq {
+        let (last_seq, last_root) = round.applied.unwrap_or((self.applied_seq, self.ledger_root));
+        if seq <= last_seq {
             return Ok(());
         }
-        if seq != self.applied_seq + 1 {
+        if seq != last_seq + 1 {
             return Err(Error::Storage(format!(
-                "ledger block {seq} arrived after block {}",
-                self.applied_seq
+                "ledger block {seq} arrived after block {last_seq}"
             )));
         }
-        let mut wb = WriteBatch::default();
-        let leaf = block_leaf(&self.ledger_root, seq, &batch);
-        let mut heads: HashMap<Vec<u8>, LedgerHead> = HashMap::new();
-        let mut verdicts: Vec<([u8; 32], bool)> = Vec::new();
+        let leaf = block_leaf(&last_root, seq, &batch);
         let (mut max_tx, mut max_ts) = (0u64, 0i64);
         for (i, bytes) in batch.entries.iter().enumerate() {
-            let Some(e) = entry::open_sealed(bytes, &self.members) else {
+            let hash: [u8; 32] = Sha256::digest(bytes).into();
+            // This node's own entries were sealed here; anyone else's must carry the
+            // signature of the holder they name.
+            let e = if self.pending.contains_key(&hash) {
+                bytes.get(64..).and_then(LedgerEntry::decode)
+            } else {
+                entry::open_sealed(bytes, &self.members)
+            };
+            let Some(e) = e else {
                 tracing::warn!(seq, entry = i, "ignoring a ledger entry that is not a sealed Fhirmament entry");
                 continue;
             };
-            let accepted = self.record_entry(&e, seq, i as u32, &mut heads, &mut wb)?;
+            let accepted = self.record_entry(&e, seq, i as u32, &mut round.heads, &mut round.batch)?;
             if e.holder != self.me {
                 continue;
             }
-            let hash: [u8; 32] = Sha256::digest(bytes).into();
+            let wb = &mut round.batch;
             let pending = match self.pending.remove(&hash) {
                 Some(p) => Some(p),
                 None => self
@@ -598,7 +679,7 @@ impl Committer {
                     .get_cf(self.store.cf(CF_LEDGER), ledger_key(b'p', &hash))?
                     .and_then(|b| Overlay::decode(&b)),
             };
-            match (accepted, pending) {
+            match (accepted, &pending) {
                 (true, Some((tx, ts, own))) => {
                     for (cf, key) in &own.order {
                         match own.writes.get(&(*cf, key.clone())).expect("ordered key") {
@@ -606,8 +687,8 @@ impl Committer {
                             None => wb.delete_cf(self.store.cf(cf), key),
                         }
                     }
-                    max_tx = max_tx.max(tx);
-                    max_ts = max_ts.max(ts);
+                    max_tx = max_tx.max(*tx);
+                    max_ts = max_ts.max(*ts);
                 }
                 (true, None) => tracing::error!(
                     seq,
@@ -617,11 +698,12 @@ impl Committer {
                 (false, _) => {}
             }
             wb.delete_cf(self.store.cf(CF_LEDGER), ledger_key(b'p', &hash));
-            verdicts.push((hash, accepted));
+            round.verdicts.push((hash, accepted, pending.map(|p| p.2)));
         }
+        let wb = &mut round.batch;
         let info = BlockInfo {
             timestamp: batch.timestamp,
-            prev_root: self.ledger_root,
+            prev_root: last_root,
             root,
             entries: batch.entries,
             certificate,
@@ -637,20 +719,7 @@ impl Committer {
             wb.put_cf(self.store.cf(CF_META), META_LAST_TX, self.last_tx.to_be_bytes());
             wb.put_cf(self.store.cf(CF_META), META_LAST_TS, (self.last_ts as u64).to_be_bytes());
         }
-        sync_write(&self.store, wb)?;
-        self.applied_seq = seq;
-        self.ledger_root = root;
-        for (hash, accepted) in verdicts {
-            if let Some(f) = self.inflight.remove(&hash) {
-                let _ = f.reply.send(if accepted {
-                    Ok(f.committed)
-                } else {
-                    Err(Error::VersionConflict(
-                        "a concurrent change to the same resource committed first on the ledger; retry".into(),
-                    ))
-                });
-            }
-        }
+        round.applied = Some((seq, root));
         Ok(())
     }
 
@@ -766,6 +835,9 @@ impl Committer {
             return Ok(v.clone());
         }
         if let Some(v) = group.writes.get(&k) {
+            return Ok(v.clone());
+        }
+        if let Some((v, _)) = self.unapplied.get(&k) {
             return Ok(v.clone());
         }
         Ok(self.store.db().get_cf(self.store.cf(cf), key)?)
