@@ -4,7 +4,9 @@
 //!
 //! Column families: `blocks` (seq -> root, batch), kept forever — they are the ledger; `log`
 //! (index -> record), the consensus log, garbage-collected below the stable checkpoint;
-//! `meta` (the latest stable checkpoint and the next log index).
+//! `meta` (the latest stable checkpoint and the next log index); `sidecars` (entry hash -> bytes
+//! an embedding application made durable with the round that first sent the entry, until it
+//! releases them).
 
 use std::path::Path;
 
@@ -35,6 +37,7 @@ impl From<DecodeError> for StoreError {
 const CF_BLOCKS: &str = "blocks";
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
+const CF_SIDECARS: &str = "sidecars";
 const META_STABLE: &[u8] = b"stable";
 const META_NEXT: &[u8] = b"next_log_index";
 
@@ -60,7 +63,7 @@ impl LedgerStore {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [CF_BLOCKS, CF_LOG, CF_META]
+        let cfs = [CF_BLOCKS, CF_LOG, CF_META, CF_SIDECARS]
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let next = db
@@ -78,10 +81,26 @@ impl LedgerStore {
     /// Make records durable (one synced write). Blocks go to the ledger; a stable checkpoint
     /// also removes the consensus log it makes obsolete.
     pub fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
-        if records.is_empty() {
+        self.append_with(records, &[], &[])
+    }
+
+    /// `append`, plus sidecars stored (and released ones deleted) in the same synced write.
+    pub fn append_with(
+        &mut self,
+        records: &[Record],
+        sidecars: &[(Digest, Vec<u8>)],
+        release: &[Digest],
+    ) -> Result<(), StoreError> {
+        if records.is_empty() && sidecars.is_empty() && release.is_empty() {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
+        for (h, bytes) in sidecars {
+            batch.put_cf(self.cf(CF_SIDECARS), h, bytes);
+        }
+        for h in release {
+            batch.delete_cf(self.cf(CF_SIDECARS), h);
+        }
         let mut stable = None;
         for r in records {
             match r {
@@ -220,6 +239,10 @@ impl LedgerStore {
             out.push((root, decode_batch(&v[32..])?));
         }
         Ok(out)
+    }
+
+    pub fn sidecar(&self, entry_hash: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_SIDECARS), entry_hash)?)
     }
 
     /// Number of consensus-log records held (bounded by the checkpoint window).

@@ -97,18 +97,23 @@ enum Input {
         reply: amp::Sender<Vec<u8>>,
     },
     /// From the application embedding this replica: its executions arrive as `Event`s.
-    Local(Vec<u8>),
+    Local { entry: Vec<u8>, sidecar: Vec<u8> },
+    /// The application no longer needs these sidecars.
+    Release(Vec<Digest>),
 }
 
 /// What an embedding application learns from its replica, in ledger order.
 #[derive(Debug, Clone)]
 pub enum Event {
     /// A block was executed (or, at start-up, replayed from the store with no certificate).
+    /// `sidecars[i]` is the sidecar stored with entry i, if it was submitted here and is not in
+    /// the application's memory (after a restart).
     Executed {
         seq: Seq,
         batch: Batch,
         root: Digest,
         certificate: Vec<Signed>,
+        sidecars: Vec<Option<Vec<u8>>>,
     },
     /// A checkpoint became stable: 2f+1 signed (seq, root).
     Stable {
@@ -143,14 +148,25 @@ pub enum SubmitError {
 }
 
 impl Embedded {
-    /// Hand an entry to the replica for ordering; its execution arrives as an `Event`.
-    pub fn submit(&self, entry: Vec<u8>) -> Result<(), SubmitError> {
+    /// Hand an entry to the replica for ordering; its execution arrives as an `Event`. The
+    /// sidecar (bytes the application needs to apply the entry, e.g. its off-chain record) is
+    /// durable before the entry leaves this replica — in the same synced write as the round's
+    /// consensus records, so it costs no extra fsync — and is kept until released.
+    pub fn submit(&self, entry: Vec<u8>, sidecar: Vec<u8>) -> Result<(), SubmitError> {
         self.inputs
-            .try_send(Input::Local(entry))
+            .try_send(Input::Local { entry, sidecar })
             .map_err(|e| match e {
                 TrySendError::Full(_) => SubmitError::Busy,
                 TrySendError::Disconnected(_) => SubmitError::Stopped,
             })
+    }
+
+    /// The application has made these entries' effects durable: drop their sidecars.
+    pub fn release(&self, entry_hashes: Vec<Digest>) {
+        if !entry_hashes.is_empty() {
+            // Blocking: a release must not be lost, and the queue drains every round.
+            let _ = self.inputs.send(Input::Release(entry_hashes));
+        }
     }
 }
 
@@ -262,11 +278,17 @@ pub fn embed(
     if applied < last {
         let blocks = node.store.blocks_with_roots(applied, last)?;
         for (i, (root, batch)) in blocks.into_iter().enumerate() {
+            let sidecars = batch
+                .entries
+                .iter()
+                .map(|e| node.store.sidecar(&Sha256::digest(e).into()))
+                .collect::<Result<_, _>>()?;
             on_event(Event::Executed {
                 seq: applied + 1 + i as u64,
                 batch,
                 root,
                 certificate: vec![],
+                sidecars,
             });
         }
     }
@@ -371,6 +393,8 @@ fn drive(
     };
     // Clients waiting for their entries, by entry hash.
     let mut waiting: HashMap<[u8; 32], Vec<amp::Sender<Vec<u8>>>> = HashMap::new();
+    // Entries the application submitted in this process (it holds their sidecars in memory).
+    let mut local: std::collections::HashSet<[u8; 32]> = Default::default();
     let mut next_tick = std::time::Instant::now();
     // FHIRMAMENT_LEDGER_STATUS=1 prints a status line every second (for operators and tests).
     let report_status = std::env::var_os("FHIRMAMENT_LEDGER_STATUS").is_some();
@@ -386,6 +410,8 @@ fn drive(
             next_status = std::time::Instant::now() + Duration::from_secs(1);
         }
         let mut steps: Vec<Step> = Vec::new();
+        let mut sidecars: Vec<(Digest, Vec<u8>)> = Vec::new();
+        let mut release: Vec<Digest> = Vec::new();
         let timeout = next_tick.saturating_duration_since(std::time::Instant::now());
         let first = match inputs.recv_timeout(timeout) {
             Ok(i) => Some(i),
@@ -416,7 +442,13 @@ fn drive(
                         .push(reply);
                     steps.push(replica.handle_request(now, entry));
                 }
-                Input::Local(entry) => steps.push(replica.handle_request(now, entry)),
+                Input::Local { entry, sidecar } => {
+                    let h: Digest = Sha256::digest(&entry).into();
+                    local.insert(h);
+                    sidecars.push((h, sidecar));
+                    steps.push(replica.handle_request(now, entry));
+                }
+                Input::Release(hashes) => release.extend(hashes),
             }
         }
         if std::time::Instant::now() >= next_tick {
@@ -435,7 +467,7 @@ fn drive(
                 }
             })
             .collect();
-        store.append(&records)?;
+        store.append_with(&records, &sidecars, &release)?;
         for a in actions {
             match a {
                 Action::Persist(Record::Stable { seq, root, proof }) => {
@@ -463,11 +495,21 @@ fn drive(
                 } => {
                     let cert = crate::core::message::encode_signed_list(&certificate);
                     if let Some(ev) = events.as_mut() {
+                        let mut found = Vec::with_capacity(batch.entries.len());
+                        for e in &batch.entries {
+                            let h: Digest = Sha256::digest(e).into();
+                            found.push(if local.remove(&h) {
+                                None
+                            } else {
+                                store.sidecar(&h)?
+                            });
+                        }
                         ev(Event::Executed {
                             seq,
                             batch: batch.clone(),
                             root,
                             certificate,
+                            sidecars: found,
                         });
                     }
                     for e in &batch.entries {

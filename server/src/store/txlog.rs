@@ -41,6 +41,8 @@ use crate::search::{exec, extract, Registry};
 
 /// How many submissions one group commit takes at most.
 const MAX_GROUP: usize = 512;
+/// How often applied state is synced so the replica can drop the sidecars kept for replay.
+const SYNC_EVERY: Duration = Duration::from_millis(200);
 /// How many submissions may wait for the ledger at once (across groups).
 const MAX_IN_FLIGHT: usize = 4096;
 
@@ -318,6 +320,10 @@ struct Committer {
     /// `p` in the ledger family, for entries that execute after a restart).
     pending: HashMap<[u8; 32], (u64, i64, Overlay)>,
     queued: VecDeque<Job>,
+    /// This node's entries applied since the store was last synced: their sidecars in the
+    /// replica's store are still needed for replay.
+    unreleased: Vec<[u8; 32]>,
+    last_sync: Instant,
     /// Writes of submitted entries not yet applied, with the entry that wrote each last:
     /// later submissions are evaluated on top of them (pipelining).
     unapplied: HashMap<(&'static str, Vec<u8>), (Option<Vec<u8>>, [u8; 32])>,
@@ -333,12 +339,6 @@ fn read_counter(store: &Store, key: &[u8]) -> Result<u64> {
         .and_then(|b| b.try_into().ok())
         .map(u64::from_be_bytes)
         .unwrap_or(0))
-}
-
-fn sync_write(store: &Store, batch: WriteBatch) -> Result<()> {
-    let mut wo = WriteOptions::default();
-    wo.set_sync(true);
-    Ok(store.db().write_opt(batch, &wo)?)
 }
 
 impl Committer {
@@ -368,6 +368,8 @@ impl Committer {
             pending: HashMap::new(),
             queued: VecDeque::new(),
             unapplied: HashMap::new(),
+            unreleased: Vec::new(),
+            last_sync: Instant::now(),
             applied_seq,
             ledger_root,
             health,
@@ -406,12 +408,14 @@ impl Committer {
             }
             self.expire();
             let sealed = if self.can_submit() {
-                self.submit_group(&mut round.batch)
+                self.submit_group()
             } else {
                 Vec::new()
             };
             if round.batch.len() > 0 {
-                if let Err(e) = sync_write(&self.store, std::mem::take(&mut round.batch)) {
+                // Not synced: the ledger's store already holds these blocks and the sidecars
+                // of this node's entries durably, and replays them after a crash.
+                if let Err(e) = self.store.db().write(std::mem::take(&mut round.batch)) {
                     // Committed blocks this node cannot record: stop rather than diverge. On
                     // restart they are replayed from the replica's store.
                     tracing::error!(error = %e, "cannot persist applied ledger blocks; stopping");
@@ -419,6 +423,24 @@ impl Committer {
                 }
             }
             self.finish(round, sealed);
+            self.release_durable();
+        }
+    }
+
+    /// Every so often make the applied state durable, then let the replica drop the sidecars
+    /// it kept for replay.
+    fn release_durable(&mut self) {
+        if self.unreleased.is_empty()
+            || (self.last_sync.elapsed() < SYNC_EVERY && self.unreleased.len() < 4096)
+        {
+            return;
+        }
+        match self.store.db().flush_wal(true) {
+            Ok(()) => {
+                self.last_sync = Instant::now();
+                self.replica.release(std::mem::take(&mut self.unreleased));
+            }
+            Err(e) => tracing::warn!(error = %e, "syncing the store failed; sidecars are kept"),
         }
     }
 
@@ -464,7 +486,8 @@ impl Committer {
                 batch,
                 root,
                 certificate,
-            } => self.apply_block(round, seq, batch, root, certificate),
+                sidecars,
+            } => self.apply_block(round, seq, batch, root, certificate, sidecars),
             Event::Stable { seq, root, proof } => self.record_checkpoint(seq, root, proof),
         };
         if let Err(e) = result {
@@ -506,7 +529,7 @@ impl Committer {
 
     /// Evaluate queued submissions in order, seal the successful ones into ledger entries,
     /// make their pending writes durable and hand the entries to the replica.
-    fn submit_group(&mut self, batch: &mut WriteBatch) -> Vec<Sealed> {
+    fn submit_group(&mut self) -> Vec<Sealed> {
         let mut group = Overlay::default();
         let mut sealed: Vec<Sealed> = Vec::new();
         while let Some(job) = self.queued.front() {
@@ -545,13 +568,6 @@ impl Committer {
                 }
             }
         }
-        for (hash, _, _, tx, ts, own) in &sealed {
-            batch.put_cf(
-                self.store.cf(CF_LEDGER),
-                ledger_key(b'p', hash),
-                own.encode(*tx, *ts),
-            );
-        }
         sealed
     }
 
@@ -566,6 +582,7 @@ impl Committer {
             if let Some(own) = own {
                 self.settle(&hash, &own);
             }
+            self.unreleased.push(hash);
             if let Some(f) = self.inflight.remove(&hash) {
                 let _ = f.reply.send(if accepted {
                     Ok(f.committed)
@@ -577,7 +594,8 @@ impl Committer {
             }
         }
         for (hash, bytes, f, tx, ts, own) in sealed {
-            match self.replica.submit(bytes) {
+            let sidecar = own.encode(tx, ts);
+            match self.replica.submit(bytes, sidecar) {
                 Ok(()) => {
                     for k in &own.order {
                         let v = own.writes.get(k).cloned().expect("ordered key present");
@@ -587,10 +605,6 @@ impl Committer {
                     self.inflight.insert(hash, f);
                 }
                 Err(e) => {
-                    let _ = self
-                        .store
-                        .db()
-                        .delete_cf(self.store.cf(CF_LEDGER), ledger_key(b'p', &hash));
                     let _ = f.reply.send(Err(Error::LedgerUnavailable(e.to_string())));
                 }
             }
@@ -641,6 +655,7 @@ impl Committer {
         batch: Batch,
         root: [u8; 32],
         certificate: Vec<ledger::core::Signed>,
+        mut sidecars: Vec<Option<Vec<u8>>>,
     ) -> Result<()> {
         let (last_seq, last_root) = round.applied.unwrap_or((self.applied_seq, self.ledger_root));
         if seq <= last_seq {
@@ -653,15 +668,14 @@ impl Committer {
         }
         let leaf = block_leaf(&last_root, seq, &batch);
         let (mut max_tx, mut max_ts) = (0u64, 0i64);
-        for (i, bytes) in batch.entries.iter().enumerate() {
-            let hash: [u8; 32] = Sha256::digest(bytes).into();
-            // This node's own entries were sealed here; anyone else's must carry the
-            // signature of the holder they name.
-            let e = if self.pending.contains_key(&hash) {
-                bytes.get(64..).and_then(LedgerEntry::decode)
-            } else {
-                entry::open_sealed(bytes, &self.members)
-            };
+        let hashes: Vec<[u8; 32]> = batch.entries.iter().map(|b| Sha256::digest(b).into()).collect();
+        // This node's own entries were sealed here; anyone else's must carry the signature of
+        // the holder they name.
+        let opened = entry::open_sealed_all(&batch.entries, &self.members, |i| {
+            self.pending.contains_key(&hashes[i])
+        });
+        for (i, e) in opened.into_iter().enumerate() {
+            let hash = hashes[i];
             let Some(e) = e else {
                 tracing::warn!(seq, entry = i, "ignoring a ledger entry that is not a sealed Fhirmament entry");
                 continue;
@@ -673,10 +687,9 @@ impl Committer {
             let wb = &mut round.batch;
             let pending = match self.pending.remove(&hash) {
                 Some(p) => Some(p),
-                None => self
-                    .store
-                    .db()
-                    .get_cf(self.store.cf(CF_LEDGER), ledger_key(b'p', &hash))?
+                None => sidecars
+                    .get_mut(i)
+                    .and_then(Option::take)
                     .and_then(|b| Overlay::decode(&b)),
             };
             match (accepted, &pending) {
@@ -697,7 +710,6 @@ impl Committer {
                 ),
                 (false, _) => {}
             }
-            wb.delete_cf(self.store.cf(CF_LEDGER), ledger_key(b'p', &hash));
             round.verdicts.push((hash, accepted, pending.map(|p| p.2)));
         }
         let wb = &mut round.batch;
