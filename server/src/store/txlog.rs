@@ -280,10 +280,42 @@ impl Overlay {
     }
 }
 
+/// A round's writes, kept sorted by column family and key: RocksDB inserts a batch into its
+/// memtable skiplists far faster in key order (each insert starts from the previous one's
+/// position) than in the order the writes were produced. A later write of a key replaces an
+/// earlier one, as in a WriteBatch.
+#[derive(Default)]
+struct SortedBatch {
+    writes: std::collections::BTreeMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+}
+
+impl SortedBatch {
+    fn put(&mut self, cf: &'static str, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.writes
+            .insert((cf, key.as_ref().to_vec()), Some(value.as_ref().to_vec()));
+    }
+    fn delete(&mut self, cf: &'static str, key: impl AsRef<[u8]>) {
+        self.writes.insert((cf, key.as_ref().to_vec()), None);
+    }
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+    fn into_write_batch(self, store: &Store) -> WriteBatch {
+        let mut wb = WriteBatch::default();
+        for ((cf, key), value) in self.writes {
+            match value {
+                Some(v) => wb.put_cf(store.cf(cf), key, v),
+                None => wb.delete_cf(store.cf(cf), key),
+            }
+        }
+        wb
+    }
+}
+
 /// What one round of the commit thread makes durable together.
 #[derive(Default)]
 struct Round {
-    batch: WriteBatch,
+    batch: SortedBatch,
     /// Ledger heads changed by this round's blocks (not in the store until the batch is).
     heads: HashMap<Vec<u8>, LedgerHead>,
     /// This node's entries applied (true) or refused (false), with their writes.
@@ -412,10 +444,11 @@ impl Committer {
             } else {
                 Vec::new()
             };
-            if round.batch.len() > 0 {
+            if !round.batch.is_empty() {
                 // Not synced: the ledger's store already holds these blocks and the sidecars
                 // of this node's entries durably, and replays them after a crash.
-                if let Err(e) = self.store.db().write(std::mem::take(&mut round.batch)) {
+                let batch = std::mem::take(&mut round.batch).into_write_batch(&self.store);
+                if let Err(e) = self.store.db().write(batch) {
                     // Committed blocks this node cannot record: stop rather than diverge. On
                     // restart they are replayed from the replica's store.
                     tracing::error!(error = %e, "cannot persist applied ledger blocks; stopping");
@@ -696,8 +729,8 @@ impl Committer {
                 (true, Some((tx, ts, own))) => {
                     for (cf, key) in &own.order {
                         match own.writes.get(&(*cf, key.clone())).expect("ordered key") {
-                            Some(v) => wb.put_cf(self.store.cf(cf), key, v),
-                            None => wb.delete_cf(self.store.cf(cf), key),
+                            Some(v) => wb.put(cf, key, v),
+                            None => wb.delete(cf, key),
                         }
                     }
                     max_tx = max_tx.max(*tx);
@@ -721,15 +754,15 @@ impl Committer {
             certificate,
         };
         let seq_key = seq.to_be_bytes();
-        wb.put_cf(self.store.cf(CF_LEDGER), ledger_key(b'b', &seq_key), info.encode());
-        wb.put_cf(self.store.cf(CF_LEDGER), ledger_key(b'l', &seq_key), leaf);
-        wb.put_cf(self.store.cf(CF_META), META_APPLIED_SEQ, seq_key);
-        wb.put_cf(self.store.cf(CF_META), META_LEDGER_ROOT, root);
+        wb.put(CF_LEDGER, ledger_key(b'b', &seq_key), info.encode());
+        wb.put(CF_LEDGER, ledger_key(b'l', &seq_key), leaf);
+        wb.put(CF_META, META_APPLIED_SEQ, seq_key);
+        wb.put(CF_META, META_LEDGER_ROOT, root);
         if max_tx > 0 {
             self.last_tx = self.last_tx.max(max_tx);
             self.last_ts = self.last_ts.max(max_ts);
-            wb.put_cf(self.store.cf(CF_META), META_LAST_TX, self.last_tx.to_be_bytes());
-            wb.put_cf(self.store.cf(CF_META), META_LAST_TS, (self.last_ts as u64).to_be_bytes());
+            wb.put(CF_META, META_LAST_TX, self.last_tx.to_be_bytes());
+            wb.put(CF_META, META_LAST_TS, (self.last_ts as u64).to_be_bytes());
         }
         round.applied = Some((seq, root));
         Ok(())
@@ -738,7 +771,7 @@ impl Committer {
     /// Another organization now holds the latest version of a resource this node held:
     /// take the resource out of this node's current view and search indexes (its own
     /// versions stay in its history).
-    fn drop_local_copy(&self, key: &[u8], wb: &mut WriteBatch) -> Result<()> {
+    fn drop_local_copy(&self, key: &[u8], wb: &mut SortedBatch) -> Result<()> {
         let Some(cut) = key.iter().position(|b| *b == 0) else {
             return Ok(());
         };
@@ -755,12 +788,12 @@ impl Committer {
                 let prefix = param_prefix(rtype, &p.code);
                 let old = decode_values(&old).unwrap_or_default();
                 for (k, _) in index_entries(&prefix, id, &old, &self.base) {
-                    wb.delete_cf(self.store.cf(CF_INDEX), k);
+                    wb.delete(CF_INDEX, k);
                 }
-                wb.delete_cf(self.store.cf(CF_VALUES), vkey);
+                wb.delete(CF_VALUES, vkey);
             }
         }
-        wb.delete_cf(self.store.cf(CF_CURRENT), key);
+        wb.delete(CF_CURRENT, key);
         Ok(())
     }
 
@@ -772,7 +805,7 @@ impl Committer {
         seq: u64,
         index: u32,
         heads: &mut HashMap<Vec<u8>, LedgerHead>,
-        wb: &mut WriteBatch,
+        wb: &mut SortedBatch,
     ) -> Result<bool> {
         let mut staged: Vec<(Vec<u8>, LedgerHead, Option<[u8; 32]>)> = Vec::new();
         for r in &e.records {
@@ -809,7 +842,7 @@ impl Committer {
             if let Ok(rt) = r.rtype.parse::<ResourceType>() {
                 for p in &r.patients {
                     let k = ledger_key(b'x', &super::compartment_key(p, rt, &r.id));
-                    wb.put_cf(self.store.cf(CF_LEDGER), k, []);
+                    wb.put(CF_LEDGER, k, []);
                 }
             }
         }
@@ -825,8 +858,8 @@ impl Committer {
                 deleted: head.deleted,
                 commitment,
             };
-            wb.put_cf(self.store.cf(CF_LEDGER), ledger_key(b'r', &vk), rec.encode());
-            wb.put_cf(self.store.cf(CF_LEDGER), ledger_key(b'c', &key), head.encode());
+            wb.put(CF_LEDGER, ledger_key(b'r', &vk), rec.encode());
+            wb.put(CF_LEDGER, ledger_key(b'c', &key), head.encode());
             if head.holder != self.me {
                 self.drop_local_copy(&key, wb)?;
             }
