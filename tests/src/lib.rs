@@ -240,12 +240,19 @@ pub fn assert_outcome(r: Response, status: u16) -> Value {
     body
 }
 
-/// `n` free consecutive loopback ports.
+/// `n` free consecutive loopback ports. Runs handed out in this process never overlap (tests
+/// run in parallel threads), and each is checked free when handed out.
 pub fn free_port_run(n: u16) -> u16 {
-    let mut seed = std::process::id() as u64 ^ (Instant::now().elapsed().as_nanos() as u64);
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 2_000) as u16 * 10,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
     loop {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let base = 20_000 + (seed >> 33) as u16 % 30_000;
+        let base = NEXT.fetch_add(n, Ordering::SeqCst);
         if (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
         }
