@@ -49,7 +49,11 @@ pub fn statement(svc: &Service) -> Value {
                 "searchInclude": includes,
                 "searchRevInclude": revincludes,
                 "searchParam": params,
-                "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
+                "operation": [
+                    {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"},
+                    {"name": "verify", "definition": "https://fhirmament.dev/OperationDefinition/verify",
+                     "documentation": "GET [type]/[id](/_history/[vid])/$verify: a Parameters receipt proving the version against the consortium ledger (entry, Merkle proofs, 2f+1 signatures); check it offline with `fhirmament verify`"}
+                ],
             })
         })
         .collect();
