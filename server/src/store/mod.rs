@@ -221,6 +221,44 @@ pub struct Store {
     /// Widest indexed date range per parameter prefix. Only ever grows (deletions do not
     /// shrink it), so a scan window derived from it never misses a value.
     date_widths: std::sync::RwLock<std::collections::HashMap<Vec<u8>, i64>>,
+    /// Versions whose bytes this process has checked against the ledger commitment, with the
+    /// plain SHA-256 of those bytes: a later read of identical bytes needs no canonical form.
+    verified: VerifiedVersions,
+}
+
+/// Sharded, bounded memo of verified versions (version key -> SHA-256 of the stored bytes).
+struct VerifiedVersions {
+    shards: Vec<std::sync::Mutex<std::collections::HashMap<Vec<u8>, [u8; 32]>>>,
+}
+
+const VERIFIED_SHARDS: usize = 16;
+/// Per shard; a full shard is cleared (the next reads verify again).
+const VERIFIED_PER_SHARD: usize = 1 << 16;
+
+impl VerifiedVersions {
+    fn new() -> VerifiedVersions {
+        VerifiedVersions {
+            shards: (0..VERIFIED_SHARDS).map(|_| Default::default()).collect(),
+        }
+    }
+    fn shard(&self, key: &[u8]) -> &std::sync::Mutex<std::collections::HashMap<Vec<u8>, [u8; 32]>> {
+        let h = key.iter().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(*b as usize));
+        &self.shards[h % VERIFIED_SHARDS]
+    }
+    fn holds(&self, key: &[u8], digest: &[u8; 32]) -> bool {
+        self.shard(key)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .is_some_and(|d| d == digest)
+    }
+    fn remember(&self, key: Vec<u8>, digest: [u8; 32]) {
+        let mut m = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= VERIFIED_PER_SHARD {
+            m.clear();
+        }
+        m.insert(key, digest);
+    }
 }
 
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -253,6 +291,7 @@ impl Store {
         let store = Store {
             db,
             date_widths: Default::default(),
+            verified: VerifiedVersions::new(),
         };
         let mut widths = std::collections::HashMap::new();
         for item in store.db.iterator_cf(
@@ -335,8 +374,17 @@ impl Store {
 
     /// Compare a stored version with its ledger record; alert and fail closed on a mismatch.
     pub fn check_commitment(&self, v: Version) -> Result<Version> {
+        use sha2::Digest as _;
+        let key = version_key(v.rtype, &v.id, v.version);
+        let digest: [u8; 32] = sha2::Sha256::digest(&v.body).into();
+        if self.verified.holds(&key, &digest) {
+            return Ok(v);
+        }
         match self.commitment_mismatch(&v)? {
-            None => Ok(v),
+            None => {
+                self.verified.remember(key, digest);
+                Ok(v)
+            }
             Some(why) => {
                 tracing::error!(
                     target: "fhirmament::integrity",
