@@ -78,6 +78,9 @@ pub enum Error {
     /// The caller is known but may not do this.
     #[error("{0}")]
     Forbidden(String),
+    /// No valid access token (absent, malformed, forged, expired, revoked, wrong audience).
+    #[error("{0}")]
+    Unauthorized(String),
     /// Something this request needs (another organization's node) is not available now.
     #[error("{0}")]
     Unavailable(String),
@@ -142,6 +145,7 @@ impl Error {
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Gone { .. } => StatusCode::GONE,
             Error::VersionConflict(_) => StatusCode::CONFLICT,
@@ -167,6 +171,7 @@ impl Error {
             Error::UnknownSearchParameter(m) => vec![Issue::error("not-supported", m.clone())],
             Error::NotFound(m) => vec![Issue::error("not-found", m.clone())],
             Error::Forbidden(m) => vec![Issue::error("forbidden", m.clone())],
+            Error::Unauthorized(m) => vec![Issue::error("login", m.clone())],
             Error::Unavailable(m) => vec![Issue::error("transient", m.clone())],
             Error::Gone { .. } => vec![Issue::error("deleted", self.to_string())],
             Error::VersionConflict(m) | Error::PreconditionFailed(m) => {
@@ -225,6 +230,18 @@ impl ResponseError for Error {
         resp.content_type("application/fhir+json; charset=utf-8");
         if let Error::Gone { version, .. } = self {
             resp.insert_header(("ETag", format!("W/\"{version}\"")));
+        }
+        if let Error::Unauthorized(m) = self {
+            // RFC 6750 §3: no error code when no token was presented.
+            let challenge = if m.starts_with("no access token") {
+                "Bearer realm=\"fhirmament\"".to_string()
+            } else {
+                format!(
+                    "Bearer realm=\"fhirmament\", error=\"invalid_token\", error_description=\"{}\"",
+                    m.replace('"', "'")
+                )
+            };
+            resp.insert_header(("WWW-Authenticate", challenge));
         }
         resp.body(serde_json::to_vec(&self.outcome()).unwrap_or_default())
     }

@@ -1,5 +1,6 @@
 //! Fhirmament: a FHIR R4 server. See ARCHITECTURE.md for the map.
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod error;
@@ -37,6 +38,8 @@ pub struct Service {
     /// HTTP client for retrieval from other organizations' nodes.
     pub peers: reqwest::Client,
     pub health: Arc<health::Health>,
+    /// The SMART authorization server (and the verifier of its tokens).
+    pub auth: Arc<auth::AuthServer>,
 }
 
 pub fn load_profiles(config: &Config) -> Result<Profiles> {
@@ -58,6 +61,10 @@ impl Service {
             .map_err(|e| Error::Storage(format!("creating {}: {e}", config.data_dir.display())))?;
         let store = Arc::new(Store::open(&config.data_dir)?);
         let replica = ledger::replica::ReplicaSetup::resolve(&config)?;
+        let auth = Arc::new(auth::AuthServer::open(
+            &config.data_dir.join("auth"),
+            &config.base_url,
+        )?);
         let log = LedgerTxLog::start(
             store.clone(),
             registry.clone(),
@@ -76,6 +83,7 @@ impl Service {
             replica: Arc::new(replica),
             peers: reqwest::Client::new(),
             health,
+            auth,
         })
     }
 }
@@ -100,7 +108,21 @@ pub async fn serve(svc: Service) -> std::io::Result<()> {
             .wrap(middleware::from_fn(http::strip_identity_encoding))
             .route("/health/live", web::get().to(http::live))
             .route("/health/ready", web::get().to(http::ready))
-            .service(web::scope(&scope).default_service(web::to(http::dispatch)))
+            .service(
+                web::scope(&scope)
+                    .route("/.well-known/smart-configuration", web::get().to(http::oauth::smart_configuration))
+                    .route("/.well-known/openid-configuration", web::get().to(http::oauth::openid_configuration))
+                    .route("/auth/jwks", web::get().to(http::oauth::jwks))
+                    .route("/auth/authorize", web::get().to(http::oauth::authorize))
+                    .route("/auth/authorize", web::post().to(http::oauth::authorize))
+                    .route("/auth/login", web::post().to(http::oauth::login))
+                    .route("/auth/approve", web::post().to(http::oauth::approve))
+                    .route("/auth/token", web::post().to(http::oauth::token))
+                    .route("/auth/introspect", web::post().to(http::oauth::introspect))
+                    .route("/auth/revoke", web::post().to(http::oauth::revoke))
+                    .route("/auth/launch", web::post().to(http::oauth::launch))
+                    .default_service(web::to(http::dispatch)),
+            )
             .default_service(web::to(http::not_found))
     })
     .workers(workers)

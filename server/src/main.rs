@@ -32,9 +32,84 @@ enum Command {
     },
     /// Create a consortium's genesis and replica keys (peers reached by name, e.g. on Kubernetes).
     Genesis(fhirmament::cluster::GenesisArgs),
+    /// Registered users of the SMART authorization server.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Registered SMART client applications.
+    #[command(subcommand)]
+    Clients(ClientsCommand),
+    /// Mint an access token signed by this server's key (for operators and scripts); it is
+    /// checked like any other. Prints the token.
+    Token {
+        #[command(flatten)]
+        config: ServeArgs,
+        /// Space-separated scopes, e.g. "system/*.rs".
+        #[arg(long)]
+        scope: String,
+        /// The subject named in the token and the audit trail.
+        #[arg(long, default_value = "operator")]
+        sub: String,
+        #[arg(long = "client-id", default_value = "fhirmament-cli")]
+        client_id: String,
+        /// The patient in context (for patient/ scopes).
+        #[arg(long)]
+        patient: Option<String>,
+        #[arg(long = "ttl-seconds", default_value_t = 3600)]
+        ttl_seconds: u64,
+    },
     /// A local consortium: one process per replica on loopback.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Add (or replace) a user. The password comes from FHIRMAMENT_PASSWORD or --password.
+    Add {
+        #[command(flatten)]
+        config: ServeArgs,
+        #[arg(long)]
+        username: String,
+        #[arg(long, env = "FHIRMAMENT_PASSWORD", hide_env_values = true)]
+        password: String,
+        /// patient, practitioner or admin.
+        #[arg(long)]
+        role: String,
+        /// The user's FHIR resource, e.g. Patient/123 or Practitioner/9.
+        #[arg(long = "fhir-user")]
+        fhir_user: Option<String>,
+        /// Narrower scopes than the role allows (e.g. pharmacy staff: "user/DocumentReference.rs").
+        #[arg(long)]
+        scope: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientsCommand {
+    /// Register (or replace) a client. Exactly one of --public, --secret, --jwks.
+    Add {
+        #[command(flatten)]
+        config: ServeArgs,
+        #[arg(long = "client-id")]
+        client_id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Exact redirect URI (repeat for several).
+        #[arg(long = "redirect-uri")]
+        redirect_uri: Vec<String>,
+        /// The scopes the client may be granted.
+        #[arg(long)]
+        scope: String,
+        /// A public client (PKCE, no secret).
+        #[arg(long)]
+        public: bool,
+        /// A confidential client authenticating with client_secret_basic.
+        #[arg(long, env = "FHIRMAMENT_CLIENT_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// A JWKS file: the client authenticates with private_key_jwt (RS384/ES384).
+        #[arg(long)]
+        jwks: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -59,6 +134,15 @@ fn main() -> ExitCode {
         Command::Reindex(args) => run_reindex(&args),
         Command::Verify { receipt, genesis } => run_verify(&receipt, &genesis),
         Command::Genesis(args) => fhirmament::cluster::genesis(&args),
+        Command::Users(UsersCommand::Add { config, username, password, role, fhir_user, scope }) => {
+            add_user(&config, username, &password, &role, fhir_user, scope)
+        }
+        Command::Clients(ClientsCommand::Add { config, client_id, name, redirect_uri, scope, public, secret, jwks }) => {
+            add_client(&config, client_id, name, redirect_uri, scope, public, secret, jwks)
+        }
+        Command::Token { config, scope, sub, client_id, patient, ttl_seconds } => {
+            mint_token(&config, &scope, &sub, &client_id, patient, ttl_seconds)
+        }
         Command::Cluster(ClusterCommand::Up(args)) => fhirmament::cluster::up(&args),
         Command::Cluster(ClusterCommand::Down(args)) => fhirmament::cluster::down(&args),
     };
@@ -113,4 +197,110 @@ fn run_verify(receipt: &std::path::Path, genesis: &std::path::Path) -> Result<()
     } else {
         Err("the receipt does not verify".into())
     }
+}
+
+fn auth_directory(args: &ServeArgs) -> Result<(Config, fhirmament::auth::directory::Directory), String> {
+    let config = Config::resolve(args).map_err(|e| e.to_string())?;
+    let dir = fhirmament::auth::directory::Directory::new(&config.data_dir.join("auth"));
+    Ok((config, dir))
+}
+
+fn add_user(
+    args: &ServeArgs,
+    username: String,
+    password: &str,
+    role: &str,
+    fhir_user: Option<String>,
+    scope: Option<String>,
+) -> Result<(), String> {
+    use fhirmament::auth::directory::{hash_secret, Role, User};
+    let role = match role {
+        "patient" => Role::Patient,
+        "practitioner" => Role::Practitioner,
+        "admin" => Role::Admin,
+        other => return Err(format!("--role must be patient, practitioner or admin, not {other}")),
+    };
+    if password.len() < 8 {
+        return Err("the password must have at least 8 characters".into());
+    }
+    if role == Role::Patient && !fhir_user.as_deref().is_some_and(|f| f.starts_with("Patient/")) {
+        return Err("a patient user needs --fhir-user Patient/<id>".into());
+    }
+    let (_, dir) = auth_directory(args)?;
+    let hash = hash_secret(password).map_err(|e| e.to_string())?;
+    dir.put_user(User { username: username.clone(), password_hash: hash, role, fhir_user, scope })
+        .map_err(|e| e.to_string())?;
+    println!("user {username} saved");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add_client(
+    args: &ServeArgs,
+    client_id: String,
+    name: String,
+    redirect_uris: Vec<String>,
+    scope: String,
+    public: bool,
+    secret: Option<String>,
+    jwks: Option<std::path::PathBuf>,
+) -> Result<(), String> {
+    use fhirmament::auth::directory::{hash_secret, Client, ClientAuth};
+    let auth = match (public, secret, jwks) {
+        (true, None, None) => ClientAuth::Public,
+        (false, Some(s), None) => ClientAuth::Symmetric { secret_hash: hash_secret(&s).map_err(|e| e.to_string())? },
+        (false, None, Some(path)) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let jwks: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            if !jwks["keys"].as_array().is_some_and(|k| !k.is_empty()) {
+                return Err("the JWKS has no keys".into());
+            }
+            ClientAuth::Asymmetric { jwks }
+        }
+        _ => return Err("give exactly one of --public, --secret, --jwks".into()),
+    };
+    if redirect_uris.is_empty() && !matches!(auth, ClientAuth::Asymmetric { .. }) {
+        return Err("an app that users launch needs at least one --redirect-uri".into());
+    }
+    for s in scope.split_whitespace() {
+        if !fhirmament::auth::scopes::is_known(s) {
+            return Err(format!("unknown scope {s}"));
+        }
+    }
+    let (_, dir) = auth_directory(args)?;
+    dir.put_client(Client { client_id: client_id.clone(), name, auth, redirect_uris, scope })
+        .map_err(|e| e.to_string())?;
+    println!("client {client_id} saved");
+    Ok(())
+}
+
+fn mint_token(
+    args: &ServeArgs,
+    scope: &str,
+    sub: &str,
+    client_id: &str,
+    patient: Option<String>,
+    ttl: u64,
+) -> Result<(), String> {
+    let config = Config::resolve(args).map_err(|e| e.to_string())?;
+    for s in scope.split_whitespace() {
+        if !fhirmament::auth::scopes::is_known(s) {
+            return Err(format!("unknown scope {s}"));
+        }
+    }
+    let key = fhirmament::auth::keys::SigningKey::load_or_create(&config.data_dir.join("auth"))
+        .map_err(|e| e.to_string())?;
+    let mut claims = serde_json::Map::new();
+    claims.insert("iss".into(), config.base_url.clone().into());
+    claims.insert("aud".into(), config.base_url.clone().into());
+    claims.insert("sub".into(), sub.into());
+    claims.insert("client_id".into(), client_id.into());
+    claims.insert("scope".into(), scope.into());
+    claims.insert("jti".into(), fhirmament::auth::random_token().map_err(|e| e.to_string())?.into());
+    if let Some(p) = patient {
+        claims.insert("patient".into(), p.into());
+    }
+    let t = key.sign(&claims, std::time::Duration::from_secs(ttl)).map_err(|e| e.to_string())?;
+    println!("{t}");
+    Ok(())
 }

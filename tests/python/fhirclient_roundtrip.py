@@ -1,8 +1,9 @@
 """Drive Fhirmament with SMART's Python fhirclient (R4 models): capability, create, read,
 update, search with paging, delete. Exits non-zero with a message on any mismatch.
 
-Usage: python3 fhirclient_roundtrip.py BASE_URL
+Usage: FHIRMAMENT_TOKEN=<access token> python3 fhirclient_roundtrip.py BASE_URL
 """
+import os
 import sys
 
 from fhirclient import client
@@ -21,6 +22,8 @@ def check(cond, what):
 def main(base):
     smart = client.FHIRClient(settings={"app_id": "fhirmament-e2e", "api_base": base})
     server = smart.server
+    # An operator's token (fhirmament token); the SMART launch itself is smart_launch.py.
+    server.session.headers["Authorization"] = "Bearer " + os.environ["FHIRMAMENT_TOKEN"]
 
     server.get_capability(force=True)
     cs = server.capabilityStatement

@@ -57,8 +57,38 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Mint an access token with the server's own key (`fhirmament token`), as an operator would.
+pub fn mint_token(data: &Path, base: &str, scope: &str, extra: &[&str]) -> String {
+    let out = Command::new(binary())
+        .arg("token")
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--base-url", base, "--scope", scope])
+        .args(extra)
+        .output()
+        .expect("run fhirmament token");
+    assert!(out.status.success(), "fhirmament token: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+}
+
+/// A blocking HTTP client that sends this bearer token with every request.
+pub fn client_with_token(token: &str) -> Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    Client::builder()
+        .timeout(Duration::from_secs(30))
+        .default_headers(headers)
+        .build()
+        .expect("client")
+}
+
 pub struct TestServer {
     pub base: String,
+    /// A `system/*.cruds` token for this server (what `client` sends).
+    pub token: String,
     pub port: u16,
     pub data: PathBuf,
     child: std::sync::Mutex<Option<Child>>,
@@ -77,6 +107,7 @@ impl TestServer {
         let data = dir.path().join("data");
         let mut s = TestServer {
             base: String::new(),
+            token: String::new(),
             port: 0,
             data,
             child: std::sync::Mutex::new(None),
@@ -111,6 +142,8 @@ impl TestServer {
         while Instant::now() < deadline {
             if let Ok(r) = self.client.get(format!("{}/metadata", self.base)).send() {
                 if r.status().is_success() {
+                    self.token = mint_token(&self.data, &self.base, "system/*.cruds", &[]);
+                    self.client = client_with_token(&self.token);
                     return;
                 }
             }
@@ -262,6 +295,8 @@ pub fn free_port_run(n: u16) -> u16 {
 /// A local consortium started with the documented `fhirmament cluster up`, stopped with
 /// `cluster down` when dropped.
 pub struct Consortium {
+    /// A `system/*.cruds` token per replica (each organization signs its own).
+    pub tokens: Vec<String>,
     pub dir: tempfile::TempDir,
     pub n: usize,
     pub http_port: u16,
@@ -274,7 +309,8 @@ impl Consortium {
         let dir = tempfile::tempdir().expect("tempdir");
         let http_port = free_port_run(n as u16);
         let peer_port = free_port_run(n as u16);
-        let c = Consortium {
+        let mut c = Consortium {
+            tokens: Vec::new(),
             dir,
             n,
             http_port,
@@ -285,7 +321,18 @@ impl Consortium {
                 .expect("client"),
         };
         c.cluster("up");
+        c.tokens = (0..n)
+            .map(|i| {
+                let data = c.dir.path().join(format!("node-{i}"));
+                mint_token(&data, c.url(i, "").trim_end_matches('/'), "system/*.cruds", &[])
+            })
+            .collect();
         c
+    }
+
+    /// `Authorization` header value for replica i.
+    pub fn auth(&self, replica: usize) -> String {
+        format!("Bearer {}", self.tokens[replica])
     }
 
     /// Run `fhirmament cluster <cmd>` for this consortium.
@@ -320,6 +367,7 @@ impl Consortium {
         let r = self
             .client
             .get(self.url(replica, path))
+            .header("Authorization", self.auth(replica))
             .send()
             .expect("GET");
         let status = r.status().as_u16();
@@ -330,6 +378,7 @@ impl Consortium {
         let r = self
             .client
             .request(method.parse().expect("method"), self.url(replica, path))
+            .header("Authorization", self.auth(replica))
             .header("Content-Type", FHIR_JSON)
             .body(serde_json::to_vec(body).expect("json"))
             .send()

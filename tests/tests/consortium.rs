@@ -92,6 +92,7 @@ fn a_record_written_at_one_organization_is_served_identically_and_verifiably_by_
     let r = c
         .client
         .put(c.url(1, &format!("Patient/{pid}")))
+        .header("Authorization", c.auth(1))
         .header("Content-Type", FHIR_JSON)
         .header("If-Match", "W/\"1\"")
         .body(serde_json::to_vec(&changed).unwrap())
@@ -110,7 +111,7 @@ fn a_holder_that_does_not_answer_makes_its_records_unavailable_never_stale() {
     assert_eq!(s, 200);
     // Freeze replica 1's process: its store no longer answers.
     c.signal(1, "-STOP");
-    let r = c.client.get(c.url(2, &format!("Patient/{pid}"))).send().unwrap();
+    let r = c.client.get(c.url(2, &format!("Patient/{pid}"))).header("Authorization", c.auth(2)).send().unwrap();
     let status = r.status().as_u16();
     let body: Value = r.json().unwrap_or(Value::Null);
     c.signal(1, "-CONT");

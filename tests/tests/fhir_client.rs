@@ -11,6 +11,7 @@ fn python_fhirclient_creates_reads_updates_searches_and_deletes() {
     let out = std::process::Command::new("python3")
         .arg(&script)
         .arg(&s.base)
+        .env("FHIRMAMENT_TOKEN", &s.token)
         .output()
         .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -362,6 +362,7 @@ fn formats_pretty_gzip_and_if_none_match() {
     // A small resource is not worth compressing, and says nothing about encoding.
     let r = raw
         .get(s.url(&format!("Patient/{id}")))
+        .header("Authorization", format!("Bearer {}", s.token))
         .header("Accept-Encoding", "gzip")
         .send()
         .unwrap();

@@ -178,8 +178,8 @@ pub async fn process(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
         ));
     }
     match bundle["type"].as_str() {
-        Some("batch") => batch(svc, &entries, req.prefer).await,
-        Some("transaction") => transaction(svc, &entries, req.prefer).await,
+        Some("batch") => batch(svc, &entries, req.prefer, &req.grant).await,
+        Some("transaction") => transaction(svc, &entries, req.prefer, &req.grant).await,
         other => Err(Error::BadRequest(
             Issue::error(
                 "value",
@@ -190,7 +190,12 @@ pub async fn process(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
     }
 }
 
-async fn batch(svc: &Service, entries: &[Value], prefer: Prefer) -> Result<FhirResponse> {
+async fn batch(
+    svc: &Service,
+    entries: &[Value],
+    prefer: Prefer,
+    grant: &Option<std::sync::Arc<crate::auth::Grant>>,
+) -> Result<FhirResponse> {
     let mut out = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let result = async {
@@ -214,6 +219,8 @@ async fn batch(svc: &Service, entries: &[Value], prefer: Prefer) -> Result<FhirR
                 if_none_match: entry.if_none_match,
                 prefer,
                 node: None,
+                grant: grant.clone(),
+                token_error: None,
             };
             Box::pin(interaction::handle(svc, freq)).await
         }
@@ -293,7 +300,12 @@ enum Planned {
     Read,
 }
 
-async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<FhirResponse> {
+async fn transaction(
+    svc: &Service,
+    raw: &[Value],
+    prefer: Prefer,
+    grant: &Option<std::sync::Arc<crate::auth::Grant>>,
+) -> Result<FhirResponse> {
     let entries: Vec<Entry> = raw
         .iter()
         .enumerate()
@@ -443,6 +455,11 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
         let mut resource = e.resource.clone();
         if let Some(r) = resource.as_mut() {
             rewrite_references(r, &map);
+        }
+        if let Some(g) = grant {
+            interaction::permit(svc, g, &e.route, resource.as_ref())
+                .await
+                .map_err(|err| entry_error(i, err))?;
         }
         let change = match (&e.route, &targets[i]) {
             (Route::Create(t), Some((_, id))) => {
@@ -669,6 +686,8 @@ async fn transaction(svc: &Service, raw: &[Value], prefer: Prefer) -> Result<Fhi
                     if_none_match: e.if_none_match.clone(),
                     prefer,
                     node: None,
+                    grant: grant.clone(),
+                    token_error: None,
                 };
                 match Box::pin(interaction::handle(svc, freq)).await {
                     Ok(resp) => response_entry(&resp, None),

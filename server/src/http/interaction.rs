@@ -15,9 +15,180 @@ use crate::search::query::{self, SearchQuery, Summary, Total};
 use crate::search::value::parse_date_range;
 use crate::store::txlog::{Applied, Change, Committed, OnMatch, Outcome};
 use crate::store::{Method, Version};
+use crate::auth::access;
+use crate::auth::scopes::Perm;
+use crate::auth::Grant;
 use crate::Service;
 
+/// Every FHIR interaction passes here: the token's grant is required (except for the
+/// CapabilityStatement and node-to-node retrieval), checked before the interaction runs, and
+/// applied to what it returns.
 pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
+    let grant = match &req.route {
+        Route::Capabilities | Route::NodeVersion(..) => None,
+        _ => Some(req.grant.clone().ok_or_else(|| {
+            Error::Unauthorized(match &req.token_error {
+                Some(e) => format!("the access token was refused: {e}"),
+                None => "no access token: send Authorization: Bearer <token> (see .well-known/smart-configuration)".into(),
+            })
+        })?),
+    };
+    let route = req.route.clone();
+    if let Some(g) = &grant {
+        let body = match &req.body {
+            Body::Resource(v) => Some(v),
+            _ => None,
+        };
+        permit(svc, g, &route, body).await?;
+    }
+    let resp = run(svc, req).await?;
+    match &grant {
+        Some(g) => filter_response(svc, g, &route, resp),
+        None => Ok(resp),
+    }
+}
+
+/// A resource's current version as JSON, wherever it is held (None: unknown or deleted).
+async fn current_resource(svc: &Service, t: ResourceType, id: &str) -> Result<Option<Value>> {
+    let v = match svc.store.ledger_head(t, id)? {
+        Some(h) if h.holder != me(svc) => {
+            if h.deleted {
+                return Ok(None);
+            }
+            remote_version(svc, t, id, h.version).await?
+        }
+        _ => match svc.store.read(t, id) {
+            Ok(v) => Some(v),
+            Err(Error::NotFound(_) | Error::Gone { .. }) => None,
+            Err(e) => return Err(e),
+        },
+    };
+    match v {
+        Some(v) if !v.deleted => Ok(Some(
+            serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?,
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// May this grant perform this interaction (with this body)? Resource-level checks apply to
+/// the incoming resource and, for updates and deletes, to the one it replaces.
+pub async fn permit(svc: &Service, grant: &Grant, route: &Route, body: Option<&Value>) -> Result<()> {
+    use access::{check_resource, require_all_types, restriction, Restriction};
+    use Perm::*;
+    let (reg, base) = (&svc.registry, svc.config.base_url.as_str());
+    let unrestricted = |t: ResourceType, p: Perm| -> Result<()> {
+        if restriction(grant, t, p)? != Restriction::default() {
+            return Err(Error::Forbidden(format!(
+                "this interaction on {t} needs a user/ or system/ scope; patient and granular scopes cannot bound it"
+            )));
+        }
+        Ok(())
+    };
+    let existing = |t: ResourceType, id: String, p: Perm| async move {
+        // Only a restricted grant needs to see the resource it would touch.
+        if restriction(grant, t, p)? == Restriction::default() {
+            return Ok(());
+        }
+        if let Some(r) = current_resource(svc, t, &id).await? {
+            check_resource(reg, base, grant, t, p, &r)?;
+        }
+        Ok::<(), Error>(())
+    };
+    match route {
+        Route::Capabilities | Route::NodeVersion(..) | Route::SystemBundle => Ok(()),
+        Route::Read(t, _) | Route::VRead(t, ..) | Route::InstanceHistory(t, _) | Route::ValidateInstance(t, _) => {
+            restriction(grant, *t, R).map(|_| ())
+        }
+        Route::Verify(t, id, _) => {
+            restriction(grant, *t, R)?;
+            existing(*t, id.clone(), R).await
+        }
+        Route::Search(t) | Route::SearchPost(t) | Route::PatientCompartment(_, t) => {
+            restriction(grant, *t, S).map(|_| ())
+        }
+        Route::TypeHistory(t) => unrestricted(*t, S),
+        Route::SystemHistory => require_all_types(grant, S),
+        Route::Create(t) => {
+            restriction(grant, *t, C)?;
+            match body {
+                Some(b) => check_resource(reg, base, grant, *t, C, b),
+                None => Ok(()),
+            }
+        }
+        Route::Update(t, id) => {
+            restriction(grant, *t, U)?;
+            if let Some(b) = body {
+                check_resource(reg, base, grant, *t, U, b)?;
+            }
+            existing(*t, id.clone(), U).await
+        }
+        Route::Patch(t, id) => {
+            restriction(grant, *t, U)?;
+            existing(*t, id.clone(), U).await
+        }
+        Route::Delete(t, id) => {
+            restriction(grant, *t, D)?;
+            existing(*t, id.clone(), D).await
+        }
+        Route::ConditionalUpdate(t) | Route::ConditionalPatch(t) => unrestricted(*t, U),
+        Route::ConditionalDelete(t) => unrestricted(*t, D),
+        Route::ValidateType(t) => restriction(grant, *t, C)
+            .or_else(|_| restriction(grant, *t, U))
+            .map(|_| ()),
+        Route::LedgerHead | Route::LedgerBlock(_) => require_all_types(grant, R),
+    }
+}
+
+/// What a restricted grant may see of a response: a single resource must be inside the
+/// restriction; Bundle entries outside it are dropped (search matches are already narrowed
+/// in the query; this catches history versions and `_include`/`_revinclude` results).
+fn filter_response(svc: &Service, grant: &Grant, route: &Route, mut resp: FhirResponse) -> Result<FhirResponse> {
+    use access::{restriction, visible, Restriction};
+    let (reg, base) = (&svc.registry, svc.config.base_url.as_str());
+    match route {
+        Route::Read(t, _) | Route::VRead(t, ..) => {
+            if restriction(grant, *t, Perm::R)? == Restriction::default() {
+                return Ok(resp);
+            }
+            let resource: Option<Value> = match &resp.body {
+                ResponseBody::Stored(b) => serde_json::from_slice(b).ok(),
+                ResponseBody::Json(v) => Some(v.clone()),
+                _ => None,
+            };
+            if let Some(r) = resource {
+                access::check_resource(reg, base, grant, *t, Perm::R, &r)?;
+            }
+            Ok(resp)
+        }
+        Route::InstanceHistory(..) | Route::Search(_) | Route::SearchPost(_) | Route::PatientCompartment(..) => {
+            if let ResponseBody::Json(bundle) = &mut resp.body {
+                if let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
+                    let mut keep = Vec::with_capacity(entries.len());
+                    for e in entries.drain(..) {
+                        let Some(t) = e["resource"]["resourceType"].as_str().and_then(|t| t.parse::<ResourceType>().ok()) else {
+                            keep.push(e); // OperationOutcome entries, deleted versions
+                            continue;
+                        };
+                        let perm = if e["search"]["mode"] == "match" { Perm::S } else { Perm::R };
+                        let ok = match restriction(grant, t, perm) {
+                            Ok(r) => visible(reg, base, t, &e["resource"], &r)?,
+                            Err(_) => false,
+                        };
+                        if ok {
+                            keep.push(e);
+                        }
+                    }
+                    *entries = keep;
+                }
+            }
+            Ok(resp)
+        }
+        _ => Ok(resp),
+    }
+}
+
+async fn run(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
     match req.route.clone() {
         Route::Capabilities => Ok(FhirResponse::json(
             StatusCode::OK,
@@ -502,6 +673,9 @@ async fn patch(
     // retry if another writer got in between our read and our commit.
     for _ in 0..5 {
         let (doc, version) = patched(svc, t, &id, p)?;
+        if let Some(g) = &req.grant {
+            access::check_resource(&svc.registry, &svc.config.base_url, g, t, Perm::U, &doc)?;
+        }
         if req.if_match.is_some_and(|m| m != version) {
             return Err(Error::PreconditionFailed(format!(
                 "If-Match version {} is stale: {t}/{id} is at version {version}",
@@ -646,6 +820,10 @@ async fn search(
     req: &FhirRequest,
 ) -> Result<FhirResponse> {
     let mut q = query::parse(&svc.registry, t, params, req.prefer.lenient)?;
+    if let Some(g) = &req.grant {
+        let r = access::restriction(g, t, Perm::S)?;
+        access::narrow(&svc.registry, &mut q, &r)?;
+    }
     let path = match compartment {
         Some(pid) => {
             query::add_patient_compartment(&svc.registry, &mut q, pid)?;

@@ -4,6 +4,7 @@
 pub mod bundle;
 pub mod capability;
 pub mod interaction;
+pub mod oauth;
 pub mod negotiate;
 
 use std::sync::Arc;
@@ -196,6 +197,10 @@ pub struct FhirRequest {
     pub prefer: Prefer,
     /// Node-to-node credentials (`X-Fhirmament-Node`), for `_node` requests.
     pub node: Option<String>,
+    /// What the request's access token allows (None: no valid token was presented).
+    pub grant: Option<Arc<crate::auth::Grant>>,
+    /// Why a presented token was refused.
+    pub token_error: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -320,6 +325,13 @@ pub async fn dispatch(
         .filter(|s| !s.is_empty())
         .collect();
     let route = route(method, &segments)?;
+    let (grant, token_error) = match bearer(&req) {
+        None => (None, None),
+        Some(t) => match svc.auth.grant(&t) {
+            Ok(g) => (Some(Arc::new(g)), None),
+            Err(e) => (None, Some(e)),
+        },
+    };
     let query = negotiate::query_pairs(req.query_string());
     let pretty = negotiate::pretty(&query);
     negotiate::check_accept(&req, &query)?;
@@ -334,6 +346,8 @@ pub async fn dispatch(
         if_none_match: negotiate::header(&req, "If-None-Match"),
         prefer: negotiate::prefer(&req),
         node: negotiate::header(&req, crate::ledger::peer::NODE_HEADER),
+        grant,
+        token_error,
     };
     let resp = interaction::handle(&svc, freq).await?;
     Ok(to_http(resp, pretty, method == Method::Head))
@@ -359,6 +373,15 @@ fn health_response(ok: bool, details: Value) -> HttpResponse {
     r.content_type("application/json")
         .insert_header(("Cache-Control", "no-store"))
         .body(details.to_string())
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(req: &HttpRequest) -> Option<String> {
+    let h = req.headers().get("Authorization")?.to_str().ok()?;
+    let (scheme, token) = h.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
 }
 
 fn percent_decode(s: &str) -> Result<String> {

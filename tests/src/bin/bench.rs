@@ -127,7 +127,20 @@ type Request = (reqwest::Method, String, Option<Vec<u8>>, u16);
 
 /// Issue requests from `concurrency` tasks on a single-threaded async client for `seconds`;
 /// print throughput, latency percentiles and how the CPU was shared.
-fn measure(name: &str, a: &Args, server_pids: &[u32], make: impl Fn(&mut Rng) -> Request + Sync) {
+fn measure(
+    name: &str,
+    a: &Args,
+    server_pids: &[u32],
+    tokens: &[(String, String)],
+    make: impl Fn(&mut Rng) -> Request + Sync,
+) {
+    let bearer = |url: &str| {
+        tokens
+            .iter()
+            .find(|(b, _)| url.starts_with(b.as_str()))
+            .map(|(_, t)| format!("Bearer {t}"))
+            .unwrap_or_default()
+    };
     let servers_cpu = || server_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -139,10 +152,16 @@ fn measure(name: &str, a: &Args, server_pids: &[u32], make: impl Fn(&mut Rng) ->
         .build()
         .unwrap();
     // Build every request body before the clock starts.
-    let per_task: Vec<Vec<Request>> = (0..a.concurrency)
+    let per_task: Vec<Vec<(Request, String)>> = (0..a.concurrency)
         .map(|t| {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1) * 0x1000_0001);
-            (0..500).map(|_| make(&mut rng)).collect()
+            (0..500)
+                .map(|_| {
+                    let r = make(&mut rng);
+                    let auth = bearer(&r.1);
+                    (r, auth)
+                })
+                .collect()
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(a.seconds);
@@ -156,12 +175,12 @@ fn measure(name: &str, a: &Args, server_pids: &[u32], make: impl Fn(&mut Rng) ->
                 async move {
                     let mut lat = Vec::with_capacity(1 << 16);
                     let mut errors = 0u64;
-                    for (method, url, body, expect) in requests.iter().cycle() {
+                    for ((method, url, body, expect), auth) in requests.iter().cycle() {
                         if Instant::now() >= deadline {
                             break;
                         }
                         let t0 = Instant::now();
-                        let mut req = client.request(method.clone(), url);
+                        let mut req = client.request(method.clone(), url).header("Authorization", auth);
                         if let Some(b) = body {
                             req = req.header("Content-Type", FHIR_JSON).body(b.clone());
                         }
@@ -225,6 +244,12 @@ fn main() {
         _ => unreachable!(),
     };
     let targets = if a.spread { bases.len() } else { 1 };
+    let tokens: Vec<(String, String)> = match (&single, &cluster) {
+        (Some(s), _) => vec![(s.base.clone(), s.token.clone())],
+        (_, Some(c)) => bases.iter().cloned().zip(c.tokens.iter().cloned()).collect(),
+        _ => unreachable!(),
+    };
+    let tokens = &tokens[..];
     let pid = &pids[..];
     let loader = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
     println!(
@@ -238,14 +263,14 @@ fn main() {
     let ids = Mutex::new(Vec::<String>::with_capacity(a.patients));
     std::thread::scope(|scope| {
         for t in 0..4 {
-            let (loader, base, ids, a) = (&loader, &bases[0], &ids, &a);
+            let (loader, base, ids, a, token) = (&loader, &bases[0], &ids, &a, &tokens[0].1);
             scope.spawn(move || {
                 let mut rng = Rng(42 + t as u64);
                 let mut made = 0;
                 while made < a.patients / 4 {
                     let n = 100.min(a.patients / 4 - made);
                     let entries: Vec<Value> = (0..n).map(|_| json!({"resource": synthetic_patient(&mut rng), "request": {"method": "POST", "url": "Patient"}})).collect();
-                    let r: Value = loader.post(format!("{base}/")).header("Content-Type", FHIR_JSON).body(serde_json::to_vec(&json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})).unwrap()).send().expect("load").json().expect("load transaction");
+                    let r: Value = loader.post(format!("{base}/")).header("Authorization", format!("Bearer {token}")).header("Content-Type", FHIR_JSON).body(serde_json::to_vec(&json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})).unwrap()).send().expect("load").json().expect("load transaction");
                     let new: Vec<String> = r["entry"].as_array().expect("entries").iter().map(|e| e["resource"]["id"].as_str().unwrap().to_string()).collect();
                     ids.lock().unwrap().extend(new);
                     made += n;
@@ -267,7 +292,7 @@ fn main() {
     let run = |name: &str| only.is_empty() || name.contains(only.as_str());
     use reqwest::Method;
     if run("read") {
-        measure("read Patient/{id}", &a, pid, |rng| {
+        measure("read Patient/{id}", &a, pid, tokens, |rng| {
             (
                 Method::GET,
                 format!("{}/Patient/{}", base_of(rng), ids[rng.below(ids.len())]),
@@ -277,7 +302,7 @@ fn main() {
         });
     }
     if run("family") {
-        measure("search family=", &a, pid, |rng| {
+        measure("search family=", &a, pid, tokens, |rng| {
             (
                 Method::GET,
                 format!(
@@ -291,13 +316,13 @@ fn main() {
         });
     }
     if run("birthdate") {
-        measure("search birthdate month", &a, pid, |rng| {
+        measure("search birthdate month", &a, pid, tokens, |rng| {
             let (y, m) = (1930 + rng.below(90), 1 + rng.below(12));
             (Method::GET, format!("{}/Patient?birthdate=ge{y:04}-{m:02}-01&birthdate=le{y:04}-{m:02}-28&_count=10", base_of(rng)), None, 200)
         });
     }
     if run("create") {
-        measure("create Patient", &a, pid, |rng| {
+        measure("create Patient", &a, pid, tokens, |rng| {
             (
                 Method::POST,
                 format!("{}/Patient", base_of(rng)),
@@ -307,7 +332,7 @@ fn main() {
         });
     }
     if run("transaction") {
-        measure("transaction (10 entries)", &a, pid, |rng| {
+        measure("transaction (10 entries)", &a, pid, tokens, |rng| {
             let entries: Vec<Value> = (0..10).map(|_| json!({"resource": synthetic_patient(rng), "request": {"method": "POST", "url": "Patient"}})).collect();
             let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
             (
@@ -321,8 +346,9 @@ fn main() {
 
     let stored: u64 = bases
         .iter()
-        .map(|b| {
-            let v: Value = loader.get(format!("{b}/Patient?_summary=count")).send().unwrap().json().unwrap();
+        .zip(tokens)
+        .map(|(b, (_, t))| {
+            let v: Value = loader.get(format!("{b}/Patient?_summary=count")).header("Authorization", format!("Bearer {t}")).send().unwrap().json().unwrap();
             v["total"].as_u64().unwrap_or(0)
         })
         .sum::<u64>()
