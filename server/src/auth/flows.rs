@@ -581,21 +581,23 @@ impl AuthServer {
                 }
                 return Err(oauth("invalid_grant", "the refresh token was used, revoked or has expired"));
             }
+            // A refused request spends nothing: check the scope before rotating.
+            let scope = match get("scope") {
+                None => r.scope.clone(),
+                Some(s) => {
+                    let original = split(&r.scope);
+                    let asked = split(s);
+                    if asked.is_empty() || asked.iter().any(|a| !covered(a, &original)) {
+                        return Err(oauth("invalid_scope", "a refresh may only narrow the granted scope"));
+                    }
+                    asked.join(" ")
+                }
+            };
             p.refresh.get_mut(&id).expect("present").spent = true;
             self.save(&p)?;
-            r
+            (r, scope)
         };
-        let scope = match get("scope") {
-            None => r.scope.clone(),
-            Some(s) => {
-                let original = split(&r.scope);
-                let asked = split(s);
-                if asked.iter().any(|a| !covered(a, &original)) {
-                    return Err(oauth("invalid_scope", "a refresh may only narrow the granted scope"));
-                }
-                asked.join(" ")
-            }
-        };
+        let (r, scope) = r;
         self.issue(&client, &r.sub, &scope, r.patient, r.fhir_user, None, Some(r.family))
     }
 

@@ -71,6 +71,23 @@ pub fn statement(svc: &Service) -> Value {
         "rest": [{
             "mode": "server",
             "documentation": "Unknown search parameters are rejected with 400 unless the request says Prefer: handling=lenient.",
+            "security": {
+                "cors": true,
+                "service": [{"coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                    "code": "SMART-on-FHIR"
+                }]}],
+                "description": "SMART App Launch 2.x: see .well-known/smart-configuration. Every interaction but this CapabilityStatement needs a bearer token.",
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [
+                        {"url": "authorize", "valueUri": svc.auth.endpoint("authorize")},
+                        {"url": "token", "valueUri": svc.auth.endpoint("token")},
+                        {"url": "introspect", "valueUri": svc.auth.endpoint("introspect")},
+                        {"url": "revoke", "valueUri": svc.auth.endpoint("revoke")}
+                    ]
+                }]
+            },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
         }],

@@ -97,8 +97,12 @@ pub async fn permit(svc: &Service, grant: &Grant, route: &Route, body: Option<&V
     };
     match route {
         Route::Capabilities | Route::NodeVersion(..) | Route::SystemBundle => Ok(()),
-        Route::Read(t, _) | Route::VRead(t, ..) | Route::InstanceHistory(t, _) | Route::ValidateInstance(t, _) => {
+        Route::Read(t, _) | Route::VRead(t, ..) | Route::ValidateInstance(t, _) => {
             restriction(grant, *t, R).map(|_| ())
+        }
+        Route::InstanceHistory(t, id) => {
+            restriction(grant, *t, R)?;
+            existing(*t, id.clone(), R).await
         }
         Route::Verify(t, id, _) => {
             restriction(grant, *t, R)?;
