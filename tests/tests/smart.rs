@@ -499,3 +499,17 @@ fn an_ehr_launch_binds_the_patient_the_ehr_chose() {
     let t = w.login("drx", "launch/patient patient/*.rs", Some(&w.a));
     assert_eq!(t["patient"], json!(w.a));
 }
+
+#[test]
+fn smarts_python_fhirclient_drives_a_standalone_launch_unmodified() {
+    let w = world();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/smart_launch.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([w.s.base.as_str(), REDIRECT, "ann", PASSWORD, w.a.as_str(), w.b.as_str()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("smart launch: ok"), "{stdout}");
+}
