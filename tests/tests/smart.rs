@@ -68,35 +68,11 @@ fn hidden(html: &str, name: &str) -> Option<String> {
 }
 
 fn query_param(url: &str, name: &str) -> Option<String> {
-    let q = url.split_once('?')?.1;
-    form_urlencoded_pairs(q).into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
-}
-
-fn form_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| {
-            let dec = |s: &str| {
-                let s = s.replace('+', " ");
-                let mut out = Vec::new();
-                let b = s.as_bytes();
-                let mut i = 0;
-                while i < b.len() {
-                    if b[i] == b'%' && i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 + 0 || (b[i] == b'%' && i + 2 < b.len() + 1) {
-                        if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                            out.push(v);
-                            i += 3;
-                            continue;
-                        }
-                    }
-                    out.push(b[i]);
-                    i += 1;
-                }
-                String::from_utf8(out).unwrap()
-            };
-            (dec(k), dec(v))
-        })
-        .collect()
+    reqwest::Url::parse(url)
+        .ok()?
+        .query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 struct Pkce {
