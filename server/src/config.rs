@@ -21,6 +21,8 @@ pub struct Config {
     pub replica_id: Option<u32>,
     pub ledger_key: Option<PathBuf>,
     pub peer_listen: Option<String>,
+    /// Enables RFC 7591 dynamic client registration for holders of this initial access token.
+    pub registration_token: Option<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -41,12 +43,13 @@ pub struct FileConfig {
     pub replica_id: Option<u32>,
     pub ledger_key: Option<PathBuf>,
     pub peer_listen: Option<String>,
+    pub registration_token: Option<String>,
 }
 
 /// What the command line and environment may set (clap fills these).
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// TOML configuration file (keys: listen, data-dir, base-url, max-body-bytes, profiles-dir, workers, genesis, replica-id, ledger-key, peer-listen).
+    /// TOML configuration file (keys: listen, data-dir, base-url, max-body-bytes, profiles-dir, workers, genesis, replica-id, ledger-key, peer-listen, registration-token).
     #[arg(long, env = "FHIRMAMENT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
@@ -79,6 +82,9 @@ pub struct ServeArgs {
     /// Accept ledger peer connections here instead of at this replica's genesis address (e.g. 0.0.0.0:7000 in a container).
     #[arg(long = "peer-listen", env = "FHIRMAMENT_PEER_LISTEN")]
     pub peer_listen: Option<String>,
+    /// Initial access token that enables RFC 7591 dynamic client registration at <base>/auth/register [default: registration disabled].
+    #[arg(long = "registration-token", env = "FHIRMAMENT_REGISTRATION_TOKEN", hide_env_values = true)]
+    pub registration_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +146,7 @@ impl Config {
             replica_id: args.replica_id.or(file.replica_id),
             ledger_key: args.ledger_key.clone().or(file.ledger_key),
             peer_listen: args.peer_listen.clone().or(file.peer_listen),
+            registration_token: args.registration_token.clone().or(file.registration_token),
         })
     }
 

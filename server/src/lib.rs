@@ -61,10 +61,10 @@ impl Service {
             .map_err(|e| Error::Storage(format!("creating {}: {e}", config.data_dir.display())))?;
         let store = Arc::new(Store::open(&config.data_dir)?);
         let replica = ledger::replica::ReplicaSetup::resolve(&config)?;
-        let auth = Arc::new(auth::AuthServer::open(
-            &config.data_dir.join("auth"),
-            &config.base_url,
-        )?);
+        let auth = Arc::new(
+            auth::AuthServer::open(&config.data_dir.join("auth"), &config.base_url)?
+                .with_registration_token(config.registration_token.clone()),
+        );
         let log = LedgerTxLog::start(
             store.clone(),
             registry.clone(),
@@ -121,6 +121,7 @@ pub async fn serve(svc: Service) -> std::io::Result<()> {
                     .route("/auth/introspect", web::post().to(http::oauth::introspect))
                     .route("/auth/revoke", web::post().to(http::oauth::revoke))
                     .route("/auth/launch", web::post().to(http::oauth::launch))
+                    .route("/auth/register", web::post().to(http::oauth::register))
                     .default_service(web::to(http::dispatch)),
             )
             .default_service(web::to(http::not_found))

@@ -489,3 +489,45 @@ fn smarts_python_fhirclient_drives_a_standalone_launch_unmodified() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("smart launch: ok"), "{stdout}");
 }
+
+#[test]
+fn dynamic_registration_needs_the_initial_access_token_and_yields_a_working_client() {
+    let s = TestServer::start_with(&["--registration-token", "let-me-register"]);
+    let c = Client::new();
+    let url = s.url("auth/register");
+    let meta = json!({"client_name": "Registered", "redirect_uris": [REDIRECT],
+        "token_endpoint_auth_method": "client_secret_basic", "scope": "launch/patient openid patient/*.rs"});
+    let post = |token: Option<&str>, body: &Value| {
+        let mut r = c.post(&url).header("Content-Type", "application/json").body(body.to_string());
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let r = r.send().unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap_or(Value::Null))
+    };
+    assert_eq!(post(None, &meta).0, 401);
+    assert_eq!(post(Some("guess"), &meta).0, 401);
+    let (st, reg) = post(Some("let-me-register"), &meta);
+    assert_eq!(st, 201, "{reg}");
+    let (id, secret) = (reg["client_id"].as_str().unwrap(), reg["client_secret"].as_str().unwrap());
+    // The new client authenticates with its secret at the token endpoint (a bad code is then
+    // the only problem: 400, not 401).
+    let r = c.post(s.url("auth/token")).basic_auth(id, Some(secret))
+        .form(&[("grant_type", "authorization_code"), ("code", "nope"), ("redirect_uri", REDIRECT), ("code_verifier", "x")])
+        .send().unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = c.post(s.url("auth/token")).basic_auth(id, Some("wrong"))
+        .form(&[("grant_type", "authorization_code"), ("code", "nope")]).send().unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // What registration refuses.
+    let mut evil = meta.clone();
+    evil["redirect_uris"] = json!(["http://evil.example/cb"]);
+    assert_eq!(post(Some("let-me-register"), &evil).1["error"], "invalid_redirect_uri");
+    let mut system = meta.clone();
+    system["scope"] = json!("system/*.rs");
+    assert_eq!(post(Some("let-me-register"), &system).1["error"], "invalid_client_metadata");
+    // Without a configured initial access token, registration is off.
+    let plain = TestServer::start();
+    let r = c.post(plain.url("auth/register")).bearer_auth("let-me-register").body(meta.to_string()).send().unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+}

@@ -137,6 +137,8 @@ pub struct AuthServer {
     assertion_jtis: Mutex<HashMap<String, i64>>,
     failures: Mutex<HashMap<String, (u32, i64)>>,
     persisted: Mutex<Persisted>,
+    /// sha256 of the initial access token for dynamic registration (None: disabled).
+    registration: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -167,7 +169,95 @@ impl AuthServer {
             assertion_jtis: Default::default(),
             failures: Default::default(),
             persisted: Mutex::new(persisted),
+            registration: None,
         })
+    }
+
+    pub fn with_registration_token(mut self, token: Option<String>) -> AuthServer {
+        self.registration = token.filter(|t| !t.is_empty()).map(|t| sha_hex(&t));
+        self
+    }
+
+    /// RFC 7591 dynamic registration, for holders of the initial access token. Answers the
+    /// client information response (201) or an RFC 7591 error.
+    pub fn register(&self, initial: Option<&str>, meta: &Value) -> std::result::Result<Value, (u16, OAuthError)> {
+        let Some(expected) = &self.registration else {
+            return Err((403, oauth("access_denied", "dynamic registration is disabled on this server")));
+        };
+        if initial.map(sha_hex).as_deref() != Some(expected.as_str()) {
+            return Err((401, oauth("invalid_token", "a valid initial access token is required")));
+        }
+        let bad = |m: &str| (400, oauth("invalid_client_metadata", m));
+        let server = |e: Error| (500, OAuthError::from(e));
+        let method = meta["token_endpoint_auth_method"].as_str().unwrap_or("client_secret_basic");
+        let redirect_uris: Vec<String> = meta["redirect_uris"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|u| u.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        for u in &redirect_uris {
+            let local = u.starts_with("http://localhost") || u.starts_with("http://127.0.0.1");
+            if !(u.starts_with("https://") || local) || u.contains('#') {
+                return Err((400, oauth("invalid_redirect_uri", format!("{u} must be an https URL (or loopback http) without a fragment"))));
+            }
+        }
+        let scope = meta["scope"].as_str().unwrap_or("launch/patient openid fhirUser patient/*.rs").to_string();
+        for s in scope.split_whitespace() {
+            if !scopes::is_known(s) {
+                return Err(bad(&format!("unknown scope {s}")));
+            }
+            if s.starts_with("system/") && method != "private_key_jwt" {
+                return Err(bad("system/ scopes are for private_key_jwt clients"));
+            }
+        }
+        let mut secret = None;
+        let auth = match method {
+            "none" => ClientAuth::Public,
+            "client_secret_basic" => {
+                let s = random_token().map_err(server)?;
+                let hash = super::directory::hash_secret(&s).map_err(server)?;
+                secret = Some(s);
+                ClientAuth::Symmetric { secret_hash: hash }
+            }
+            "private_key_jwt" => {
+                let jwks = meta["jwks"].clone();
+                if !jwks["keys"].as_array().is_some_and(|k| !k.is_empty()) {
+                    return Err(bad("private_key_jwt needs jwks with at least one key"));
+                }
+                ClientAuth::Asymmetric { jwks }
+            }
+            other => return Err(bad(&format!("token_endpoint_auth_method {other} is not supported"))),
+        };
+        if redirect_uris.is_empty() && !matches!(auth, ClientAuth::Asymmetric { .. }) {
+            return Err((400, oauth("invalid_redirect_uri", "redirect_uris are required")));
+        }
+        let client_id = random_token().map_err(server)?;
+        let name = meta["client_name"].as_str().unwrap_or("").to_string();
+        self.directory.put_client(Client {
+            client_id: client_id.clone(),
+            name: name.clone(),
+            auth,
+            redirect_uris: redirect_uris.clone(),
+            scope: scope.clone(),
+        })
+        .map_err(server)?;
+        let mut out = json!({
+            "client_id": client_id,
+            "client_id_issued_at": unix_now(),
+            "client_name": name,
+            "redirect_uris": redirect_uris,
+            "token_endpoint_auth_method": method,
+            "scope": scope,
+            "grant_types": if method == "private_key_jwt" && meta["redirect_uris"].is_null() {
+                json!(["client_credentials"])
+            } else {
+                json!(["authorization_code", "refresh_token"])
+            },
+        });
+        if let Some(s) = secret {
+            out["client_secret"] = json!(s);
+            out["client_secret_expires_at"] = json!(0);
+        }
+        Ok(out)
     }
 
     fn save(&self, p: &Persisted) -> Result<()> {
@@ -191,6 +281,7 @@ impl AuthServer {
             "token_endpoint": self.endpoint("token"),
             "introspection_endpoint": self.endpoint("introspect"),
             "revocation_endpoint": self.endpoint("revoke"),
+            "registration_endpoint": self.endpoint("register"),
             "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
             "response_types_supported": ["code"],
             "code_challenge_methods_supported": ["S256"],

@@ -225,6 +225,23 @@ pub async fn revoke(req: HttpRequest, body: web::Bytes, svc: web::Data<Service>)
     }
 }
 
+/// RFC 7591 dynamic client registration (JSON), guarded by the initial access token.
+pub async fn register(req: HttpRequest, body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
+    let meta: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return json_response(StatusCode::BAD_REQUEST, &json!({"error": "invalid_client_metadata", "error_description": format!("not JSON: {e}")}))
+        }
+    };
+    match svc.auth.register(super::bearer(&req).as_deref(), &meta) {
+        Ok(v) => json_response(StatusCode::CREATED, &v),
+        Err((status, e)) => json_response(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            &json!({"error": e.error, "error_description": e.description}),
+        ),
+    }
+}
+
 /// EHR launch: an EHR user (user/ or system/ scopes on Patient) opens an app for a patient.
 /// Answers the `launch` value and the URL to hand the app (`iss` + `launch`).
 pub async fn launch(req: HttpRequest, body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
