@@ -81,6 +81,9 @@ enum UsersCommand {
         /// Narrower scopes than the role allows (e.g. pharmacy staff: "user/DocumentReference.rs").
         #[arg(long)]
         scope: Option<String>,
+        /// Require a TOTP one-time code at login; prints the secret and its otpauth:// URI.
+        #[arg(long)]
+        totp: bool,
     },
 }
 
@@ -134,8 +137,8 @@ fn main() -> ExitCode {
         Command::Reindex(args) => run_reindex(&args),
         Command::Verify { receipt, genesis } => run_verify(&receipt, &genesis),
         Command::Genesis(args) => fhirmament::cluster::genesis(&args),
-        Command::Users(UsersCommand::Add { config, username, password, role, fhir_user, scope }) => {
-            add_user(&config, username, &password, &role, fhir_user, scope)
+        Command::Users(UsersCommand::Add { config, username, password, role, fhir_user, scope, totp }) => {
+            add_user(&config, username, &password, &role, fhir_user, scope, totp)
         }
         Command::Clients(ClientsCommand::Add { config, client_id, name, redirect_uri, scope, public, secret, jwks }) => {
             add_client(&config, client_id, name, redirect_uri, scope, public, secret, jwks)
@@ -212,8 +215,9 @@ fn add_user(
     role: &str,
     fhir_user: Option<String>,
     scope: Option<String>,
+    totp: bool,
 ) -> Result<(), String> {
-    use fhirmament::auth::directory::{hash_secret, Role, User};
+    use fhirmament::auth::directory::{hash_secret, new_totp, Role, User};
     let role = match role {
         "patient" => Role::Patient,
         "practitioner" => Role::Practitioner,
@@ -228,7 +232,15 @@ fn add_user(
     }
     let (_, dir) = auth_directory(args)?;
     let hash = hash_secret(password).map_err(|e| e.to_string())?;
-    dir.put_user(User { username: username.clone(), password_hash: hash, role, fhir_user, scope })
+    let totp_secret = if totp {
+        let (secret, uri) = new_totp(&username).map_err(|e| e.to_string())?;
+        println!("totp secret {secret}");
+        println!("{uri}");
+        Some(secret)
+    } else {
+        None
+    };
+    dir.put_user(User { username: username.clone(), password_hash: hash, role, fhir_user, scope, totp_secret })
         .map_err(|e| e.to_string())?;
     println!("user {username} saved");
     Ok(())

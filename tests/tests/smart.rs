@@ -531,3 +531,42 @@ fn dynamic_registration_needs_the_initial_access_token_and_yields_a_working_clie
     let r = c.post(plain.url("auth/register")).bearer_auth("let-me-register").body(meta.to_string()).send().unwrap();
     assert_eq!(r.status().as_u16(), 403);
 }
+
+/// RFC 6238 (SHA-1, 6 digits, 30 s) with Python's standard library: an authenticator app.
+const TOTP_PY: &str = r#"
+import base64, hashlib, hmac, struct, sys, time
+key = base64.b32decode(sys.argv[1] + "=" * (-len(sys.argv[1]) % 8))
+counter = int(time.time()) // 30
+mac = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
+o = mac[-1] & 15
+print("%06d" % ((struct.unpack(">I", mac[o:o + 4])[0] & 0x7fffffff) % 1000000))
+"#;
+
+#[test]
+fn a_user_with_a_second_factor_needs_the_current_one_time_code() {
+    let w = world();
+    let out = Command::new(binary())
+        .args(["users", "add", "--username", "tina", "--role", "practitioner", "--totp", "--data-dir"])
+        .arg(&w.s.data)
+        .env("FHIRMAMENT_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(stdout.contains("otpauth://totp/Fhirmament:tina?secret="), "{stdout}");
+    let secret = stdout.lines().find_map(|l| l.strip_prefix("totp secret ")).unwrap().trim().to_string();
+    let p = pkce();
+    let r = w.browser.get(w.url("auth/authorize")).query(&[("response_type", "code"), ("client_id", "app"),
+        ("redirect_uri", REDIRECT), ("scope", "user/*.rs"), ("aud", w.s.base.as_str()),
+        ("code_challenge", p.challenge.as_str()), ("code_challenge_method", "S256")]).send().unwrap();
+    let txn = hidden(&r.text().unwrap(), "txn").unwrap();
+    let attempt = |otp: &str| {
+        w.browser.post(w.url("auth/login"))
+            .form(&[("txn", txn.as_str()), ("username", "tina"), ("password", PASSWORD), ("otp", otp)])
+            .send().unwrap().text().unwrap()
+    };
+    assert!(attempt("").contains("one-time code"), "the password alone is not enough");
+    assert!(attempt("000000").contains("one-time code"));
+    let code = python(TOTP_PY, &[&secret]);
+    let html = attempt(&code);
+    assert!(html.contains("Approve"), "{html}");
+}

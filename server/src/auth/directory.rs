@@ -56,6 +56,31 @@ pub struct User {
     /// Narrower scopes for this user (e.g. pharmacy staff); none: what the role allows.
     #[serde(default)]
     pub scope: Option<String>,
+    /// Base32 TOTP secret (RFC 6238, SHA-1, 6 digits, 30 s): a second factor at login.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totp_secret: Option<String>,
+}
+
+/// A new TOTP secret (base32) and its `otpauth://` URI for authenticator apps.
+pub fn new_totp(username: &str) -> Result<(String, String)> {
+    let raw = crate::ledger::entry::new_salt()?[..20].to_vec();
+    let secret = totp_rs::Secret::Raw(raw).to_encoded().to_string();
+    let uri = format!(
+        "otpauth://totp/Fhirmament:{}?secret={secret}&issuer=Fhirmament&algorithm=SHA1&digits=6&period=30",
+        form_urlencoded::byte_serialize(username.as_bytes()).collect::<String>()
+    );
+    Ok((secret, uri))
+}
+
+/// Does `code` match the TOTP secret now (one step of clock skew allowed)?
+pub fn verify_totp(secret: &str, code: &str) -> bool {
+    let Ok(bytes) = totp_rs::Secret::Encoded(secret.to_string()).to_bytes() else {
+        return false;
+    };
+    totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 1, 30, bytes)
+        .ok()
+        .and_then(|t| t.check_current(code.trim()).ok())
+        .unwrap_or(false)
 }
 
 impl User {

@@ -412,7 +412,7 @@ impl AuthServer {
         }
     }
 
-    pub fn login(&self, txn: &str, username: &str, password: &str) -> Result<Login> {
+    pub fn login(&self, txn: &str, username: &str, password: &str, otp: &str) -> Result<Login> {
         let mut pending = lock(&self.pending);
         let Some(p) = pending.get_mut(txn) else {
             return Ok(Login::Expired);
@@ -430,7 +430,10 @@ impl AuthServer {
             }
         }
         let user = self.directory.user(username)?;
-        let ok = user.as_ref().is_some_and(|u| verify_secret(password, &u.password_hash));
+        let ok = user.as_ref().is_some_and(|u| {
+            verify_secret(password, &u.password_hash)
+                && u.totp_secret.as_deref().is_none_or(|s| super::directory::verify_totp(s, otp))
+        });
         if !ok {
             let mut failures = lock(&self.failures);
             let f = failures.entry(username.to_string()).or_insert((0, 0));
@@ -439,7 +442,7 @@ impl AuthServer {
                 f.1 = now + LOCKOUT_SECS;
                 tracing::warn!(username, "login locked after repeated failures");
             }
-            return Ok(Login::Retry { txn: txn.into(), client, message: "unknown user or wrong password".into() });
+            return Ok(Login::Retry { txn: txn.into(), client, message: "unknown user, wrong password or wrong one-time code".into() });
         }
         lock(&self.failures).remove(username);
         let user = user.expect("checked");

@@ -59,6 +59,7 @@ fn login_page(svc: &Service, txn: &str, client: &str, message: Option<&str>) -> 
              <input type=\"hidden\" name=\"txn\" value=\"{txn}\">\
              <label>User name <input name=\"username\" autocomplete=\"username\"></label><br>\
              <label>Password <input name=\"password\" type=\"password\" autocomplete=\"current-password\"></label><br>\
+             <label>One-time code (if you enabled it) <input name=\"otp\" inputmode=\"numeric\" autocomplete=\"one-time-code\"></label><br>\
              <button type=\"submit\">Sign in</button></form>",
             client = escape(client),
             msg = message.map(|m| format!("<p role=\"alert\">{}</p>", escape(m))).unwrap_or_default(),
@@ -143,6 +144,7 @@ pub async fn login(body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
         txn,
         get(&form, "username").unwrap_or(""),
         get(&form, "password").unwrap_or(""),
+        get(&form, "otp").unwrap_or(""),
     );
     match result {
         Err(e) => oauth_error(&OAuthError::from(e)),
