@@ -139,7 +139,13 @@ pub struct AuthServer {
     persisted: Mutex<Persisted>,
     /// sha256 of the initial access token for dynamic registration (None: disabled).
     registration: Option<String>,
+    /// Access tokens whose signature, issuer and audience were checked, by their SHA-256:
+    /// (grant, expiry). Expiry and revocation are still checked on every use.
+    verified: Mutex<HashMap<[u8; 32], (Grant, i64)>>,
 }
+
+/// How many verified access tokens are remembered (the map is cleared when full).
+const VERIFIED_TOKENS: usize = 16_384;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -170,6 +176,7 @@ impl AuthServer {
             failures: Default::default(),
             persisted: Mutex::new(persisted),
             registration: None,
+            verified: Default::default(),
         })
     }
 
@@ -803,7 +810,37 @@ impl AuthServer {
 
     /// The grant of a bearer token presented to the FHIR API, or why it is refused.
     pub fn grant(&self, token: &str) -> std::result::Result<Grant, String> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = unix_now();
+        let cached = lock(&self.verified).get(&digest).cloned();
+        let (grant, exp) = match cached {
+            Some(hit) => hit,
+            None => {
+                let (grant, exp) = self.verify_access_token(token)?;
+                let mut cache = lock(&self.verified);
+                if cache.len() >= VERIFIED_TOKENS {
+                    cache.clear();
+                }
+                cache.insert(digest, (grant.clone(), exp));
+                (grant, exp)
+            }
+        };
+        if exp <= now {
+            return Err("the token has expired".into());
+        }
+        if lock(&self.persisted).revoked.contains_key(&grant.jti) {
+            return Err("the token was revoked".into());
+        }
+        Ok(grant)
+    }
+
+    /// Signature, expiry, issuer and audience of an access token; its grant and expiry.
+    fn verify_access_token(&self, token: &str) -> std::result::Result<(Grant, i64), String> {
         let claims = self.key.verify(token)?;
+        let exp = claims
+            .get("exp")
+            .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)).or_else(|| v.as_str()?.parse().ok()))
+            .ok_or("the token has no expiry")?;
         let s = |k: &str| claims.get(k).and_then(Value::as_str);
         if s("iss") != Some(self.base.as_str()) {
             return Err("the token was issued by someone else".into());
@@ -821,14 +858,15 @@ impl AuthServer {
             return Err("the token was revoked".into());
         }
         let fhir_user = s("fhirUser").map(|f| f.strip_prefix(&format!("{}/", self.base)).unwrap_or(f).to_string());
-        Ok(Grant::new(
+        let grant = Grant::new(
             s("client_id").unwrap_or(""),
             s("sub").unwrap_or(""),
             s("scope").unwrap_or(""),
             s("patient").map(str::to_string),
             fhir_user,
             jti,
-        ))
+        );
+        Ok((grant, exp))
     }
 
     /// RFC 7662. The caller must be an authenticated client or hold a valid token.

@@ -77,9 +77,10 @@ impl SigningKey {
                 .set_claim(k, Some(v.clone()))
                 .map_err(|e| Error::Internal(e.to_string()))?;
         }
-        let now = SystemTime::now();
+        // Whole seconds: NumericDate claims come out as integers.
+        let now = UNIX_EPOCH + Duration::from_secs(unix_now() as u64);
         payload.set_issued_at(&now);
-        payload.set_expires_at(&(now + ttl));
+        payload.set_expires_at(&(now + Duration::from_secs(ttl.as_secs().max(1))));
         let mut header = JwsHeader::new();
         header.set_token_type("JWT");
         header.set_key_id(self.kid.clone());
