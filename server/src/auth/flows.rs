@@ -136,12 +136,12 @@ pub struct AuthServer {
     launches: Mutex<HashMap<String, (String, i64)>>,
     assertion_jtis: Mutex<HashMap<String, i64>>,
     failures: Mutex<HashMap<String, (u32, i64)>>,
-    persisted: Mutex<Persisted>,
+    persisted: std::sync::RwLock<Persisted>,
     /// sha256 of the initial access token for dynamic registration (None: disabled).
     registration: Option<String>,
     /// Access tokens whose signature, issuer and audience were checked, by their SHA-256:
     /// (grant, expiry). Expiry and revocation are still checked on every use.
-    verified: Mutex<HashMap<[u8; 32], (Grant, i64)>>,
+    verified: std::sync::RwLock<HashMap<[u8; 32], (std::sync::Arc<Grant>, i64)>>,
 }
 
 /// How many verified access tokens are remembered (the map is cleared when full).
@@ -174,7 +174,7 @@ impl AuthServer {
             launches: Default::default(),
             assertion_jtis: Default::default(),
             failures: Default::default(),
-            persisted: Mutex::new(persisted),
+            persisted: std::sync::RwLock::new(persisted),
             registration: None,
             verified: Default::default(),
         })
@@ -666,7 +666,7 @@ impl AuthServer {
         let token = get("refresh_token").ok_or_else(|| oauth("invalid_request", "refresh_token is missing"))?;
         let id = sha_hex(token);
         let r = {
-            let mut p = lock(&self.persisted);
+            let mut p = self.persisted.write().unwrap_or_else(|e| e.into_inner());
             let Some(r) = p.refresh.get(&id).cloned() else {
                 return Err(oauth("invalid_grant", "unknown refresh token"));
             };
@@ -768,7 +768,7 @@ impl AuthServer {
         }
         if granted.iter().any(|s| s == "offline_access" || s == "online_access") {
             let token = random_token()?;
-            let mut p = lock(&self.persisted);
+            let mut p = self.persisted.write().unwrap_or_else(|e| e.into_inner());
             let now = unix_now();
             p.refresh.retain(|_, r| r.expires > now);
             p.revoked.retain(|_, e| *e > now);
@@ -809,15 +809,16 @@ impl AuthServer {
     // ---- resource server side ----
 
     /// The grant of a bearer token presented to the FHIR API, or why it is refused.
-    pub fn grant(&self, token: &str) -> std::result::Result<Grant, String> {
+    pub fn grant(&self, token: &str) -> std::result::Result<std::sync::Arc<Grant>, String> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = unix_now();
-        let cached = lock(&self.verified).get(&digest).cloned();
+        let cached = self.verified.read().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned();
         let (grant, exp) = match cached {
             Some(hit) => hit,
             None => {
                 let (grant, exp) = self.verify_access_token(token)?;
-                let mut cache = lock(&self.verified);
+                let grant = std::sync::Arc::new(grant);
+                let mut cache = self.verified.write().unwrap_or_else(|e| e.into_inner());
                 if cache.len() >= VERIFIED_TOKENS {
                     cache.clear();
                 }
@@ -828,7 +829,7 @@ impl AuthServer {
         if exp <= now {
             return Err("the token has expired".into());
         }
-        if lock(&self.persisted).revoked.contains_key(&grant.jti) {
+        if self.persisted.read().unwrap_or_else(|e| e.into_inner()).revoked.contains_key(&grant.jti) {
             return Err("the token was revoked".into());
         }
         Ok(grant)
@@ -854,9 +855,6 @@ impl AuthServer {
             return Err("the token is not meant for this server (aud)".into());
         }
         let jti = s("jti").ok_or("the token has no jti")?;
-        if lock(&self.persisted).revoked.contains_key(jti) {
-            return Err("the token was revoked".into());
-        }
         let fhir_user = s("fhirUser").map(|f| f.strip_prefix(&format!("{}/", self.base)).unwrap_or(f).to_string());
         let grant = Grant::new(
             s("client_id").unwrap_or(""),
@@ -895,7 +893,7 @@ impl AuthServer {
             "exp": claims.get("exp"),
             "iat": claims.get("iat"),
         });
-        if let Some(p) = g.patient {
+        if let Some(p) = &g.patient {
             out["patient"] = json!(p);
         }
         if let Some(f) = claims.get("fhirUser") {
@@ -908,7 +906,7 @@ impl AuthServer {
     pub fn revoke(&self, form: &[(String, String)], basic: Option<(String, String)>) -> std::result::Result<(), OAuthError> {
         let client = self.client_auth(form, basic)?;
         let token = form.iter().find(|(k, _)| k == "token").map(|(_, v)| v.as_str()).unwrap_or("");
-        let mut p = lock(&self.persisted);
+        let mut p = self.persisted.write().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = p.refresh.get(&sha_hex(token)).cloned() {
             if r.client_id == client.client_id && !p.revoked_families.contains(&r.family) {
                 p.revoked_families.push(r.family);

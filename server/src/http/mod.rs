@@ -328,7 +328,7 @@ pub async fn dispatch(
     let (grant, token_error) = match bearer(&req) {
         None => (None, None),
         Some(t) => match svc.auth.grant(&t) {
-            Ok(g) => (Some(Arc::new(g)), None),
+            Ok(g) => (Some(g), None),
             Err(e) => (None, Some(e)),
         },
     };
