@@ -570,3 +570,37 @@ fn a_user_with_a_second_factor_needs_the_current_one_time_code() {
     let html = attempt(&code);
     assert!(html.contains("Approve"), "{html}");
 }
+
+#[test]
+fn patient_write_scopes_stay_in_the_patients_compartment() {
+    let w = world();
+    let consent = |p: &str| json!({"resourceType": "Consent", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": format!("Patient/{p}")}, "policyRule": {"text": "opt-in"}});
+    let theirs = w.s.create(&consent(&w.b));
+    let t = w.login("ann", "launch/patient patient/Consent.cruds", None);
+    let at = t["access_token"].as_str().unwrap();
+    let post = |path: &str, body: &Value, extra: Option<(&str, &str)>| {
+        let mut r = w.browser.post(w.url(path)).bearer_auth(at).header("Content-Type", FHIR_JSON).body(body.to_string());
+        if let Some((k, v)) = extra {
+            r = r.header(k, v);
+        }
+        let r = r.send().unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap_or(Value::Null))
+    };
+    assert_eq!(post("Consent", &consent(&w.a), None).0, 201, "her own consent");
+    assert_eq!(post("Consent", &consent(&w.b), None).0, 403, "not someone else's");
+    // A conditional create that matches another patient's Consent does not hand it over.
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [{
+        "resource": consent(&w.a),
+        "request": {"method": "POST", "url": "Consent", "ifNoneExist": format!("patient=Patient/{}", w.b)}}]});
+    let (s, body) = post("", &tx, None);
+    assert_eq!(s, 403, "{body}");
+    assert!(!body.to_string().contains(theirs["id"].as_str().unwrap()));
+    let (s, body) = post("Consent", &consent(&w.a), Some(("If-None-Exist", &format!("patient=Patient/{}", w.b))));
+    assert_eq!(s, 403, "{body}");
+    // Deleting or rewriting another patient's Consent is refused.
+    let r = w.browser.delete(w.url(&format!("Consent/{}", theirs["id"].as_str().unwrap()))).bearer_auth(at).send().unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+}

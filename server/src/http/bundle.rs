@@ -464,6 +464,21 @@ async fn transaction(
         let change = match (&e.route, &targets[i]) {
             (Route::Create(t), Some((_, id))) => {
                 if existing.contains(&i) {
+                    // The matched resource is returned: the token must be allowed to read it.
+                    if let Some(g) = grant {
+                        let v = svc.store.read(*t, id).map_err(|err| entry_error(i, err))?;
+                        let found: Value = serde_json::from_slice(&v.body)
+                            .map_err(|err| entry_error(i, Error::Internal(err.to_string())))?;
+                        crate::auth::access::check_resource(
+                            &svc.registry,
+                            &svc.config.base_url,
+                            g,
+                            *t,
+                            crate::auth::scopes::Perm::R,
+                            &found,
+                        )
+                        .map_err(|err| entry_error(i, err))?;
+                    }
                     plan.push(Planned::Existing(*t, id.clone()));
                     continue;
                 }

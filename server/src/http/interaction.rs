@@ -151,8 +151,11 @@ fn filter_response(svc: &Service, grant: &Grant, route: &Route, mut resp: FhirRe
     use access::{restriction, visible, Restriction};
     let (reg, base) = (&svc.registry, svc.config.base_url.as_str());
     match route {
-        Route::Read(t, _) | Route::VRead(t, ..) => {
-            if restriction(grant, *t, Perm::R)? == Restriction::default() {
+        // A conditional create answers with the resource it matched: the token must be allowed
+        // to read that one too.
+        Route::Read(t, _) | Route::VRead(t, ..) | Route::Create(t) => {
+            let created = matches!(route, Route::Create(_)) && resp.status == StatusCode::CREATED;
+            if created || restriction(grant, *t, Perm::R).is_ok_and(|r| r == Restriction::default()) {
                 return Ok(resp);
             }
             let resource: Option<Value> = match &resp.body {
