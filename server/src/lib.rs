@@ -106,6 +106,7 @@ pub async fn serve(svc: Service) -> std::io::Result<()> {
             .app_data(web::PayloadConfig::new(usize::MAX))
             .wrap(middleware::Compress::default())
             .wrap(middleware::from_fn(http::strip_identity_encoding))
+            .wrap(middleware::from_fn(http::cors))
             .route("/health/live", web::get().to(http::live))
             .route("/health/ready", web::get().to(http::ready))
             .service(

@@ -604,3 +604,25 @@ fn patient_write_scopes_stay_in_the_patients_compartment() {
     let r = w.browser.delete(w.url(&format!("Consent/{}", theirs["id"].as_str().unwrap()))).bearer_auth(at).send().unwrap();
     assert_eq!(r.status().as_u16(), 403);
 }
+
+#[test]
+fn browser_apps_get_cors_on_discovery_metadata_token_and_the_api() {
+    let w = world();
+    let c = Client::new();
+    let origin = "https://app.example";
+    let r = c.request(reqwest::Method::OPTIONS, w.url("Patient")).header("Origin", origin)
+        .header("Access-Control-Request-Method", "GET").header("Access-Control-Request-Headers", "authorization").send().unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(r.headers()["access-control-allow-origin"], origin);
+    assert!(r.headers()["access-control-allow-headers"].to_str().unwrap().contains("Authorization"));
+    for path in [".well-known/smart-configuration", "metadata"] {
+        let r = c.get(w.url(path)).header("Origin", origin).send().unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(r.headers()["access-control-allow-origin"], origin, "{path}");
+    }
+    let r = c.get(w.url(&format!("Patient/{}", w.a))).bearer_auth(&w.s.token).header("Origin", origin).send().unwrap();
+    assert_eq!(r.headers()["access-control-allow-origin"], origin);
+    assert!(r.headers()["access-control-expose-headers"].to_str().unwrap().contains("ETag"));
+    let r = c.post(w.url("auth/token")).header("Origin", origin).form(&[("grant_type", "nope")]).send().unwrap();
+    assert_eq!(r.headers()["access-control-allow-origin"], origin);
+}

@@ -410,6 +410,50 @@ pub async fn strip_identity_encoding(
     Ok(res)
 }
 
+/// CORS for browser apps (SMART public clients): preflights are answered here, and every
+/// response to a request with an `Origin` allows that origin. Tokens travel in the
+/// `Authorization` header, never in cookies, so no credentials mode is offered.
+pub async fn cors(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
+    actix_web::Error,
+> {
+    let origin = req.headers().get("Origin").cloned();
+    let preflight = req.method() == actix_web::http::Method::OPTIONS
+        && req.headers().contains_key("Access-Control-Request-Method");
+    if let (true, Some(o)) = (preflight, origin.clone()) {
+        let resp = HttpResponse::NoContent()
+            .insert_header(("Access-Control-Allow-Origin", o))
+            .insert_header(("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, PATCH, DELETE"))
+            .insert_header((
+                "Access-Control-Allow-Headers",
+                "Authorization, Content-Type, Accept, If-Match, If-None-Match, If-None-Exist, Prefer",
+            ))
+            .insert_header(("Access-Control-Max-Age", "600"))
+            .insert_header(("Vary", "Origin"))
+            .finish();
+        return Ok(req.into_response(resp).map_into_right_body());
+    }
+    let mut res = next.call(req).await?;
+    if let Some(o) = origin {
+        let h = res.headers_mut();
+        h.insert(actix_web::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        h.insert(
+            actix_web::http::header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            actix_web::http::header::HeaderValue::from_static(
+                "Location, Content-Location, ETag, Last-Modified, WWW-Authenticate",
+            ),
+        );
+        h.insert(
+            actix_web::http::header::VARY,
+            actix_web::http::header::HeaderValue::from_static("Origin"),
+        );
+    }
+    Ok(res.map_into_left_body())
+}
+
 /// Requests outside the base path, and methods actix would otherwise answer itself.
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
     Err(Error::NotFound(format!(
