@@ -16,15 +16,16 @@
 //! |               | `c` type \0 id                        | `LedgerHead`: version, deleted, holder |
 //! |               | `r` type \0 id \0 version(8)          | `RecordRef`: position, commitment      |
 //! |               | `s` type \0 id \0 version(8)          | the version's salt (held versions only)|
-//! |               | `p` sha256(entry)                     | a submitted entry's pending writes     |
 //! |               | `k`                                   | the latest `StableCheckpoint`          |
 //! |               | `x` Patient/id \0 type \0 id          | compartment membership (ever)          |
 //!
 //! `ledger` is what this replica derived from executed blocks, in ledger order (the same on
-//! every replica, except `s` and `p`, which belong to the holder).
+//! every replica, except `s`, which belongs to the holder). A submitted entry's pending writes
+//! are not here: they ride as a sidecar in the replica's own store until applied.
 //! `versions`, `current` and both histories are the record; `index` and `values` are derived
 //! from the stored versions alone and `fhirmament reindex` rebuilds them byte for byte.
-//! Every change is written by the commit thread in `txlog` as one synced WriteBatch.
+//! Every change is written by the commit thread in `txlog`, one WriteBatch per round of applied
+//! ledger blocks (durability comes from the ledger replica's store; see ARCHITECTURE.md).
 
 pub mod txlog;
 
