@@ -443,6 +443,13 @@ impl AuthServer {
         });
         if !ok {
             let mut failures = lock(&self.failures);
+            // Bounded: a spray of made-up user names cannot grow this without limit.
+            if failures.len() >= 100_000 {
+                failures.retain(|_, (_, until)| *until > now);
+                if failures.len() >= 100_000 {
+                    failures.clear();
+                }
+            }
             let f = failures.entry(username.to_string()).or_insert((0, 0));
             f.0 += 1;
             if f.0 >= MAX_FAILURES {
@@ -531,7 +538,10 @@ impl AuthServer {
     /// An EHR launch: a short-lived `launch` value bound to a patient.
     pub fn create_launch(&self, patient: &str) -> Result<String> {
         let id = random_token()?;
-        lock(&self.launches).insert(id.clone(), (patient.to_string(), unix_now() + 600));
+        let now = unix_now();
+        let mut launches = lock(&self.launches);
+        launches.retain(|_, (_, exp)| *exp > now);
+        launches.insert(id.clone(), (patient.to_string(), now + 600));
         Ok(id)
     }
 
