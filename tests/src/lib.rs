@@ -274,13 +274,15 @@ pub fn assert_outcome(r: Response, status: u16) -> Value {
 }
 
 /// `n` free consecutive loopback ports. Runs handed out in this process never overlap (tests
-/// run in parallel threads), and each is checked free when handed out.
+/// run in parallel threads), each is checked free when handed out, and all lie below the
+/// ephemeral range so no outgoing connection can take one before its replica binds it.
 pub fn free_port_run(n: u16) -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let _ = NEXT.compare_exchange(
         0,
-        20_000 + (std::process::id() % 2_000) as u16 * 10,
+        // Below Linux's ephemeral range (32768+), where outgoing connections take their ports.
+        20_000 + (std::process::id() % 1_000) as u16 * 10,
         Ordering::SeqCst,
         Ordering::SeqCst,
     );

@@ -579,14 +579,13 @@ impl AuthServer {
         let header = josekit::jwt::decode_header(assertion).map_err(|_| bad("not a JWT"))?;
         let alg = header.claim("alg").and_then(Value::as_str).unwrap_or("").to_string();
         let kid = header.claim("kid").and_then(Value::as_str).map(str::to_string);
-        let (unverified, _) = {
-            // Read iss only to find the client's keys; nothing is trusted before the signature.
-            let parts: Vec<&str> = assertion.split('.').collect();
-            let payload = parts.get(1).and_then(|p| base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok())
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                .ok_or_else(|| bad("unreadable claims"))?;
-            (payload, ())
-        };
+        // Read iss only to find the client's keys; nothing is trusted before the signature.
+        let unverified: Value = assertion
+            .split('.')
+            .nth(1)
+            .and_then(|p| base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| bad("unreadable claims"))?;
         let client_id = unverified["iss"].as_str().ok_or_else(|| bad("no iss"))?.to_string();
         let client = self.directory.client(&client_id)?.ok_or_else(|| bad("unknown client"))?;
         let ClientAuth::Asymmetric { jwks } = &client.auth else {
