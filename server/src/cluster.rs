@@ -179,9 +179,20 @@ pub fn up(args: &ClusterArgs) -> Result<(), String> {
                 break;
             }
             if !alive(pids[i]) || Instant::now() > deadline {
+                let log = dir.join(format!("node-{i}.log"));
+                let tail: String = std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 return Err(format!(
-                    "replica {i} did not come up; see {}",
-                    dir.join(format!("node-{i}.log")).display()
+                    "replica {i} did not come up; see {}:\n{tail}",
+                    log.display()
                 ));
             }
             std::thread::sleep(Duration::from_millis(100));
