@@ -49,7 +49,10 @@ pub struct GenesisArgs {
 pub fn genesis(args: &GenesisArgs) -> Result<(), String> {
     let path = args.dir.join("genesis.json");
     if path.exists() {
-        return Err(format!("{} exists; refusing to replace a consortium's keys", path.display()));
+        return Err(format!(
+            "{} exists; refusing to replace a consortium's keys",
+            path.display()
+        ));
     }
     if args.replicas == 0 {
         return Err("--replicas must be at least 1".into());
@@ -58,14 +61,19 @@ pub fn genesis(args: &GenesisArgs) -> Result<(), String> {
         .chain_id
         .clone()
         .unwrap_or_else(|| format!("fhirmament-{}", uuid::Uuid::new_v4()));
-    let mut g = Genesis::generate(&chain, args.replicas, 0, &args.dir).map_err(|e| e.to_string())?;
+    let mut g =
+        Genesis::generate(&chain, args.replicas, 0, &args.dir).map_err(|e| e.to_string())?;
     for r in &mut g.replicas {
         r.address = args.peer.replace("{i}", &r.id.to_string());
         r.api = Some(args.api.replace("{i}", &r.id.to_string()));
     }
     g.membership()?;
     g.save(&path).map_err(|e| e.to_string())?;
-    println!("wrote {} and {} keys (replica-<i>.key) for chain {chain}", path.display(), args.replicas);
+    println!(
+        "wrote {} and {} keys (replica-<i>.key) for chain {chain}",
+        path.display(),
+        args.replicas
+    );
     Ok(())
 }
 
@@ -155,7 +163,9 @@ pub fn up(args: &ClusterArgs) -> Result<(), String> {
             // Its own process group: a Ctrl-C in the terminal that ran `up` does not stop it.
             cmd.process_group(0);
         }
-        let child = cmd.spawn().map_err(|e| format!("starting replica {}: {e}", r.id))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("starting replica {}: {e}", r.id))?;
         pids.push(child.id());
         endpoints.push(api);
     }

@@ -83,7 +83,11 @@ pub struct ServeArgs {
     #[arg(long = "peer-listen", env = "FHIRMAMENT_PEER_LISTEN")]
     pub peer_listen: Option<String>,
     /// Initial access token that enables RFC 7591 dynamic client registration at <base>/auth/register [default: registration disabled].
-    #[arg(long = "registration-token", env = "FHIRMAMENT_REGISTRATION_TOKEN", hide_env_values = true)]
+    #[arg(
+        long = "registration-token",
+        env = "FHIRMAMENT_REGISTRATION_TOKEN",
+        hide_env_values = true
+    )]
     pub registration_token: Option<String>,
 }
 

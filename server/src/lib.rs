@@ -111,8 +111,14 @@ pub async fn serve(svc: Service) -> std::io::Result<()> {
             .route("/health/ready", web::get().to(http::ready))
             .service(
                 web::scope(&scope)
-                    .route("/.well-known/smart-configuration", web::get().to(http::oauth::smart_configuration))
-                    .route("/.well-known/openid-configuration", web::get().to(http::oauth::openid_configuration))
+                    .route(
+                        "/.well-known/smart-configuration",
+                        web::get().to(http::oauth::smart_configuration),
+                    )
+                    .route(
+                        "/.well-known/openid-configuration",
+                        web::get().to(http::oauth::openid_configuration),
+                    )
                     .route("/auth/jwks", web::get().to(http::oauth::jwks))
                     .route("/auth/authorize", web::get().to(http::oauth::authorize))
                     .route("/auth/authorize", web::post().to(http::oauth::authorize))

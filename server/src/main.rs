@@ -137,15 +137,42 @@ fn main() -> ExitCode {
         Command::Reindex(args) => run_reindex(&args),
         Command::Verify { receipt, genesis } => run_verify(&receipt, &genesis),
         Command::Genesis(args) => fhirmament::cluster::genesis(&args),
-        Command::Users(UsersCommand::Add { config, username, password, role, fhir_user, scope, totp }) => {
-            add_user(&config, username, &password, &role, fhir_user, scope, totp)
-        }
-        Command::Clients(ClientsCommand::Add { config, client_id, name, redirect_uri, scope, public, secret, jwks }) => {
-            add_client(&config, client_id, name, redirect_uri, scope, public, secret, jwks)
-        }
-        Command::Token { config, scope, sub, client_id, patient, ttl_seconds } => {
-            mint_token(&config, &scope, &sub, &client_id, patient, ttl_seconds)
-        }
+        Command::Users(UsersCommand::Add {
+            config,
+            username,
+            password,
+            role,
+            fhir_user,
+            scope,
+            totp,
+        }) => add_user(&config, username, &password, &role, fhir_user, scope, totp),
+        Command::Clients(ClientsCommand::Add {
+            config,
+            client_id,
+            name,
+            redirect_uri,
+            scope,
+            public,
+            secret,
+            jwks,
+        }) => add_client(
+            &config,
+            client_id,
+            name,
+            redirect_uri,
+            scope,
+            public,
+            secret,
+            jwks,
+        ),
+        Command::Token {
+            config,
+            scope,
+            sub,
+            client_id,
+            patient,
+            ttl_seconds,
+        } => mint_token(&config, &scope, &sub, &client_id, patient, ttl_seconds),
         Command::Cluster(ClusterCommand::Up(args)) => fhirmament::cluster::up(&args),
         Command::Cluster(ClusterCommand::Down(args)) => fhirmament::cluster::down(&args),
     };
@@ -192,17 +219,28 @@ fn run_verify(receipt: &std::path::Path, genesis: &std::path::Path) -> Result<()
     let members = genesis.membership()?;
     let checks = fhirmament::ledger::receipt::verify(&receipt, &members);
     for c in &checks {
-        println!("{:<5} {:<11} {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail);
+        println!(
+            "{:<5} {:<11} {}",
+            if c.ok { "ok" } else { "FAIL" },
+            c.name,
+            c.detail
+        );
     }
     if checks.iter().all(|c| c.ok) {
-        println!("receipt verified against {} ({} replicas)", members.chain_id, members.n());
+        println!(
+            "receipt verified against {} ({} replicas)",
+            members.chain_id,
+            members.n()
+        );
         Ok(())
     } else {
         Err("the receipt does not verify".into())
     }
 }
 
-fn auth_directory(args: &ServeArgs) -> Result<(Config, fhirmament::auth::directory::Directory), String> {
+fn auth_directory(
+    args: &ServeArgs,
+) -> Result<(Config, fhirmament::auth::directory::Directory), String> {
     let config = Config::resolve(args).map_err(|e| e.to_string())?;
     let dir = fhirmament::auth::directory::Directory::new(&config.data_dir.join("auth"));
     Ok((config, dir))
@@ -222,12 +260,20 @@ fn add_user(
         "patient" => Role::Patient,
         "practitioner" => Role::Practitioner,
         "admin" => Role::Admin,
-        other => return Err(format!("--role must be patient, practitioner or admin, not {other}")),
+        other => {
+            return Err(format!(
+                "--role must be patient, practitioner or admin, not {other}"
+            ))
+        }
     };
     if password.len() < 8 {
         return Err("the password must have at least 8 characters".into());
     }
-    if role == Role::Patient && !fhir_user.as_deref().is_some_and(|f| f.starts_with("Patient/")) {
+    if role == Role::Patient
+        && !fhir_user
+            .as_deref()
+            .is_some_and(|f| f.starts_with("Patient/"))
+    {
         return Err("a patient user needs --fhir-user Patient/<id>".into());
     }
     let (_, dir) = auth_directory(args)?;
@@ -240,8 +286,15 @@ fn add_user(
     } else {
         None
     };
-    dir.put_user(User { username: username.clone(), password_hash: hash, role, fhir_user, scope, totp_secret })
-        .map_err(|e| e.to_string())?;
+    dir.put_user(User {
+        username: username.clone(),
+        password_hash: hash,
+        role,
+        fhir_user,
+        scope,
+        totp_secret,
+    })
+    .map_err(|e| e.to_string())?;
     println!("user {username} saved");
     Ok(())
 }
@@ -260,10 +313,14 @@ fn add_client(
     use fhirmament::auth::directory::{hash_secret, Client, ClientAuth};
     let auth = match (public, secret, jwks) {
         (true, None, None) => ClientAuth::Public,
-        (false, Some(s), None) => ClientAuth::Symmetric { secret_hash: hash_secret(&s).map_err(|e| e.to_string())? },
+        (false, Some(s), None) => ClientAuth::Symmetric {
+            secret_hash: hash_secret(&s).map_err(|e| e.to_string())?,
+        },
         (false, None, Some(path)) => {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let jwks: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let jwks: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             if !jwks["keys"].as_array().is_some_and(|k| !k.is_empty()) {
                 return Err("the JWKS has no keys".into());
             }
@@ -280,8 +337,14 @@ fn add_client(
         }
     }
     let (_, dir) = auth_directory(args)?;
-    dir.put_client(Client { client_id: client_id.clone(), name, auth, redirect_uris, scope })
-        .map_err(|e| e.to_string())?;
+    dir.put_client(Client {
+        client_id: client_id.clone(),
+        name,
+        auth,
+        redirect_uris,
+        scope,
+    })
+    .map_err(|e| e.to_string())?;
     println!("client {client_id} saved");
     Ok(())
 }
@@ -308,11 +371,18 @@ fn mint_token(
     claims.insert("sub".into(), sub.into());
     claims.insert("client_id".into(), client_id.into());
     claims.insert("scope".into(), scope.into());
-    claims.insert("jti".into(), fhirmament::auth::random_token().map_err(|e| e.to_string())?.into());
+    claims.insert(
+        "jti".into(),
+        fhirmament::auth::random_token()
+            .map_err(|e| e.to_string())?
+            .into(),
+    );
     if let Some(p) = patient {
         claims.insert("patient".into(), p.into());
     }
-    let t = key.sign(&claims, std::time::Duration::from_secs(ttl)).map_err(|e| e.to_string())?;
+    let t = key
+        .sign(&claims, std::time::Duration::from_secs(ttl))
+        .map_err(|e| e.to_string())?;
     println!("{t}");
     Ok(())
 }

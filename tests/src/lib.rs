@@ -67,8 +67,15 @@ pub fn mint_token(data: &Path, base: &str, scope: &str, extra: &[&str]) -> Strin
         .args(extra)
         .output()
         .expect("run fhirmament token");
-    assert!(out.status.success(), "fhirmament token: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+    assert!(
+        out.status.success(),
+        "fhirmament token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
 }
 
 /// A blocking HTTP client that sends this bearer token with every request.
@@ -326,7 +333,12 @@ impl Consortium {
         c.tokens = (0..n)
             .map(|i| {
                 let data = c.dir.path().join(format!("node-{i}"));
-                mint_token(&data, c.url(i, "").trim_end_matches('/'), "system/*.cruds", &[])
+                mint_token(
+                    &data,
+                    c.url(i, "").trim_end_matches('/'),
+                    "system/*.cruds",
+                    &[],
+                )
             })
             .collect();
         c
@@ -391,7 +403,12 @@ impl Consortium {
 
     /// GET until `done` holds (a replica applies a block a few milliseconds after the one that
     /// acknowledged the write); the last answer after 10 s otherwise.
-    pub fn get_when(&self, replica: usize, path: &str, done: impl Fn(u16, &Value) -> bool) -> (u16, Value) {
+    pub fn get_when(
+        &self,
+        replica: usize,
+        path: &str,
+        done: impl Fn(u16, &Value) -> bool,
+    ) -> (u16, Value) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (s, v) = self.get_json(replica, path);

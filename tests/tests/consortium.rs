@@ -34,12 +34,28 @@ fn verify_cli(receipt: &Value, genesis: &std::path::Path) -> bool {
 fn a_record_written_at_one_organization_is_served_identically_and_verifiably_by_another() {
     let c = Consortium::up(4);
     for replica in 0..4 {
-        let r = c.client.get(format!("http://127.0.0.1:{}/health/ready", c.http_port as usize + replica)).send().unwrap();
+        let r = c
+            .client
+            .get(format!(
+                "http://127.0.0.1:{}/health/ready",
+                c.http_port as usize + replica
+            ))
+            .send()
+            .unwrap();
         assert_eq!(r.status().as_u16(), 200, "replica {replica} ready");
         let h: Value = r.json().unwrap();
-        assert_eq!((h["live"].as_bool(), h["viewActive"].as_bool()), (Some(true), Some(true)), "{h}");
+        assert_eq!(
+            (h["live"].as_bool(), h["viewActive"].as_bool()),
+            (Some(true), Some(true)),
+            "{h}"
+        );
     }
-    let (s, p) = c.send(0, "POST", "Patient", &patient("Consortium", "Ada", "1970-01-01"));
+    let (s, p) = c.send(
+        0,
+        "POST",
+        "Patient",
+        &patient("Consortium", "Ada", "1970-01-01"),
+    );
     assert_eq!(s, 201, "{p}");
     let pid = p["id"].as_str().unwrap().to_string();
     let doc = json!({"resourceType": "DocumentReference", "status": "current",
@@ -60,8 +76,14 @@ fn a_record_written_at_one_organization_is_served_identically_and_verifiably_by_
     assert_eq!(s, 200, "{compartment}");
     assert_eq!(match_ids(&compartment), vec![did.clone()]);
     assert_eq!(compartment["total"], 1);
-    let (_, none) = c.get_json(2, &format!("Patient/{pid}/DocumentReference?status=superseded"));
-    assert!(match_ids(&none).is_empty(), "the query still filters: {none}");
+    let (_, none) = c.get_json(
+        2,
+        &format!("Patient/{pid}/DocumentReference?status=superseded"),
+    );
+    assert!(
+        match_ids(&none).is_empty(),
+        "the query still filters: {none}"
+    );
 
     // The same ledger record (entry, commitment) at the holder and at another replica.
     let (s, at_holder) = c.get_json(0, &format!("Patient/{pid}/_history/1/$verify"));
@@ -70,7 +92,10 @@ fn a_record_written_at_one_organization_is_served_identically_and_verifiably_by_
     assert_eq!(s, 200, "{elsewhere}");
     assert_eq!(param(&at_holder, "entry"), param(&elsewhere, "entry"));
     assert_eq!(param(&at_holder, "result")["valueBoolean"], true);
-    assert!(verify_cli(&at_holder, &c.genesis()), "the receipt verifies offline");
+    assert!(
+        verify_cli(&at_holder, &c.genesis()),
+        "the receipt verifies offline"
+    );
 
     // An update through replica 3 builds on replica 0's version and moves the record there.
     let mut changed = p.clone();
@@ -79,8 +104,14 @@ fn a_record_written_at_one_organization_is_served_identically_and_verifiably_by_
     assert_eq!(s, 200, "{v2}");
     assert_eq!(v2["meta"]["versionId"], "2");
     for replica in 0..4 {
-        let (s, now) = c.get_when(replica, &format!("Patient/{pid}"), |_, v| v["meta"]["versionId"] == "2");
-        assert_eq!((s, &now["name"][0]["family"]), (200, &json!("Moved")), "replica {replica}");
+        let (s, now) = c.get_when(replica, &format!("Patient/{pid}"), |_, v| {
+            v["meta"]["versionId"] == "2"
+        });
+        assert_eq!(
+            (s, &now["name"][0]["family"]),
+            (200, &json!("Moved")),
+            "replica {replica}"
+        );
         let (_, h) = c.get_json(replica, &format!("Patient/{pid}/_history"));
         let versions: Vec<String> = resources(&h)
             .iter()
@@ -111,7 +142,12 @@ fn a_holder_that_does_not_answer_makes_its_records_unavailable_never_stale() {
     assert_eq!(s, 200);
     // Freeze replica 1's process: its store no longer answers.
     c.signal(1, "-STOP");
-    let r = c.client.get(c.url(2, &format!("Patient/{pid}"))).header("Authorization", c.auth(2)).send().unwrap();
+    let r = c
+        .client
+        .get(c.url(2, &format!("Patient/{pid}")))
+        .header("Authorization", c.auth(2))
+        .send()
+        .unwrap();
     let status = r.status().as_u16();
     let body: Value = r.json().unwrap_or(Value::Null);
     c.signal(1, "-CONT");
@@ -119,7 +155,11 @@ fn a_holder_that_does_not_answer_makes_its_records_unavailable_never_stale() {
     assert_eq!(body["resourceType"], "OperationOutcome");
     assert!(body.to_string().contains("held by replica 1"), "{body}");
     let (s, again) = c.get_json(2, &format!("Patient/{pid}"));
-    assert_eq!((s, again), (200, p), "available again once the holder answers");
+    assert_eq!(
+        (s, again),
+        (200, p),
+        "available again once the holder answers"
+    );
 }
 
 #[test]
@@ -130,13 +170,19 @@ fn killing_the_primary_loses_no_acknowledged_write_and_it_catches_up_after_resta
     let failures = Arc::new(AtomicUsize::new(0));
     let writers: Vec<_> = (0..4)
         .map(|w| {
-            let (c, acked, stop, failures) = (c.clone(), acked.clone(), stop.clone(), failures.clone());
+            let (c, acked, stop, failures) =
+                (c.clone(), acked.clone(), stop.clone(), failures.clone());
             std::thread::spawn(move || {
                 // Writers use the replicas that stay up; replica 0 is the primary of view 0.
                 let replica = 1 + w % 3;
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let (s, body) = c.send(replica, "POST", "Patient", &patient(&format!("W{w}x{i}"), "K", "1990-01-01"));
+                    let (s, body) = c.send(
+                        replica,
+                        "POST",
+                        "Patient",
+                        &patient(&format!("W{w}x{i}"), "K", "1990-01-01"),
+                    );
                     if s == 201 {
                         let id = body["id"].as_str().unwrap().to_string();
                         acked.lock().unwrap().push((replica, id, Instant::now()));
@@ -157,14 +203,29 @@ fn killing_the_primary_loses_no_acknowledged_write_and_it_catches_up_after_resta
         w.join().unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    let after = acked.iter().filter(|(_, _, t)| *t > killed_at + Duration::from_secs(1)).count();
-    assert!(acked.len() > 20, "writes were acknowledged before the kill: {}", acked.len());
-    assert!(after > 0, "writes resumed after the view change ({} acked, {} failed)", acked.len(), failures.load(Ordering::Relaxed));
+    let after = acked
+        .iter()
+        .filter(|(_, _, t)| *t > killed_at + Duration::from_secs(1))
+        .count();
+    assert!(
+        acked.len() > 20,
+        "writes were acknowledged before the kill: {}",
+        acked.len()
+    );
+    assert!(
+        after > 0,
+        "writes resumed after the view change ({} acked, {} failed)",
+        acked.len(),
+        failures.load(Ordering::Relaxed)
+    );
     // Every acknowledged write is readable, through a replica other than its holder.
     for (replica, id, _) in &acked {
         let reader = if *replica == 3 { 2 } else { 3 };
         let (s, body) = c.get_when(reader, &format!("Patient/{id}"), |s, _| s == 200);
-        assert_eq!(s, 200, "acknowledged Patient/{id} (held by {replica}) is lost: {body}");
+        assert_eq!(
+            s, 200,
+            "acknowledged Patient/{id} (held by {replica}) is lost: {body}"
+        );
     }
     // Restart the killed replica: `cluster up` starts only what is not running.
     c.cluster("up");
@@ -177,7 +238,10 @@ fn killing_the_primary_loses_no_acknowledged_write_and_it_catches_up_after_resta
             assert_eq!(head0["chain"], head3["chain"]);
             break;
         }
-        assert!(Instant::now() < deadline, "replica 0 did not catch up to {target}: {head0}");
+        assert!(
+            Instant::now() < deadline,
+            "replica 0 did not catch up to {target}: {head0}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // Once caught up, it serves what was written while it was down.

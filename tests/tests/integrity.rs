@@ -49,14 +49,25 @@ fn a_tampered_record_fails_closed_and_verify_reports_it() {
     tamper(&s.data, "Patient", &id, 1, "Original", "Tampered");
     s.launch();
 
-    for path in [format!("Patient/{id}"), format!("Patient/{id}/_history/1"), format!("Patient/{id}/_history")] {
+    for path in [
+        format!("Patient/{id}"),
+        format!("Patient/{id}/_history/1"),
+        format!("Patient/{id}/_history"),
+    ] {
         let r = s.get(&path);
         let status = r.status().as_u16();
         let body: Value = r.json().unwrap();
         assert_eq!(status, 500, "{path}: {body}");
         assert_eq!(body["resourceType"], "OperationOutcome");
-        assert!(body.to_string().contains("does not match its ledger commitment"), "{body}");
-        assert!(!body.to_string().contains("Tampered"), "the tampered bytes are not served: {body}");
+        assert!(
+            body.to_string()
+                .contains("does not match its ledger commitment"),
+            "{body}"
+        );
+        assert!(
+            !body.to_string().contains("Tampered"),
+            "the tampered bytes are not served: {body}"
+        );
     }
     let (status, report) = s.get_json(&format!("Patient/{id}/_history/1/$verify"));
     assert_eq!(status, 200);
@@ -88,23 +99,45 @@ fn receipts_verify_offline_and_fail_on_any_flipped_bit() {
             .unwrap()
     };
     let ok = check(&receipt);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("receipt verified"));
     // Flip one bit in each base64 part: the chain breaks every time.
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     for name in ["entry", "salt", "commitCertificate"] {
         let mut r = receipt.clone();
-        let p = r["parameter"].as_array_mut().unwrap().iter_mut().find(|p| p["name"] == name).unwrap();
-        let mut bytes = b64.decode(p["valueBase64Binary"].as_str().unwrap()).unwrap();
+        let p = r["parameter"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|p| p["name"] == name)
+            .unwrap();
+        let mut bytes = b64
+            .decode(p["valueBase64Binary"].as_str().unwrap())
+            .unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0x01;
         p["valueBase64Binary"] = json!(b64.encode(bytes));
         let out = check(&r);
-        assert!(!out.status.success(), "a flipped bit in {name} went unnoticed");
+        assert!(
+            !out.status.success(),
+            "a flipped bit in {name} went unnoticed"
+        );
     }
     let mut r = receipt.clone();
-    let res = r["parameter"].as_array_mut().unwrap().iter_mut().find(|p| p["name"] == "resource").unwrap();
+    let res = r["parameter"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|p| p["name"] == "resource")
+        .unwrap();
     res["resource"]["birthDate"] = json!("1970-01-02");
-    assert!(!check(&r).status.success(), "a changed resource went unnoticed");
+    assert!(
+        !check(&r).status.success(),
+        "a changed resource went unnoticed"
+    );
 }

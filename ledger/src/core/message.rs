@@ -37,7 +37,11 @@ impl Batch {
     }
 
     pub fn digest(&self) -> Digest {
-        batch_digest(self.timestamp, self.entries.len() as u64, &self.merkle_root())
+        batch_digest(
+            self.timestamp,
+            self.entries.len() as u64,
+            &self.merkle_root(),
+        )
     }
 }
 

@@ -5,7 +5,7 @@ pub mod message;
 pub mod replica;
 
 pub use message::{
-    block_leaf, block_leaf_of_digest, test_key, Batch, Digest, Membership, Payload, Prepared, ReplicaId, Seq, Signed,
-    View,
+    block_leaf, block_leaf_of_digest, test_key, Batch, Digest, Membership, Payload, Prepared,
+    ReplicaId, Seq, Signed, View,
 };
 pub use replica::{Action, Config, Fault, FaultKind, Record, Replica, Step};

@@ -134,14 +134,16 @@ impl Genesis {
                     r.id
                 ));
             }
-            if r
-                .address
+            if r.address
                 .rsplit_once(':')
                 .and_then(|(host, port)| (!host.is_empty()).then_some(port))
                 .and_then(|p| p.parse::<u16>().ok())
                 .is_none()
             {
-                return Err(format!("replica {i}: address '{}' is not host:port", r.address));
+                return Err(format!(
+                    "replica {i}: address '{}' is not host:port",
+                    r.address
+                ));
             }
             let bytes: [u8; 32] = unhex(&r.public_key)
                 .and_then(|b| b.try_into().ok())

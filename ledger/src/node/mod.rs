@@ -97,7 +97,10 @@ enum Input {
         reply: amp::Sender<Vec<u8>>,
     },
     /// From the application embedding this replica: its executions arrive as `Event`s.
-    Local { entry: Vec<u8>, sidecar: Vec<u8> },
+    Local {
+        entry: Vec<u8>,
+        sidecar: Vec<u8>,
+    },
     /// The application no longer needs these sidecars.
     Release(Vec<Digest>),
 }
@@ -262,7 +265,14 @@ async fn peer_writer(addr: String, mut queue: amp::Receiver<Vec<u8>>) {
 pub fn run(cfg: NodeConfig) -> Result<(), NodeError> {
     let mut node = start(cfg)?;
     let n = &mut node;
-    drive(&mut n.replica, &mut n.store, &n.inputs, &n.peers, n.tick, None)
+    drive(
+        &mut n.replica,
+        &mut n.store,
+        &n.inputs,
+        &n.peers,
+        n.tick,
+        None,
+    )
 }
 
 /// Start a replica inside an application: its driver runs on its own thread; blocks executed
@@ -421,8 +431,10 @@ fn drive(
         let now = now_ms();
         if let Some(s) = status {
             s.view.store(replica.view(), Ordering::Relaxed);
-            s.view_active.store(replica.is_view_active(), Ordering::Relaxed);
-            s.last_executed.store(replica.last_executed(), Ordering::Relaxed);
+            s.view_active
+                .store(replica.is_view_active(), Ordering::Relaxed);
+            s.last_executed
+                .store(replica.last_executed(), Ordering::Relaxed);
             s.heartbeat_ms.store(now, Ordering::Relaxed);
         }
         let mut batch: Vec<Input> = first.into_iter().collect();

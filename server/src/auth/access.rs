@@ -37,7 +37,11 @@ fn forbidden(grant: &Grant, rtype: ResourceType, perm: Perm) -> Error {
 
 /// May this grant use `perm` on `rtype`, and within what?
 pub fn restriction(grant: &Grant, rtype: ResourceType, perm: Perm) -> Result<Restriction> {
-    let matching: Vec<_> = grant.scopes.iter().filter(|s| s.allows(rtype, perm)).collect();
+    let matching: Vec<_> = grant
+        .scopes
+        .iter()
+        .filter(|s| s.allows(rtype, perm))
+        .collect();
     if matching.is_empty() {
         return Err(forbidden(grant, rtype, perm));
     }
@@ -50,7 +54,9 @@ pub fn restriction(grant: &Grant, rtype: ResourceType, perm: Perm) -> Result<Res
     }
     let patient = if matching.iter().all(|s| s.context == Context::Patient) {
         Some(grant.patient.clone().ok_or_else(|| {
-            Error::Forbidden("patient/ scopes need a patient in context; this token has none".into())
+            Error::Forbidden(
+                "patient/ scopes need a patient in context; this token has none".into(),
+            )
         })?)
     } else {
         None
@@ -108,7 +114,12 @@ pub fn visible(
     }
     let mut q = query::parse(registry, rtype, &[], false)?;
     narrow(registry, &mut q, r)?;
-    Ok(exec::resource_matches(&q, resource, base, crate::fhir::now_ms()))
+    Ok(exec::resource_matches(
+        &q,
+        resource,
+        base,
+        crate::fhir::now_ms(),
+    ))
 }
 
 /// `restriction` then `visible`, as a 403 when the resource is outside.
@@ -167,8 +178,24 @@ mod tests {
         let db = json!({"resourceType": "DocumentReference", "id": "d2", "status": "current", "subject": {"reference": "Patient/b"}});
         assert!(check_resource(&reg, base, &g, ResourceType::Patient, Perm::R, &pa).is_ok());
         assert!(check_resource(&reg, base, &g, ResourceType::Patient, Perm::R, &pb).is_err());
-        assert!(check_resource(&reg, base, &g, ResourceType::DocumentReference, Perm::R, &da).is_ok());
-        assert!(check_resource(&reg, base, &g, ResourceType::DocumentReference, Perm::R, &db).is_err());
+        assert!(check_resource(
+            &reg,
+            base,
+            &g,
+            ResourceType::DocumentReference,
+            Perm::R,
+            &da
+        )
+        .is_ok());
+        assert!(check_resource(
+            &reg,
+            base,
+            &g,
+            ResourceType::DocumentReference,
+            Perm::R,
+            &db
+        )
+        .is_err());
         // No write scope at all.
         assert!(restriction(&g, ResourceType::Patient, Perm::U).is_err());
         // A patient scope without a patient in context allows nothing.
@@ -179,13 +206,36 @@ mod tests {
     fn user_and_system_scopes_are_type_wide_and_granular_scopes_filter() {
         let reg = Registry::from_profiles(&Profiles::embedded().unwrap());
         let base = "http://x/fhir";
-        let g = grant("user/DocumentReference.rs?status=current patient/Patient.r", Some("a"));
+        let g = grant(
+            "user/DocumentReference.rs?status=current patient/Patient.r",
+            Some("a"),
+        );
         let cur = json!({"resourceType": "DocumentReference", "status": "current", "content": []});
-        let old = json!({"resourceType": "DocumentReference", "status": "superseded", "content": []});
-        assert!(check_resource(&reg, base, &g, ResourceType::DocumentReference, Perm::S, &cur).is_ok());
-        assert!(check_resource(&reg, base, &g, ResourceType::DocumentReference, Perm::S, &old).is_err());
+        let old =
+            json!({"resourceType": "DocumentReference", "status": "superseded", "content": []});
+        assert!(check_resource(
+            &reg,
+            base,
+            &g,
+            ResourceType::DocumentReference,
+            Perm::S,
+            &cur
+        )
+        .is_ok());
+        assert!(check_resource(
+            &reg,
+            base,
+            &g,
+            ResourceType::DocumentReference,
+            Perm::S,
+            &old
+        )
+        .is_err());
         let sys = grant("system/*.cruds", None);
-        assert_eq!(restriction(&sys, ResourceType::Consent, Perm::D).unwrap(), Restriction::default());
+        assert_eq!(
+            restriction(&sys, ResourceType::Consent, Perm::D).unwrap(),
+            Restriction::default()
+        );
         assert!(require_all_types(&sys, Perm::S).is_ok());
         assert!(require_all_types(&grant("system/Patient.rs", None), Perm::S).is_err());
     }

@@ -103,9 +103,11 @@ pub fn hash_secret(secret: &str) -> Result<String> {
 }
 
 pub fn verify_secret(secret: &str, hash: &str) -> bool {
-    PasswordHash::new(hash)
-        .ok()
-        .is_some_and(|h| Argon2::default().verify_password(secret.as_bytes(), &h).is_ok())
+    PasswordHash::new(hash).ok().is_some_and(|h| {
+        Argon2::default()
+            .verify_password(secret.as_bytes(), &h)
+            .is_ok()
+    })
 }
 
 pub struct Directory {
@@ -205,7 +207,11 @@ mod tests {
             scope: "openid patient/*.rs".into(),
         };
         d.put_client(c.clone()).unwrap();
-        d.put_client(Client { name: "App 2".into(), ..c }).unwrap();
+        d.put_client(Client {
+            name: "App 2".into(),
+            ..c
+        })
+        .unwrap();
         let all = d.clients().unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].name, "App 2");

@@ -73,14 +73,27 @@ pub enum Authorize {
     /// The request is bad and cannot be redirected (unknown client or redirect URI).
     Refuse(OAuthError),
     /// Send the browser back to the client with this error.
-    RedirectError { redirect_uri: String, state: Option<String>, error: OAuthError },
+    RedirectError {
+        redirect_uri: String,
+        state: Option<String>,
+        error: OAuthError,
+    },
 }
 
 /// What the login form leads to.
 #[derive(Debug)]
 pub enum Login {
-    Approve { txn: String, client: String, offered: Vec<String>, pick_patient: bool },
-    Retry { txn: String, client: String, message: String },
+    Approve {
+        txn: String,
+        client: String,
+        offered: Vec<String>,
+        pick_patient: bool,
+    },
+    Retry {
+        txn: String,
+        client: String,
+        message: String,
+    },
     Expired,
 }
 
@@ -187,27 +200,55 @@ impl AuthServer {
 
     /// RFC 7591 dynamic registration, for holders of the initial access token. Answers the
     /// client information response (201) or an RFC 7591 error.
-    pub fn register(&self, initial: Option<&str>, meta: &Value) -> std::result::Result<Value, (u16, OAuthError)> {
+    pub fn register(
+        &self,
+        initial: Option<&str>,
+        meta: &Value,
+    ) -> std::result::Result<Value, (u16, OAuthError)> {
         let Some(expected) = &self.registration else {
-            return Err((403, oauth("access_denied", "dynamic registration is disabled on this server")));
+            return Err((
+                403,
+                oauth(
+                    "access_denied",
+                    "dynamic registration is disabled on this server",
+                ),
+            ));
         };
         if initial.map(sha_hex).as_deref() != Some(expected.as_str()) {
-            return Err((401, oauth("invalid_token", "a valid initial access token is required")));
+            return Err((
+                401,
+                oauth("invalid_token", "a valid initial access token is required"),
+            ));
         }
         let bad = |m: &str| (400, oauth("invalid_client_metadata", m));
         let server = |e: Error| (500, OAuthError::from(e));
-        let method = meta["token_endpoint_auth_method"].as_str().unwrap_or("client_secret_basic");
+        let method = meta["token_endpoint_auth_method"]
+            .as_str()
+            .unwrap_or("client_secret_basic");
         let redirect_uris: Vec<String> = meta["redirect_uris"]
             .as_array()
-            .map(|a| a.iter().filter_map(|u| u.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         for u in &redirect_uris {
             let local = u.starts_with("http://localhost") || u.starts_with("http://127.0.0.1");
             if !(u.starts_with("https://") || local) || u.contains('#') {
-                return Err((400, oauth("invalid_redirect_uri", format!("{u} must be an https URL (or loopback http) without a fragment"))));
+                return Err((
+                    400,
+                    oauth(
+                        "invalid_redirect_uri",
+                        format!("{u} must be an https URL (or loopback http) without a fragment"),
+                    ),
+                ));
             }
         }
-        let scope = meta["scope"].as_str().unwrap_or("launch/patient openid fhirUser patient/*.rs").to_string();
+        let scope = meta["scope"]
+            .as_str()
+            .unwrap_or("launch/patient openid fhirUser patient/*.rs")
+            .to_string();
         for s in scope.split_whitespace() {
             if !scopes::is_known(s) {
                 return Err(bad(&format!("unknown scope {s}")));
@@ -232,21 +273,29 @@ impl AuthServer {
                 }
                 ClientAuth::Asymmetric { jwks }
             }
-            other => return Err(bad(&format!("token_endpoint_auth_method {other} is not supported"))),
+            other => {
+                return Err(bad(&format!(
+                    "token_endpoint_auth_method {other} is not supported"
+                )))
+            }
         };
         if redirect_uris.is_empty() && !matches!(auth, ClientAuth::Asymmetric { .. }) {
-            return Err((400, oauth("invalid_redirect_uri", "redirect_uris are required")));
+            return Err((
+                400,
+                oauth("invalid_redirect_uri", "redirect_uris are required"),
+            ));
         }
         let client_id = random_token().map_err(server)?;
         let name = meta["client_name"].as_str().unwrap_or("").to_string();
-        self.directory.put_client(Client {
-            client_id: client_id.clone(),
-            name: name.clone(),
-            auth,
-            redirect_uris: redirect_uris.clone(),
-            scope: scope.clone(),
-        })
-        .map_err(server)?;
+        self.directory
+            .put_client(Client {
+                client_id: client_id.clone(),
+                name: name.clone(),
+                auth,
+                redirect_uris: redirect_uris.clone(),
+                scope: scope.clone(),
+            })
+            .map_err(server)?;
         let mut out = json!({
             "client_id": client_id,
             "client_id_issued_at": unix_now(),
@@ -329,11 +378,18 @@ impl AuthServer {
 
     pub fn authorize(&self, params: &[(String, String)]) -> Result<Authorize> {
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let Some(client) = get("client_id").map(|id| self.directory.client(&id)).transpose()?.flatten()
+        let Some(client) = get("client_id")
+            .map(|id| self.directory.client(&id))
+            .transpose()?
+            .flatten()
         else {
-            return Ok(Authorize::Refuse(oauth("invalid_request", "unknown client_id")));
+            return Ok(Authorize::Refuse(oauth(
+                "invalid_request",
+                "unknown client_id",
+            )));
         };
-        let Some(redirect_uri) = get("redirect_uri").filter(|r| client.redirect_uris.contains(r)) else {
+        let Some(redirect_uri) = get("redirect_uri").filter(|r| client.redirect_uris.contains(r))
+        else {
             return Ok(Authorize::Refuse(oauth(
                 "invalid_request",
                 "redirect_uri is missing or not registered for this client",
@@ -348,19 +404,38 @@ impl AuthServer {
             })
         };
         if get("response_type").as_deref() != Some("code") {
-            return fail(oauth("unsupported_response_type", "response_type must be code"));
+            return fail(oauth(
+                "unsupported_response_type",
+                "response_type must be code",
+            ));
         }
         if get("aud").map(|a| a.trim_end_matches('/').to_string()) != Some(self.base.clone()) {
-            return fail(oauth("invalid_request", format!("aud must be this FHIR server: {}", self.base)));
+            return fail(oauth(
+                "invalid_request",
+                format!("aud must be this FHIR server: {}", self.base),
+            ));
         }
         let challenge = get("code_challenge").filter(|c| !c.is_empty());
         match (challenge.as_ref(), get("code_challenge_method").as_deref()) {
             (Some(_), Some("S256")) => {}
-            (Some(_), _) => return fail(oauth("invalid_request", "code_challenge_method must be S256 (plain is refused)")),
-            (None, _) => return fail(oauth("invalid_request", "PKCE is required: send code_challenge with S256")),
+            (Some(_), _) => {
+                return fail(oauth(
+                    "invalid_request",
+                    "code_challenge_method must be S256 (plain is refused)",
+                ))
+            }
+            (None, _) => {
+                return fail(oauth(
+                    "invalid_request",
+                    "PKCE is required: send code_challenge with S256",
+                ))
+            }
         }
         if matches!(client.auth, ClientAuth::Asymmetric { .. }) && client.redirect_uris.is_empty() {
-            return fail(oauth("unauthorized_client", "this client is registered for backend services only"));
+            return fail(oauth(
+                "unauthorized_client",
+                "this client is registered for backend services only",
+            ));
         }
         let allowed = split(&client.scope);
         let requested = split(&get("scope").unwrap_or_default());
@@ -369,7 +444,10 @@ impl AuthServer {
             .filter(|s| covered(s, &allowed) && !s.starts_with("system/"))
             .collect();
         if scopes.is_empty() {
-            return fail(oauth("invalid_scope", "none of the requested scopes may be granted to this client"));
+            return fail(oauth(
+                "invalid_scope",
+                "none of the requested scopes may be granted to this client",
+            ));
         }
         let launch_patient = match get("launch") {
             None => None,
@@ -401,7 +479,11 @@ impl AuthServer {
         );
         Ok(Authorize::Login {
             txn,
-            client: if client.name.is_empty() { client.client_id } else { client.name },
+            client: if client.name.is_empty() {
+                client.client_id
+            } else {
+                client.name
+            },
         })
     }
 
@@ -415,7 +497,9 @@ impl AuthServer {
         match user.role {
             Role::Admin => true,
             Role::Practitioner => !scope.starts_with("system/"),
-            Role::Patient => !scope.starts_with("user/") && !scope.starts_with("system/") && scope != "launch",
+            Role::Patient => {
+                !scope.starts_with("user/") && !scope.starts_with("system/") && scope != "launch"
+            }
         }
     }
 
@@ -428,18 +512,26 @@ impl AuthServer {
         let now = unix_now();
         {
             let failures = lock(&self.failures);
-            if let Some((_, until)) = failures.get(username).filter(|(n, u)| *n >= MAX_FAILURES && *u > now) {
+            if let Some((_, until)) = failures
+                .get(username)
+                .filter(|(n, u)| *n >= MAX_FAILURES && *u > now)
+            {
                 return Ok(Login::Retry {
                     txn: txn.into(),
                     client,
-                    message: format!("too many failed attempts; try again in {} minutes", (until - now) / 60 + 1),
+                    message: format!(
+                        "too many failed attempts; try again in {} minutes",
+                        (until - now) / 60 + 1
+                    ),
                 });
             }
         }
         let user = self.directory.user(username)?;
         let ok = user.as_ref().is_some_and(|u| {
             verify_secret(password, &u.password_hash)
-                && u.totp_secret.as_deref().is_none_or(|s| super::directory::verify_totp(s, otp))
+                && u.totp_secret
+                    .as_deref()
+                    .is_none_or(|s| super::directory::verify_totp(s, otp))
         });
         if !ok {
             let mut failures = lock(&self.failures);
@@ -456,16 +548,32 @@ impl AuthServer {
                 f.1 = now + LOCKOUT_SECS;
                 tracing::warn!(username, "login locked after repeated failures");
             }
-            return Ok(Login::Retry { txn: txn.into(), client, message: "unknown user, wrong password or wrong one-time code".into() });
+            return Ok(Login::Retry {
+                txn: txn.into(),
+                client,
+                message: "unknown user, wrong password or wrong one-time code".into(),
+            });
         }
         lock(&self.failures).remove(username);
         let user = user.expect("checked");
-        let offered: Vec<String> = p.scopes.iter().filter(|s| Self::user_allows(&user, s)).cloned().collect();
+        let offered: Vec<String> = p
+            .scopes
+            .iter()
+            .filter(|s| Self::user_allows(&user, s))
+            .cloned()
+            .collect();
         let pick_patient = user.role != Role::Patient
             && p.launch_patient.is_none()
-            && offered.iter().any(|s| s == "launch/patient" || s.starts_with("patient/"));
+            && offered
+                .iter()
+                .any(|s| s == "launch/patient" || s.starts_with("patient/"));
         p.user = Some(user);
-        Ok(Login::Approve { txn: txn.into(), client, offered, pick_patient })
+        Ok(Login::Approve {
+            txn: txn.into(),
+            client,
+            offered,
+            pick_patient,
+        })
     }
 
     /// The user approved `chosen` (a subset of what was offered); returns the redirect URL.
@@ -477,7 +585,10 @@ impl AuthServer {
         patient_exists: impl Fn(&str) -> bool,
     ) -> Result<std::result::Result<String, OAuthError>> {
         let Some(p) = lock(&self.pending).remove(txn) else {
-            return Ok(Err(oauth("invalid_request", "this authorization request has expired; start again")));
+            return Ok(Err(oauth(
+                "invalid_request",
+                "this authorization request has expired; start again",
+            )));
         };
         let Some(user) = p.user.clone() else {
             return Ok(Err(oauth("access_denied", "not logged in")));
@@ -490,7 +601,11 @@ impl AuthServer {
             if let Some(s) = &p.state {
                 ser.append_pair("state", s);
             }
-            let sep = if p.redirect_uri.contains('?') { '&' } else { '?' };
+            let sep = if p.redirect_uri.contains('?') {
+                '&'
+            } else {
+                '?'
+            };
             format!("{}{sep}{}", p.redirect_uri, ser.finish())
         };
         let granted: Vec<String> = chosen
@@ -499,20 +614,39 @@ impl AuthServer {
             .cloned()
             .collect();
         if granted.is_empty() {
-            return Ok(Ok(redirect(vec![("error", "access_denied".into()), ("error_description", "no scope was approved".into())])));
+            return Ok(Ok(redirect(vec![
+                ("error", "access_denied".into()),
+                ("error_description", "no scope was approved".into()),
+            ])));
         }
-        let wants_patient = granted.iter().any(|s| s == "launch/patient" || s.starts_with("patient/"));
+        let wants_patient = granted
+            .iter()
+            .any(|s| s == "launch/patient" || s.starts_with("patient/"));
         let patient = match (user.role, &p.launch_patient) {
             (Role::Patient, _) => user.patient_id().map(str::to_string),
             (_, Some(l)) => Some(l.clone()),
             _ if wants_patient => match picked_patient.filter(|id| !id.is_empty()) {
                 Some(id) if patient_exists(id) => Some(id.to_string()),
-                _ => return Ok(Ok(redirect(vec![("error", "access_denied".into()), ("error_description", "no (existing) patient was selected".into())]))),
+                _ => {
+                    return Ok(Ok(redirect(vec![
+                        ("error", "access_denied".into()),
+                        (
+                            "error_description",
+                            "no (existing) patient was selected".into(),
+                        ),
+                    ])))
+                }
             },
             _ => None,
         };
         if wants_patient && patient.is_none() {
-            return Ok(Ok(redirect(vec![("error", "access_denied".into()), ("error_description", "this user has no patient record".into())])));
+            return Ok(Ok(redirect(vec![
+                ("error", "access_denied".into()),
+                (
+                    "error_description",
+                    "this user has no patient record".into(),
+                ),
+            ])));
         }
         let code = random_token()?;
         let now = unix_now();
@@ -548,24 +682,40 @@ impl AuthServer {
     // ---- token ----
 
     /// Authenticate the client of a token-endpoint request.
-    fn client_auth(&self, form: &[(String, String)], basic: Option<(String, String)>) -> std::result::Result<Client, OAuthError> {
+    fn client_auth(
+        &self,
+        form: &[(String, String)],
+        basic: Option<(String, String)>,
+    ) -> std::result::Result<Client, OAuthError> {
         let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         if let Some(assertion_type) = get("client_assertion_type") {
             if assertion_type != ASSERTION_TYPE {
-                return Err(oauth("invalid_client", "client_assertion_type must be jwt-bearer"));
+                return Err(oauth(
+                    "invalid_client",
+                    "client_assertion_type must be jwt-bearer",
+                ));
             }
-            let assertion = get("client_assertion").ok_or_else(|| oauth("invalid_client", "client_assertion is missing"))?;
+            let assertion = get("client_assertion")
+                .ok_or_else(|| oauth("invalid_client", "client_assertion is missing"))?;
             return self.verify_assertion(assertion);
         }
         if let Some((id, secret)) = basic {
-            let c = self.directory.client(&id)?.ok_or_else(|| oauth("invalid_client", "unknown client"))?;
+            let c = self
+                .directory
+                .client(&id)?
+                .ok_or_else(|| oauth("invalid_client", "unknown client"))?;
             return match &c.auth {
-                ClientAuth::Symmetric { secret_hash } if verify_secret(&secret, secret_hash) => Ok(c),
+                ClientAuth::Symmetric { secret_hash } if verify_secret(&secret, secret_hash) => {
+                    Ok(c)
+                }
                 _ => Err(oauth("invalid_client", "client authentication failed")),
             };
         }
         let id = get("client_id").ok_or_else(|| oauth("invalid_client", "client_id is missing"))?;
-        let c = self.directory.client(id)?.ok_or_else(|| oauth("invalid_client", "unknown client"))?;
+        let c = self
+            .directory
+            .client(id)?
+            .ok_or_else(|| oauth("invalid_client", "unknown client"))?;
         match c.auth {
             ClientAuth::Public => Ok(c),
             _ => Err(oauth("invalid_client", "this client must authenticate")),
@@ -577,27 +727,54 @@ impl AuthServer {
     fn verify_assertion(&self, assertion: &str) -> std::result::Result<Client, OAuthError> {
         let bad = |m: &str| oauth("invalid_client", format!("client assertion: {m}"));
         let header = josekit::jwt::decode_header(assertion).map_err(|_| bad("not a JWT"))?;
-        let alg = header.claim("alg").and_then(Value::as_str).unwrap_or("").to_string();
-        let kid = header.claim("kid").and_then(Value::as_str).map(str::to_string);
+        let alg = header
+            .claim("alg")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let kid = header
+            .claim("kid")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         // Read iss only to find the client's keys; nothing is trusted before the signature.
         let unverified: Value = assertion
             .split('.')
             .nth(1)
-            .and_then(|p| base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok())
+            .and_then(|p| {
+                base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok()
+            })
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| bad("unreadable claims"))?;
-        let client_id = unverified["iss"].as_str().ok_or_else(|| bad("no iss"))?.to_string();
-        let client = self.directory.client(&client_id)?.ok_or_else(|| bad("unknown client"))?;
+        let client_id = unverified["iss"]
+            .as_str()
+            .ok_or_else(|| bad("no iss"))?
+            .to_string();
+        let client = self
+            .directory
+            .client(&client_id)?
+            .ok_or_else(|| bad("unknown client"))?;
         let ClientAuth::Asymmetric { jwks } = &client.auth else {
             return Err(bad("this client has no registered keys"));
         };
         let keys = jwks["keys"].as_array().cloned().unwrap_or_default();
         let mut claims = None;
-        for k in keys.iter().filter(|k| kid.is_none() || k["kid"].as_str() == kid.as_deref()) {
-            let Ok(jwk) = josekit::jwk::Jwk::from_map(k.as_object().cloned().unwrap_or_default()) else { continue };
+        for k in keys
+            .iter()
+            .filter(|k| kid.is_none() || k["kid"].as_str() == kid.as_deref())
+        {
+            let Ok(jwk) = josekit::jwk::Jwk::from_map(k.as_object().cloned().unwrap_or_default())
+            else {
+                continue;
+            };
             let verified = match alg.as_str() {
-                "RS384" => josekit::jws::RS384.verifier_from_jwk(&jwk).ok().and_then(|v| josekit::jwt::decode_with_verifier(assertion, &v).ok()),
-                "ES384" => josekit::jws::ES384.verifier_from_jwk(&jwk).ok().and_then(|v| josekit::jwt::decode_with_verifier(assertion, &v).ok()),
+                "RS384" => josekit::jws::RS384
+                    .verifier_from_jwk(&jwk)
+                    .ok()
+                    .and_then(|v| josekit::jwt::decode_with_verifier(assertion, &v).ok()),
+                "ES384" => josekit::jws::ES384
+                    .verifier_from_jwk(&jwk)
+                    .ok()
+                    .and_then(|v| josekit::jwt::decode_with_verifier(assertion, &v).ok()),
                 _ => return Err(bad("alg must be RS384 or ES384")),
             };
             if let Some((payload, _)) = verified {
@@ -605,7 +782,8 @@ impl AuthServer {
                 break;
             }
         }
-        let claims = claims.ok_or_else(|| bad("the signature does not verify with the client's keys"))?;
+        let claims =
+            claims.ok_or_else(|| bad("the signature does not verify with the client's keys"))?;
         if claims.get("sub").and_then(Value::as_str) != Some(client_id.as_str()) {
             return Err(bad("sub must equal iss (the client_id)"));
         }
@@ -619,14 +797,20 @@ impl AuthServer {
             return Err(bad("aud must be the token endpoint"));
         }
         let now = unix_now();
-        let exp = claims.get("exp").and_then(Value::as_i64).ok_or_else(|| bad("no exp"))?;
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| bad("no exp"))?;
         if exp <= now {
             return Err(bad("expired"));
         }
         if exp > now + 300 + 60 {
             return Err(bad("exp is more than five minutes ahead"));
         }
-        let jti = claims.get("jti").and_then(Value::as_str).ok_or_else(|| bad("no jti"))?;
+        let jti = claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no jti"))?;
         let mut seen = lock(&self.assertion_jtis);
         seen.retain(|_, e| *e > now);
         let key = format!("{client_id}\0{jti}");
@@ -637,42 +821,75 @@ impl AuthServer {
         Ok(client)
     }
 
-    pub fn token(&self, form: &[(String, String)], basic: Option<(String, String)>) -> std::result::Result<TokenResponse, OAuthError> {
+    pub fn token(
+        &self,
+        form: &[(String, String)],
+        basic: Option<(String, String)>,
+    ) -> std::result::Result<TokenResponse, OAuthError> {
         let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         match get("grant_type") {
             Some("authorization_code") => self.exchange_code(form, basic),
             Some("refresh_token") => self.refresh(form, basic),
             Some("client_credentials") => self.client_credentials(form, basic),
-            Some(other) => Err(oauth("unsupported_grant_type", format!("grant_type {other} is not supported"))),
+            Some(other) => Err(oauth(
+                "unsupported_grant_type",
+                format!("grant_type {other} is not supported"),
+            )),
             None => Err(oauth("invalid_request", "grant_type is missing")),
         }
     }
 
-    fn exchange_code(&self, form: &[(String, String)], basic: Option<(String, String)>) -> std::result::Result<TokenResponse, OAuthError> {
+    fn exchange_code(
+        &self,
+        form: &[(String, String)],
+        basic: Option<(String, String)>,
+    ) -> std::result::Result<TokenResponse, OAuthError> {
         let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         let client = self.client_auth(form, basic)?;
         let code = get("code").ok_or_else(|| oauth("invalid_request", "code is missing"))?;
         let Some(c) = lock(&self.codes).remove(code) else {
-            return Err(oauth("invalid_grant", "the code is unknown, used or expired"));
+            return Err(oauth(
+                "invalid_grant",
+                "the code is unknown, used or expired",
+            ));
         };
         if c.expires <= unix_now() || c.client_id != client.client_id {
-            return Err(oauth("invalid_grant", "the code is unknown, used or expired"));
+            return Err(oauth(
+                "invalid_grant",
+                "the code is unknown, used or expired",
+            ));
         }
         if get("redirect_uri") != Some(c.redirect_uri.as_str()) {
-            return Err(oauth("invalid_grant", "redirect_uri differs from the authorization request"));
+            return Err(oauth(
+                "invalid_grant",
+                "redirect_uri differs from the authorization request",
+            ));
         }
         let verifier = get("code_verifier").unwrap_or("");
         let valid_len = (43..=128).contains(&verifier.len());
         if !valid_len || b64url(&Sha256::digest(verifier.as_bytes())) != c.challenge {
             return Err(oauth("invalid_grant", "PKCE verification failed"));
         }
-        self.issue(&client, &c.sub, &c.scope, c.patient, c.fhir_user, c.nonce, None)
+        self.issue(
+            &client,
+            &c.sub,
+            &c.scope,
+            c.patient,
+            c.fhir_user,
+            c.nonce,
+            None,
+        )
     }
 
-    fn refresh(&self, form: &[(String, String)], basic: Option<(String, String)>) -> std::result::Result<TokenResponse, OAuthError> {
+    fn refresh(
+        &self,
+        form: &[(String, String)],
+        basic: Option<(String, String)>,
+    ) -> std::result::Result<TokenResponse, OAuthError> {
         let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         let client = self.client_auth(form, basic)?;
-        let token = get("refresh_token").ok_or_else(|| oauth("invalid_request", "refresh_token is missing"))?;
+        let token = get("refresh_token")
+            .ok_or_else(|| oauth("invalid_request", "refresh_token is missing"))?;
         let id = sha_hex(token);
         let r = {
             let mut p = self.persisted.write().unwrap_or_else(|e| e.into_inner());
@@ -680,7 +897,10 @@ impl AuthServer {
                 return Err(oauth("invalid_grant", "unknown refresh token"));
             };
             if r.client_id != client.client_id {
-                return Err(oauth("invalid_grant", "the refresh token belongs to another client"));
+                return Err(oauth(
+                    "invalid_grant",
+                    "the refresh token belongs to another client",
+                ));
             }
             if r.spent || p.revoked_families.contains(&r.family) || r.expires <= unix_now() {
                 if r.spent && !p.revoked_families.contains(&r.family) {
@@ -689,7 +909,10 @@ impl AuthServer {
                     p.revoked_families.push(r.family.clone());
                     self.save(&p)?;
                 }
-                return Err(oauth("invalid_grant", "the refresh token was used, revoked or has expired"));
+                return Err(oauth(
+                    "invalid_grant",
+                    "the refresh token was used, revoked or has expired",
+                ));
             }
             // A refused request spends nothing: check the scope before rotating.
             let scope = match get("scope") {
@@ -698,7 +921,10 @@ impl AuthServer {
                     let original = split(&r.scope);
                     let asked = split(s);
                     if asked.is_empty() || asked.iter().any(|a| !covered(a, &original)) {
-                        return Err(oauth("invalid_scope", "a refresh may only narrow the granted scope"));
+                        return Err(oauth(
+                            "invalid_scope",
+                            "a refresh may only narrow the granted scope",
+                        ));
                     }
                     asked.join(" ")
                 }
@@ -708,20 +934,41 @@ impl AuthServer {
             (r, scope)
         };
         let (r, scope) = r;
-        self.issue(&client, &r.sub, &scope, r.patient, r.fhir_user, None, Some(r.family))
+        self.issue(
+            &client,
+            &r.sub,
+            &scope,
+            r.patient,
+            r.fhir_user,
+            None,
+            Some(r.family),
+        )
     }
 
-    fn client_credentials(&self, form: &[(String, String)], basic: Option<(String, String)>) -> std::result::Result<TokenResponse, OAuthError> {
+    fn client_credentials(
+        &self,
+        form: &[(String, String)],
+        basic: Option<(String, String)>,
+    ) -> std::result::Result<TokenResponse, OAuthError> {
         let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         if get("client_assertion_type").is_none() {
-            return Err(oauth("invalid_client", "backend services authenticate with private_key_jwt"));
+            return Err(oauth(
+                "invalid_client",
+                "backend services authenticate with private_key_jwt",
+            ));
         }
         let client = self.client_auth(form, basic)?;
         let allowed = split(&client.scope);
         let asked = split(get("scope").unwrap_or(""));
-        let granted: Vec<String> = asked.into_iter().filter(|s| s.starts_with("system/") && covered(s, &allowed)).collect();
+        let granted: Vec<String> = asked
+            .into_iter()
+            .filter(|s| s.starts_with("system/") && covered(s, &allowed))
+            .collect();
         if granted.is_empty() {
-            return Err(oauth("invalid_scope", "ask for system/ scopes this client is registered for"));
+            return Err(oauth(
+                "invalid_scope",
+                "ask for system/ scopes this client is registered for",
+            ));
         }
         let mut claims = Map::new();
         claims.insert("iss".into(), json!(self.base));
@@ -775,7 +1022,10 @@ impl AuthServer {
             body["patient"] = json!(p);
             body["need_patient_banner"] = json!(true);
         }
-        if granted.iter().any(|s| s == "offline_access" || s == "online_access") {
+        if granted
+            .iter()
+            .any(|s| s == "offline_access" || s == "online_access")
+        {
             let token = random_token()?;
             let mut p = self.persisted.write().unwrap_or_else(|e| e.into_inner());
             let now = unix_now();
@@ -821,7 +1071,12 @@ impl AuthServer {
     pub fn grant(&self, token: &str) -> std::result::Result<std::sync::Arc<Grant>, String> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = unix_now();
-        let cached = self.verified.read().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned();
+        let cached = self
+            .verified
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&digest)
+            .cloned();
         let (grant, exp) = match cached {
             Some(hit) => hit,
             None => {
@@ -838,7 +1093,13 @@ impl AuthServer {
         if exp <= now {
             return Err("the token has expired".into());
         }
-        if self.persisted.read().unwrap_or_else(|e| e.into_inner()).revoked.contains_key(&grant.jti) {
+        if self
+            .persisted
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .revoked
+            .contains_key(&grant.jti)
+        {
             return Err("the token was revoked".into());
         }
         Ok(grant)
@@ -849,7 +1110,11 @@ impl AuthServer {
         let claims = self.key.verify(token)?;
         let exp = claims
             .get("exp")
-            .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)).or_else(|| v.as_str()?.parse().ok()))
+            .and_then(|v| {
+                v.as_i64()
+                    .or_else(|| v.as_f64().map(|f| f as i64))
+                    .or_else(|| v.as_str()?.parse().ok())
+            })
             .ok_or("the token has no expiry")?;
         let s = |k: &str| claims.get(k).and_then(Value::as_str);
         if s("iss") != Some(self.base.as_str()) {
@@ -864,7 +1129,11 @@ impl AuthServer {
             return Err("the token is not meant for this server (aud)".into());
         }
         let jti = s("jti").ok_or("the token has no jti")?;
-        let fhir_user = s("fhirUser").map(|f| f.strip_prefix(&format!("{}/", self.base)).unwrap_or(f).to_string());
+        let fhir_user = s("fhirUser").map(|f| {
+            f.strip_prefix(&format!("{}/", self.base))
+                .unwrap_or(f)
+                .to_string()
+        });
         let grant = Grant::new(
             s("client_id").unwrap_or(""),
             s("sub").unwrap_or(""),
@@ -877,14 +1146,26 @@ impl AuthServer {
     }
 
     /// RFC 7662. The caller must be an authenticated client or hold a valid token.
-    pub fn introspect(&self, form: &[(String, String)], basic: Option<(String, String)>, bearer: Option<&str>) -> std::result::Result<Value, OAuthError> {
+    pub fn introspect(
+        &self,
+        form: &[(String, String)],
+        basic: Option<(String, String)>,
+        bearer: Option<&str>,
+    ) -> std::result::Result<Value, OAuthError> {
         let caller_ok = bearer.is_some_and(|b| self.grant(b).is_ok())
             || (basic.is_some() || form.iter().any(|(k, _)| k == "client_assertion_type"))
                 && self.client_auth(form, basic).is_ok();
         if !caller_ok {
-            return Err(oauth("invalid_client", "introspection needs client authentication or a bearer token"));
+            return Err(oauth(
+                "invalid_client",
+                "introspection needs client authentication or a bearer token",
+            ));
         }
-        let token = form.iter().find(|(k, _)| k == "token").map(|(_, v)| v.as_str()).unwrap_or("");
+        let token = form
+            .iter()
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
         let Ok(claims) = self.key.verify(token) else {
             return Ok(json!({"active": false}));
         };
@@ -912,9 +1193,17 @@ impl AuthServer {
     }
 
     /// RFC 7009: revoke an access token (by jti) or a refresh token (and its family).
-    pub fn revoke(&self, form: &[(String, String)], basic: Option<(String, String)>) -> std::result::Result<(), OAuthError> {
+    pub fn revoke(
+        &self,
+        form: &[(String, String)],
+        basic: Option<(String, String)>,
+    ) -> std::result::Result<(), OAuthError> {
         let client = self.client_auth(form, basic)?;
-        let token = form.iter().find(|(k, _)| k == "token").map(|(_, v)| v.as_str()).unwrap_or("");
+        let token = form
+            .iter()
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
         let mut p = self.persisted.write().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = p.refresh.get(&sha_hex(token)).cloned() {
             if r.client_id == client.client_id && !p.revoked_families.contains(&r.family) {
@@ -924,9 +1213,13 @@ impl AuthServer {
             return Ok(());
         }
         if let Ok(claims) = self.key.verify(token) {
-            let same_client = claims.get("client_id").and_then(Value::as_str) == Some(client.client_id.as_str());
+            let same_client =
+                claims.get("client_id").and_then(Value::as_str) == Some(client.client_id.as_str());
             if let (true, Some(jti)) = (same_client, claims.get("jti").and_then(Value::as_str)) {
-                let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(unix_now() + 3600);
+                let exp = claims
+                    .get("exp")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(unix_now() + 3600);
                 p.revoked.insert(jti.to_string(), exp);
                 self.save(&p)?;
             }

@@ -102,7 +102,10 @@ impl SigningKey {
             Some(_) => return Err("the token has expired".into()),
             None => return Err("the token has no expiry".into()),
         }
-        if payload.not_before().is_some_and(|nbf| nbf > now + Duration::from_secs(60)) {
+        if payload
+            .not_before()
+            .is_some_and(|nbf| nbf > now + Duration::from_secs(60))
+        {
             return Err("the token is not valid yet".into());
         }
         Ok(payload.claims_set().clone())
@@ -144,7 +147,9 @@ mod tests {
         assert!(key.verify(&forged).is_err());
         // A changed payload.
         let other = super::super::b64url(br#"{"sub":"mallory","exp":99999999999}"#);
-        assert!(key.verify(&format!("{}.{other}.{}", parts[0], parts[2])).is_err());
+        assert!(key
+            .verify(&format!("{}.{other}.{}", parts[0], parts[2]))
+            .is_err());
         // Expired.
         let mut c = Map::new();
         c.insert("sub".into(), json!("alice"));

@@ -140,12 +140,15 @@ pub fn covered(asked: &str, allowed: &[String]) -> bool {
     let Some(a) = parse_resource_scope(asked) else {
         return false;
     };
-    allowed.iter().filter_map(|s| parse_resource_scope(s)).any(|al| {
-        al.context == a.context
-            && (al.rtype.is_none() || al.rtype == a.rtype)
-            && a.perms.iter().all(|p| al.perms.contains(p))
-            && (al.query.is_empty() || al.query == a.query)
-    })
+    allowed
+        .iter()
+        .filter_map(|s| parse_resource_scope(s))
+        .any(|al| {
+            al.context == a.context
+                && (al.rtype.is_none() || al.rtype == a.rtype)
+                && a.perms.iter().all(|p| al.perms.contains(p))
+                && (al.query.is_empty() || al.query == a.query)
+        })
 }
 
 /// Render a permission set the v2 way (for messages).
@@ -164,16 +167,40 @@ mod tests {
     #[test]
     fn v1_and_v2_scopes_parse_to_permissions() {
         let s = parse_resource_scope("patient/Patient.read").unwrap();
-        assert_eq!((s.context, s.rtype, s.perms.clone()), (Context::Patient, Some(ResourceType::Patient), vec![Perm::R, Perm::S]));
+        assert_eq!(
+            (s.context, s.rtype, s.perms.clone()),
+            (
+                Context::Patient,
+                Some(ResourceType::Patient),
+                vec![Perm::R, Perm::S]
+            )
+        );
         let s = parse_resource_scope("user/*.write").unwrap();
-        assert_eq!((s.rtype, s.perms.clone()), (None, vec![Perm::C, Perm::U, Perm::D]));
+        assert_eq!(
+            (s.rtype, s.perms.clone()),
+            (None, vec![Perm::C, Perm::U, Perm::D])
+        );
         let s = parse_resource_scope("system/*.cruds").unwrap();
         assert_eq!(s.perms.len(), 5);
-        let s = parse_resource_scope("user/DocumentReference.rs?category=http://loinc.org|11488-4").unwrap();
-        assert_eq!(s.query, vec![("category".to_string(), "http://loinc.org|11488-4".to_string())]);
+        let s = parse_resource_scope("user/DocumentReference.rs?category=http://loinc.org|11488-4")
+            .unwrap();
+        assert_eq!(
+            s.query,
+            vec![(
+                "category".to_string(),
+                "http://loinc.org|11488-4".to_string()
+            )]
+        );
         assert!(s.allows(ResourceType::DocumentReference, Perm::S));
         assert!(!s.allows(ResourceType::DocumentReference, Perm::C));
-        for bad in ["patient/Patient.dus", "patient/Patient.", "patient/Observation.rs", "other/Patient.rs", "patient/Patient.rx", "Patient.rs"] {
+        for bad in [
+            "patient/Patient.dus",
+            "patient/Patient.",
+            "patient/Observation.rs",
+            "other/Patient.rs",
+            "patient/Patient.rx",
+            "Patient.rs",
+        ] {
             assert!(parse_resource_scope(bad).is_none(), "{bad}");
         }
     }

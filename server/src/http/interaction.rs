@@ -8,6 +8,9 @@ use super::negotiate::ReturnPreference;
 use super::{
     bundle, capability, Body, FhirRequest, FhirResponse, Method as HttpMethod, ResponseBody, Route,
 };
+use crate::auth::access;
+use crate::auth::scopes::Perm;
+use crate::auth::Grant;
 use crate::error::{operation_outcome, Error, Issue, Result};
 use crate::fhir::{check_id, format_instant, new_id, ResourceType};
 use crate::search::exec;
@@ -15,9 +18,6 @@ use crate::search::query::{self, SearchQuery, Summary, Total};
 use crate::search::value::parse_date_range;
 use crate::store::txlog::{Applied, Change, Committed, OnMatch, Outcome};
 use crate::store::{Method, Version};
-use crate::auth::access;
-use crate::auth::scopes::Perm;
-use crate::auth::Grant;
 use crate::Service;
 
 /// Every FHIR interaction passes here: the token's grant is required (except for the
@@ -73,7 +73,12 @@ async fn current_resource(svc: &Service, t: ResourceType, id: &str) -> Result<Op
 
 /// May this grant perform this interaction (with this body)? Resource-level checks apply to
 /// the incoming resource and, for updates and deletes, to the one it replaces.
-pub async fn permit(svc: &Service, grant: &Grant, route: &Route, body: Option<&Value>) -> Result<()> {
+pub async fn permit(
+    svc: &Service,
+    grant: &Grant,
+    route: &Route,
+    body: Option<&Value>,
+) -> Result<()> {
     use access::{check_resource, require_all_types, restriction, Restriction};
     use Perm::*;
     let (reg, base) = (&svc.registry, svc.config.base_url.as_str());
@@ -147,7 +152,12 @@ pub async fn permit(svc: &Service, grant: &Grant, route: &Route, body: Option<&V
 /// What a restricted grant may see of a response: a single resource must be inside the
 /// restriction; Bundle entries outside it are dropped (search matches are already narrowed
 /// in the query; this catches history versions and `_include`/`_revinclude` results).
-fn filter_response(svc: &Service, grant: &Grant, route: &Route, mut resp: FhirResponse) -> Result<FhirResponse> {
+fn filter_response(
+    svc: &Service,
+    grant: &Grant,
+    route: &Route,
+    mut resp: FhirResponse,
+) -> Result<FhirResponse> {
     use access::{restriction, visible, Restriction};
     let (reg, base) = (&svc.registry, svc.config.base_url.as_str());
     match route {
@@ -155,7 +165,8 @@ fn filter_response(svc: &Service, grant: &Grant, route: &Route, mut resp: FhirRe
         // to read that one too.
         Route::Read(t, _) | Route::VRead(t, ..) | Route::Create(t) => {
             let created = matches!(route, Route::Create(_)) && resp.status == StatusCode::CREATED;
-            if created || restriction(grant, *t, Perm::R).is_ok_and(|r| r == Restriction::default()) {
+            if created || restriction(grant, *t, Perm::R).is_ok_and(|r| r == Restriction::default())
+            {
                 return Ok(resp);
             }
             let resource: Option<Value> = match &resp.body {
@@ -168,16 +179,26 @@ fn filter_response(svc: &Service, grant: &Grant, route: &Route, mut resp: FhirRe
             }
             Ok(resp)
         }
-        Route::InstanceHistory(..) | Route::Search(_) | Route::SearchPost(_) | Route::PatientCompartment(..) => {
+        Route::InstanceHistory(..)
+        | Route::Search(_)
+        | Route::SearchPost(_)
+        | Route::PatientCompartment(..) => {
             if let ResponseBody::Json(bundle) = &mut resp.body {
                 if let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
                     let mut keep = Vec::with_capacity(entries.len());
                     for e in entries.drain(..) {
-                        let Some(t) = e["resource"]["resourceType"].as_str().and_then(|t| t.parse::<ResourceType>().ok()) else {
+                        let Some(t) = e["resource"]["resourceType"]
+                            .as_str()
+                            .and_then(|t| t.parse::<ResourceType>().ok())
+                        else {
                             keep.push(e); // OperationOutcome entries, deleted versions
                             continue;
                         };
-                        let perm = if e["search"]["mode"] == "match" { Perm::S } else { Perm::R };
+                        let perm = if e["search"]["mode"] == "match" {
+                            Perm::S
+                        } else {
+                            Perm::R
+                        };
                         let ok = match restriction(grant, t, perm) {
                             Ok(r) => visible(reg, base, t, &e["resource"], &r)?,
                             Err(_) => false,
@@ -254,8 +275,14 @@ async fn run(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
         Route::ValidateType(t) => validate_operation(svc, t, None, &req.body),
         Route::ValidateInstance(t, id) => validate_operation(svc, t, Some(&id), &req.body),
         Route::Verify(t, id, v) => verify(svc, t, &id, v),
-        Route::LedgerHead => Ok(FhirResponse::json(StatusCode::OK, crate::ledger::views::head(svc)?)),
-        Route::LedgerBlock(seq) => Ok(FhirResponse::json(StatusCode::OK, crate::ledger::views::block(svc, seq)?)),
+        Route::LedgerHead => Ok(FhirResponse::json(
+            StatusCode::OK,
+            crate::ledger::views::head(svc)?,
+        )),
+        Route::LedgerBlock(seq) => Ok(FhirResponse::json(
+            StatusCode::OK,
+            crate::ledger::views::block(svc, seq)?,
+        )),
     }
 }
 
@@ -308,7 +335,10 @@ async fn instance_history(
     }
     let mut versions = Vec::new();
     let mut next = None;
-    for (ver, _) in records.into_iter().filter(|(v, _)| before.is_none_or(|b| *v < b)) {
+    for (ver, _) in records
+        .into_iter()
+        .filter(|(v, _)| before.is_none_or(|b| *v < b))
+    {
         let v = match remote_version(svc, t, id, ver).await? {
             Some(v) => v,
             None => match svc.store.version(t, id, ver)? {
@@ -334,7 +364,12 @@ fn me(svc: &Service) -> u32 {
 }
 
 /// A version held by another organization, fetched from it and checked against the ledger.
-async fn remote_version(svc: &Service, t: ResourceType, id: &str, version: u64) -> Result<Option<Version>> {
+async fn remote_version(
+    svc: &Service,
+    t: ResourceType,
+    id: &str,
+    version: u64,
+) -> Result<Option<Version>> {
     let Some(rec) = svc.store.ledger_record(t, id, version)? else {
         return Ok(None);
     };
@@ -413,7 +448,13 @@ async fn vread(svc: &Service, t: ResourceType, id: &str, version: u64) -> Result
 }
 
 /// Node-to-node release of a version this node holds (see `ledger::peer`).
-fn node_version(svc: &Service, t: ResourceType, id: &str, version: u64, creds: Option<&str>) -> Result<FhirResponse> {
+fn node_version(
+    svc: &Service,
+    t: ResourceType,
+    id: &str,
+    version: u64,
+    creds: Option<&str>,
+) -> Result<FhirResponse> {
     let path = crate::ledger::peer::resource_path(t, id, version);
     let from = crate::ledger::peer::check_request(&svc.replica, creds, &path)?;
     let v = svc
@@ -421,15 +462,23 @@ fn node_version(svc: &Service, t: ResourceType, id: &str, version: u64, creds: O
         .version(t, id, version)?
         .ok_or_else(|| Error::NotFound(format!("{t}/{id} has no version {version} here")))?;
     if v.deleted {
-        return Err(Error::Gone { rtype: t.to_string(), id: id.to_string(), version });
+        return Err(Error::Gone {
+            rtype: t.to_string(),
+            id: id.to_string(),
+            version,
+        });
     }
     let salt = svc
         .store
         .salt(t, id, version)?
         .ok_or_else(|| Error::Integrity(format!("{path} has no salt")))?;
-    let resource: Value = serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
+    let resource: Value =
+        serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
     tracing::info!(to = from, resource = %path, "released a version to another replica");
-    Ok(FhirResponse::json(StatusCode::OK, crate::ledger::peer::release(resource, &salt)))
+    Ok(FhirResponse::json(
+        StatusCode::OK,
+        crate::ledger::peer::release(resource, &salt),
+    ))
 }
 
 /// `$verify`: the receipt proving a version against the consortium's signatures.
@@ -930,7 +979,8 @@ async fn search(
             .into_iter()
             .map(|m| Issue::warning("incomplete", format!("results are incomplete: {m}")))
             .collect();
-        entries.push(json!({"resource": operation_outcome(&issues), "search": {"mode": "outcome"}}));
+        entries
+            .push(json!({"resource": operation_outcome(&issues), "search": {"mode": "outcome"}}));
     }
     if !q.ignored.is_empty() {
         let oo = operation_outcome(&[Issue::warning(

@@ -4,8 +4,8 @@
 pub mod bundle;
 pub mod capability;
 pub mod interaction;
-pub mod oauth;
 pub mod negotiate;
+pub mod oauth;
 
 use std::sync::Arc;
 

@@ -27,7 +27,10 @@ fn oauth_error(e: &OAuthError) -> HttpResponse {
     } else {
         StatusCode::BAD_REQUEST
     };
-    json_response(status, &json!({"error": e.error, "error_description": e.description}))
+    json_response(
+        status,
+        &json!({"error": e.error, "error_description": e.description}),
+    )
 }
 
 fn escape(s: &str) -> String {
@@ -85,7 +88,9 @@ fn basic_auth(req: &HttpRequest) -> Option<(String, String)> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
-    let decoded = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (id, secret) = text.split_once(':')?;
     let unescape = |s: &str| {
@@ -110,7 +115,11 @@ pub async fn jwks(svc: web::Data<Service>) -> HttpResponse {
 }
 
 /// GET (query) or POST (form), per SMART's `authorize-post`.
-pub async fn authorize(req: HttpRequest, body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
+pub async fn authorize(
+    req: HttpRequest,
+    body: web::Bytes,
+    svc: web::Data<Service>,
+) -> HttpResponse {
     let params = if req.method() == actix_web::http::Method::POST {
         form_pairs(&body)
     } else {
@@ -120,8 +129,16 @@ pub async fn authorize(req: HttpRequest, body: web::Bytes, svc: web::Data<Servic
         Err(e) => oauth_error(&OAuthError::from(e)),
         Ok(Authorize::Refuse(e)) => HttpResponse::BadRequest()
             .content_type("text/html; charset=utf-8")
-            .body(format!("<!doctype html><p>Authorization refused: {} ({})</p>", escape(&e.description), e.error)),
-        Ok(Authorize::RedirectError { redirect_uri, state, error }) => {
+            .body(format!(
+                "<!doctype html><p>Authorization refused: {} ({})</p>",
+                escape(&e.description),
+                e.error
+            )),
+        Ok(Authorize::RedirectError {
+            redirect_uri,
+            state,
+            error,
+        }) => {
             let mut ser = form_urlencoded::Serializer::new(String::new());
             ser.append_pair("error", error.error);
             ser.append_pair("error_description", &error.description);
@@ -148,9 +165,21 @@ pub async fn login(body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
     );
     match result {
         Err(e) => oauth_error(&OAuthError::from(e)),
-        Ok(Login::Expired) => page("Sign in", "<p>This sign-in has expired. Start again from the app.</p>"),
-        Ok(Login::Retry { txn, client, message }) => login_page(&svc, &txn, &client, Some(&message)),
-        Ok(Login::Approve { txn, client, offered, pick_patient }) => {
+        Ok(Login::Expired) => page(
+            "Sign in",
+            "<p>This sign-in has expired. Start again from the app.</p>",
+        ),
+        Ok(Login::Retry {
+            txn,
+            client,
+            message,
+        }) => login_page(&svc, &txn, &client, Some(&message)),
+        Ok(Login::Approve {
+            txn,
+            client,
+            offered,
+            pick_patient,
+        }) => {
             let boxes: String = offered
                 .iter()
                 .map(|s| {
@@ -187,7 +216,10 @@ pub async fn approve(body: web::Bytes, svc: web::Data<Service>) -> HttpResponse 
     let chosen: Vec<String> = if get(&form, "decision") == Some("deny") {
         Vec::new()
     } else {
-        form.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.clone()).collect()
+        form.iter()
+            .filter(|(k, _)| k == "scope")
+            .map(|(_, v)| v.clone())
+            .collect()
     };
     let store = svc.store.clone();
     let exists = move |id: &str| {
@@ -198,10 +230,18 @@ pub async fn approve(body: web::Bytes, svc: web::Data<Service>) -> HttpResponse 
                 .flatten()
                 .is_some_and(|h| !h.deleted)
     };
-    match svc.auth.approve(txn, &chosen, get(&form, "patient"), exists) {
+    match svc
+        .auth
+        .approve(txn, &chosen, get(&form, "patient"), exists)
+    {
         Err(e) => oauth_error(&OAuthError::from(e)),
-        Ok(Err(e)) => page("Authorization", &format!("<p>{}</p>", escape(&e.description))),
-        Ok(Ok(location)) => HttpResponse::Found().insert_header(("Location", location)).finish(),
+        Ok(Err(e)) => page(
+            "Authorization",
+            &format!("<p>{}</p>", escape(&e.description)),
+        ),
+        Ok(Ok(location)) => HttpResponse::Found()
+            .insert_header(("Location", location))
+            .finish(),
     }
 }
 
@@ -212,9 +252,16 @@ pub async fn token(req: HttpRequest, body: web::Bytes, svc: web::Data<Service>) 
     }
 }
 
-pub async fn introspect(req: HttpRequest, body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
+pub async fn introspect(
+    req: HttpRequest,
+    body: web::Bytes,
+    svc: web::Data<Service>,
+) -> HttpResponse {
     let bearer = super::bearer(&req);
-    match svc.auth.introspect(&form_pairs(&body), basic_auth(&req), bearer.as_deref()) {
+    match svc
+        .auth
+        .introspect(&form_pairs(&body), basic_auth(&req), bearer.as_deref())
+    {
         Ok(v) => json_response(StatusCode::OK, &v),
         Err(e) => oauth_error(&e),
     }
@@ -232,7 +279,10 @@ pub async fn register(req: HttpRequest, body: web::Bytes, svc: web::Data<Service
     let meta: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            return json_response(StatusCode::BAD_REQUEST, &json!({"error": "invalid_client_metadata", "error_description": format!("not JSON: {e}")}))
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": "invalid_client_metadata", "error_description": format!("not JSON: {e}")}),
+            )
         }
     };
     match svc.auth.register(super::bearer(&req).as_deref(), &meta) {
@@ -248,17 +298,29 @@ pub async fn register(req: HttpRequest, body: web::Bytes, svc: web::Data<Service
 /// Answers the `launch` value and the URL to hand the app (`iss` + `launch`).
 pub async fn launch(req: HttpRequest, body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
     let denied = |status: StatusCode, m: &str| {
-        json_response(status, &json!({"error": "access_denied", "error_description": m}))
+        json_response(
+            status,
+            &json!({"error": "access_denied", "error_description": m}),
+        )
     };
     let Some(grant) = super::bearer(&req).and_then(|t| svc.auth.grant(&t).ok()) else {
-        return denied(StatusCode::UNAUTHORIZED, "an EHR launch needs a valid access token");
+        return denied(
+            StatusCode::UNAUTHORIZED,
+            "an EHR launch needs a valid access token",
+        );
     };
     let ehr = grant.scopes.iter().any(|s| {
         s.context != crate::auth::scopes::Context::Patient
-            && s.allows(crate::fhir::ResourceType::Patient, crate::auth::scopes::Perm::R)
+            && s.allows(
+                crate::fhir::ResourceType::Patient,
+                crate::auth::scopes::Perm::R,
+            )
     });
     if !ehr {
-        return denied(StatusCode::FORBIDDEN, "an EHR launch needs user/ or system/ read access to Patient");
+        return denied(
+            StatusCode::FORBIDDEN,
+            "an EHR launch needs user/ or system/ read access to Patient",
+        );
     }
     let form = form_pairs(&body);
     let Some(patient) = get(&form, "patient").filter(|p| crate::fhir::is_valid_id(p)) else {

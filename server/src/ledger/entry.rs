@@ -107,8 +107,12 @@ pub fn open_sealed_all(
     trusted: impl Fn(usize) -> bool,
 ) -> Vec<Option<LedgerEntry>> {
     let mut out: Vec<Option<LedgerEntry>> = Vec::with_capacity(entries.len());
-    let mut checks: Vec<(usize, Vec<u8>, ed25519_dalek::Signature, ed25519_dalek::VerifyingKey)> =
-        Vec::new();
+    let mut checks: Vec<(
+        usize,
+        Vec<u8>,
+        ed25519_dalek::Signature,
+        ed25519_dalek::VerifyingKey,
+    )> = Vec::new();
     for (i, bytes) in entries.iter().enumerate() {
         let (Some(sig), Some(json)) = (bytes.get(..64), bytes.get(64..)) else {
             out.push(None);
@@ -116,7 +120,9 @@ pub fn open_sealed_all(
         };
         let entry = LedgerEntry::decode(json);
         if !trusted(i) {
-            let key = entry.as_ref().and_then(|e| members.keys.get(e.holder as usize));
+            let key = entry
+                .as_ref()
+                .and_then(|e| members.keys.get(e.holder as usize));
             let sig = ed25519_dalek::Signature::from_slice(sig).ok();
             match (key, sig) {
                 (Some(k), Some(s)) => {
@@ -229,16 +235,19 @@ mod tests {
     fn the_canonical_form_ignores_key_order_and_whitespace_but_keeps_number_text() {
         let a: Value =
             serde_json::from_str(r#"{"b": 1.50, "a": ["x", {"d": true, "c": null}]}"#).unwrap();
-        let b: Value =
-            serde_json::from_str(r#"{"a":["x",{"c":null,"d":true}],"b":1.50}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"a":["x",{"c":null,"d":true}],"b":1.50}"#).unwrap();
         assert_eq!(canonical_json(&a), canonical_json(&b));
         assert_eq!(
             String::from_utf8(canonical_json(&a)).unwrap(),
             r#"{"a":["x",{"c":null,"d":true}],"b":1.50}"#
         );
-        let c: Value = serde_json::from_str(r#"{"b": 1.5, "a": ["x", {"d": true, "c": null}]}"#)
-            .unwrap();
-        assert_ne!(canonical_json(&a), canonical_json(&c), "1.50 is not 1.5 in FHIR");
+        let c: Value =
+            serde_json::from_str(r#"{"b": 1.5, "a": ["x", {"d": true, "c": null}]}"#).unwrap();
+        assert_ne!(
+            canonical_json(&a),
+            canonical_json(&c),
+            "1.50 is not 1.5 in FHIR"
+        );
     }
 
     #[test]
@@ -279,10 +288,14 @@ mod tests {
 
         let k0 = ledger::core::test_key(3, 0);
         let k1 = ledger::core::test_key(3, 1);
-        let m = ledger::core::Membership::new("chain", vec![k0.verifying_key(), k1.verifying_key()]);
+        let m =
+            ledger::core::Membership::new("chain", vec![k0.verifying_key(), k1.verifying_key()]);
         let mut by1 = e.clone();
         by1.holder = 1;
-        assert_eq!(open_sealed(&seal(&by1, "chain", &k1), &m), Some(by1.clone()));
+        assert_eq!(
+            open_sealed(&seal(&by1, "chain", &k1), &m),
+            Some(by1.clone())
+        );
         // Signed by replica 0 in replica 1's name, for another chain, or altered: refused.
         assert_eq!(open_sealed(&seal(&by1, "chain", &k0), &m), None);
         assert_eq!(open_sealed(&seal(&by1, "other", &k1), &m), None);
@@ -293,7 +306,11 @@ mod tests {
         // In a batch, only the forged one is refused; a trusted one is not checked.
         let good = seal(&by1, "chain", &k1);
         let forged = seal(&by1, "chain", &k0);
-        let all = open_sealed_all(&[good.clone(), forged.clone(), good, b"x".to_vec()], &m, |_| false);
+        let all = open_sealed_all(
+            &[good.clone(), forged.clone(), good, b"x".to_vec()],
+            &m,
+            |_| false,
+        );
         assert_eq!(all, vec![Some(by1.clone()), None, Some(by1.clone()), None]);
         let trusted = open_sealed_all(&[forged], &m, |_| true);
         assert_eq!(trusted, vec![Some(by1)]);

@@ -114,7 +114,11 @@ impl RecordRef {
         let record = take_u32(b)?;
         let holder = take_u32(b)?;
         let deleted = *take(b, 1)?.first()? != 0;
-        let commitment = if b.is_empty() { None } else { Some(take_32(b)?) };
+        let commitment = if b.is_empty() {
+            None
+        } else {
+            Some(take_32(b)?)
+        };
         Some(RecordRef {
             seq,
             entry,

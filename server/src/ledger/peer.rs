@@ -88,9 +88,7 @@ pub fn release(resource: serde_json::Value, salt: &[u8; 32]) -> serde_json::Valu
 
 fn parse_release(v: &serde_json::Value) -> Option<([u8; 32], serde_json::Value)> {
     let params = v["parameter"].as_array()?;
-    let salt = params
-        .iter()
-        .find(|p| p["name"] == "salt")?["valueBase64Binary"]
+    let salt = params.iter().find(|p| p["name"] == "salt")?["valueBase64Binary"]
         .as_str()
         .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())?
         .try_into()
@@ -138,9 +136,9 @@ pub async fn fetch(
     let (salt, resource) = parse_release(&released)
         .ok_or_else(|| unavailable("sent an answer without salt and resource".into()))?;
     let body = serde_json::to_vec(&resource).map_err(|e| Error::Internal(e.to_string()))?;
-    let matches = rec.commitment.is_some_and(|c| {
-        commitment_of_stored(&salt, &body).is_ok_and(|got| got == c)
-    });
+    let matches = rec
+        .commitment
+        .is_some_and(|c| commitment_of_stored(&salt, &body).is_ok_and(|got| got == c));
     if !matches {
         tracing::error!(
             target: "fhirmament::integrity",
@@ -168,7 +166,11 @@ pub async fn fetch(
         tx: 0,
         last_updated: meta_ts,
         deleted: false,
-        method: if version == 1 { Method::Post } else { Method::Put },
+        method: if version == 1 {
+            Method::Post
+        } else {
+            Method::Put
+        },
         body: body.to_vec().into(),
     })
 }

@@ -34,17 +34,27 @@ fn param(name: &str, kind: &str, value: Value) -> Value {
 
 /// The receipt for a stored version (`$verify`): the ledger evidence, and whether the bytes
 /// this node stores still match it. Tampered bytes are reported, never included.
-pub fn build(store: &Store, chain_id: &str, rtype: ResourceType, id: &str, version: u64) -> Result<Value> {
+pub fn build(
+    store: &Store,
+    chain_id: &str,
+    rtype: ResourceType,
+    id: &str,
+    version: u64,
+) -> Result<Value> {
     let rec = store.ledger_record(rtype, id, version)?.ok_or_else(|| {
-        Error::NotFound(format!("{rtype}/{id}/_history/{version} has no ledger record"))
+        Error::NotFound(format!(
+            "{rtype}/{id}/_history/{version} has no ledger record"
+        ))
     })?;
     let block = store
         .ledger_block(rec.seq)?
         .ok_or_else(|| Error::Storage(format!("ledger block {} is missing", rec.seq)))?;
-    let entry = block
-        .entries
-        .get(rec.entry as usize)
-        .ok_or_else(|| Error::Storage(format!("ledger block {} lacks entry {}", rec.seq, rec.entry)))?;
+    let entry = block.entries.get(rec.entry as usize).ok_or_else(|| {
+        Error::Storage(format!(
+            "ledger block {} lacks entry {}",
+            rec.seq, rec.entry
+        ))
+    })?;
     let refs: Vec<&[u8]> = block.entries.iter().map(Vec::as_slice).collect();
     let entry_proof = merkle::inclusion_proof(&refs, rec.entry as usize).unwrap_or_default();
     let mut params = vec![
@@ -54,12 +64,20 @@ pub fn build(store: &Store, chain_id: &str, rtype: ResourceType, id: &str, versi
         param("entryIndex", "valueUnsignedInt", json!(rec.entry)),
         param("recordIndex", "valueUnsignedInt", json!(rec.record)),
         param("batchSize", "valueUnsignedInt", json!(block.entries.len())),
-        param("batchTimestamp", "valueString", json!(block.timestamp.to_string())),
+        param(
+            "batchTimestamp",
+            "valueString",
+            json!(block.timestamp.to_string()),
+        ),
         param("batchRoot", "valueString", json!(hex(&merkle::root(&refs)))),
         param("prevRoot", "valueString", json!(hex(&block.prev_root))),
     ];
     if !entry_proof.is_empty() {
-        params.push(param("entryProof", "valueString", json!(hex_list(&entry_proof))));
+        params.push(param(
+            "entryProof",
+            "valueString",
+            json!(hex_list(&entry_proof)),
+        ));
     }
     if !block.certificate.is_empty() {
         params.push(param(
@@ -75,7 +93,11 @@ pub fn build(store: &Store, chain_id: &str, rtype: ResourceType, id: &str, versi
         let mut parts = vec![
             param("sequence", "valueString", json!(cp.seq.to_string())),
             param("root", "valueString", json!(hex(&cp.root))),
-            param("proof", "valueBase64Binary", json!(B64.encode(encode_signed_list(&cp.proof)))),
+            param(
+                "proof",
+                "valueBase64Binary",
+                json!(B64.encode(encode_signed_list(&cp.proof))),
+            ),
         ];
         if !proof.is_empty() {
             parts.push(param("blockProof", "valueString", json!(hex_list(&proof))));
@@ -95,15 +117,17 @@ pub fn build(store: &Store, chain_id: &str, rtype: ResourceType, id: &str, versi
                 params.push(param(
                     "issue",
                     "valueString",
-                    json!(format!("the bytes this node stores do not match the ledger commitment ({why})")),
+                    json!(format!(
+                        "the bytes this node stores do not match the ledger commitment ({why})"
+                    )),
                 ));
             }
             None if !v.deleted => {
                 if let Some(salt) = store.salt(rtype, id, version)? {
                     params.push(param("salt", "valueBase64Binary", json!(B64.encode(salt))));
                 }
-                let resource: Value = serde_json::from_slice(&v.body)
-                    .map_err(|e| Error::Internal(e.to_string()))?;
+                let resource: Value =
+                    serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
                 params.push(json!({ "name": "resource", "resource": resource }));
             }
             None => {}
@@ -173,7 +197,11 @@ fn quorum(members: &Membership) -> usize {
 }
 
 /// 2f+1 distinct members signed payloads that `matches` accepts.
-fn quorum_signed(members: &Membership, list: &[Signed], matches: impl Fn(&Payload) -> bool) -> Result<(), String> {
+fn quorum_signed(
+    members: &Membership,
+    list: &[Signed],
+    matches: impl Fn(&Payload) -> bool,
+) -> Result<(), String> {
     let mut from: Vec<u32> = list.iter().map(|s| s.from).collect();
     from.sort_unstable();
     from.dedup();
@@ -181,7 +209,11 @@ fn quorum_signed(members: &Membership, list: &[Signed], matches: impl Fn(&Payloa
         return Err("a replica signed twice".into());
     }
     if list.len() < quorum(members) {
-        return Err(format!("{} signatures, {} needed", list.len(), quorum(members)));
+        return Err(format!(
+            "{} signatures, {} needed",
+            list.len(),
+            quorum(members)
+        ));
     }
     if !list.iter().all(|s| matches(&s.payload)) {
         return Err("a signed message is about something else".into());
@@ -196,13 +228,34 @@ fn quorum_signed(members: &Membership, list: &[Signed], matches: impl Fn(&Payloa
 /// holds when all pass and at least one quorum (commits or checkpoint) vouches for the block.
 pub fn verify(receipt: &Value, members: &Membership) -> Vec<Check> {
     let mut out = Vec::new();
-    let Some(list) = receipt["parameter"].as_array().filter(|_| receipt["resourceType"] == "Parameters") else {
+    let Some(list) = receipt["parameter"]
+        .as_array()
+        .filter(|_| receipt["resourceType"] == "Parameters")
+    else {
         return vec![check("format", false, "not a Parameters resource")];
     };
     let p = Parts(list);
     let chain_ok = p.string("chain") == Some(members.chain_id.as_str());
-    out.push(check("chain", chain_ok, format!("receipt for chain {:?}, genesis is {:?}", p.string("chain").unwrap_or(""), members.chain_id)));
-    let (Some(seq), Some(entry_bytes), Some(index), Some(size), Some(ts), Some(batch_root), Some(prev_root), Some(entry_proof), Some(record_index)) = (
+    out.push(check(
+        "chain",
+        chain_ok,
+        format!(
+            "receipt for chain {:?}, genesis is {:?}",
+            p.string("chain").unwrap_or(""),
+            members.chain_id
+        ),
+    ));
+    let (
+        Some(seq),
+        Some(entry_bytes),
+        Some(index),
+        Some(size),
+        Some(ts),
+        Some(batch_root),
+        Some(prev_root),
+        Some(entry_proof),
+        Some(record_index),
+    ) = (
         p.u64("sequence"),
         p.bytes("entry"),
         p.u64("entryIndex"),
@@ -212,17 +265,32 @@ pub fn verify(receipt: &Value, members: &Membership) -> Vec<Check> {
         p.hash("prevRoot"),
         p.hashes("entryProof"),
         p.u64("recordIndex"),
-    ) else {
-        out.push(check("format", false, "a required part is missing or malformed"));
+    )
+    else {
+        out.push(check(
+            "format",
+            false,
+            "a required part is missing or malformed",
+        ));
         return out;
     };
     // The entry, signed by the organization that holds the record.
     let entry = entry::open_sealed(&entry_bytes, members);
-    out.push(check("entry", entry.is_some(), "the ledger entry decodes and its holder's signature verifies"));
-    let record = entry.as_ref().and_then(|e| e.records.get(record_index as usize).cloned());
+    out.push(check(
+        "entry",
+        entry.is_some(),
+        "the ledger entry decodes and its holder's signature verifies",
+    ));
+    let record = entry
+        .as_ref()
+        .and_then(|e| e.records.get(record_index as usize).cloned());
     // The entry is in the batch.
     let included = merkle::verify_inclusion(&entry_bytes, index, size, &entry_proof, &batch_root);
-    out.push(check("inclusion", included, format!("entry {index} of {size} is in the batch root")));
+    out.push(check(
+        "inclusion",
+        included,
+        format!("entry {index} of {size} is in the batch root"),
+    ));
     let digest = batch_digest(ts, size, &batch_root);
     // A quorum vouches for the batch: commits at its sequence number...
     let mut vouched = false;
@@ -237,7 +305,12 @@ pub fn verify(receipt: &Value, members: &Membership) -> Vec<Check> {
             })
         });
         vouched |= r.is_ok();
-        out.push(check("commits", r.is_ok(), r.err().unwrap_or_else(|| format!("2f+1 replicas committed block {seq}"))));
+        out.push(check(
+            "commits",
+            r.is_ok(),
+            r.err()
+                .unwrap_or_else(|| format!("2f+1 replicas committed block {seq}")),
+        ));
     }
     // ...or a stable checkpoint whose tree contains the block.
     if let Some(cp) = p.get("checkpoint").and_then(|c| c["part"].as_array()) {
@@ -245,7 +318,8 @@ pub fn verify(receipt: &Value, members: &Membership) -> Vec<Check> {
         let r = (|| -> Result<u64, String> {
             let cp_seq = cp.u64("sequence").ok_or("checkpoint sequence")?;
             let cp_root = cp.hash("root").ok_or("checkpoint root")?;
-            let proof = decode_signed_list(&cp.bytes("proof").ok_or("checkpoint proof")?).map_err(|e| e.to_string())?;
+            let proof = decode_signed_list(&cp.bytes("proof").ok_or("checkpoint proof")?)
+                .map_err(|e| e.to_string())?;
             let block_proof = cp.hashes("blockProof").ok_or("block proof")?;
             if seq == 0 || seq > cp_seq {
                 return Err("the checkpoint precedes the block".into());
@@ -254,16 +328,30 @@ pub fn verify(receipt: &Value, members: &Membership) -> Vec<Check> {
             if !merkle::verify_inclusion_of_leaf(&leaf, seq - 1, cp_seq, &block_proof, &cp_root) {
                 return Err("the block is not in the checkpointed tree".into());
             }
-            quorum_signed(members, &proof, |pl| matches!(pl, Payload::Checkpoint { seq: s, root } if *s == cp_seq && *root == cp_root))?;
+            quorum_signed(
+                members,
+                &proof,
+                |pl| matches!(pl, Payload::Checkpoint { seq: s, root } if *s == cp_seq && *root == cp_root),
+            )?;
             Ok(cp_seq)
         })();
         vouched |= r.is_ok();
-        out.push(check("checkpoint", r.is_ok(), match r {
-            Ok(s) => format!("block {seq} is in the tree 2f+1 replicas signed at checkpoint {s}"),
-            Err(e) => e,
-        }));
+        out.push(check(
+            "checkpoint",
+            r.is_ok(),
+            match r {
+                Ok(s) => {
+                    format!("block {seq} is in the tree 2f+1 replicas signed at checkpoint {s}")
+                }
+                Err(e) => e,
+            },
+        ));
     }
-    out.push(check("quorum", vouched, "a 2f+1 quorum of the genesis replicas vouches for the block"));
+    out.push(check(
+        "quorum",
+        vouched,
+        "a 2f+1 quorum of the genesis replicas vouches for the block",
+    ));
     // The resource matches the record's commitment.
     if let Some(res) = p.get("resource").map(|r| &r["resource"]) {
         let ok = (|| {
@@ -276,10 +364,22 @@ pub fn verify(receipt: &Value, members: &Membership) -> Vec<Check> {
             Some(same && rec.commitment.as_deref() == Some(hex(&c).as_str()))
         })()
         .unwrap_or(false);
-        out.push(check("resource", ok, "the resource and salt reproduce the committed version"));
+        out.push(check(
+            "resource",
+            ok,
+            "the resource and salt reproduce the committed version",
+        ));
     }
-    if p.get("issue").is_some() || p.get("result").and_then(|r| r["valueBoolean"].as_bool()) == Some(false) {
-        out.push(check("stored", false, p.string("issue").unwrap_or("the server reported a mismatch").to_string()));
+    if p.get("issue").is_some()
+        || p.get("result").and_then(|r| r["valueBoolean"].as_bool()) == Some(false)
+    {
+        out.push(check(
+            "stored",
+            false,
+            p.string("issue")
+                .unwrap_or("the server reported a mismatch")
+                .to_string(),
+        ));
     }
     out
 }

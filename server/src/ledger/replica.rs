@@ -40,12 +40,13 @@ impl ReplicaSetup {
             None => return ReplicaSetup::single(&ledger_dir),
             Some(path) => {
                 let g = Genesis::load(path).map_err(|e| startup(e.to_string()))?;
-                let id = config.replica_id.ok_or_else(|| {
-                    startup("--replica-id is required with --genesis".into())
-                })?;
-                let key_path = config.ledger_key.as_ref().ok_or_else(|| {
-                    startup("--ledger-key is required with --genesis".into())
-                })?;
+                let id = config
+                    .replica_id
+                    .ok_or_else(|| startup("--replica-id is required with --genesis".into()))?;
+                let key_path = config
+                    .ledger_key
+                    .as_ref()
+                    .ok_or_else(|| startup("--ledger-key is required with --genesis".into()))?;
                 let key = read_key(key_path).map_err(|e| startup(e.to_string()))?;
                 (g, id, key)
             }
@@ -108,7 +109,11 @@ impl ReplicaSetup {
                     // With peers, every block costs each replica about 2n signature checks:
                     // let the primary gather a few milliseconds of entries per block. Alone,
                     // a block costs nothing to agree on.
-                    batch_delay: if self.membership.n() > 1 { BATCH_DELAY_MS } else { 1 },
+                    batch_delay: if self.membership.n() > 1 {
+                        BATCH_DELAY_MS
+                    } else {
+                        1
+                    },
                     ..ledger::node::consensus(500, 512)
                 },
                 tick: Duration::from_millis(1),

@@ -126,7 +126,12 @@ fn value_matches(
 
 /// Does one resource (fetched from another organization, so not in this node's indexes)
 /// satisfy every clause of a query?
-pub fn resource_matches(query: &SearchQuery, resource: &serde_json::Value, base: &str, now: i64) -> bool {
+pub fn resource_matches(
+    query: &SearchQuery,
+    resource: &serde_json::Value,
+    base: &str,
+    now: i64,
+) -> bool {
     query.clauses.iter().all(|clause| {
         let values: Vec<Vec<IndexValue>> = clause
             .params

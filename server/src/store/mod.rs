@@ -243,7 +243,9 @@ impl VerifiedVersions {
         }
     }
     fn shard(&self, key: &[u8]) -> &std::sync::Mutex<std::collections::HashMap<Vec<u8>, [u8; 32]>> {
-        let h = key.iter().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(*b as usize));
+        let h = key
+            .iter()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(*b as usize));
         &self.shards[h % VERIFIED_SHARDS]
     }
     fn holds(&self, key: &[u8], digest: &[u8; 32]) -> bool {
@@ -450,7 +452,10 @@ impl Store {
     /// Ids of the given type the ledger has ever placed in a patient's compartment (callers
     /// check the current version: a resource may have left it since).
     pub fn ledger_compartment(&self, patient_id: &str, rtype: ResourceType) -> Result<Vec<String>> {
-        let prefix = ledger_key(b'x', &compartment_key(&format!("Patient/{patient_id}"), rtype, ""));
+        let prefix = ledger_key(
+            b'x',
+            &compartment_key(&format!("Patient/{patient_id}"), rtype, ""),
+        );
         let mut out = Vec::new();
         for item in self.db.iterator_cf(
             self.cf(CF_LEDGER),

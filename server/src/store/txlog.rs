@@ -28,12 +28,12 @@ use super::{
     CF_CURRENT, CF_HISTORY, CF_INDEX, CF_LEDGER, CF_META, CF_TYPE_HISTORY, CF_VALUES, CF_VERSIONS,
     COLUMN_FAMILIES, META_APPLIED_SEQ, META_LAST_TS, META_LAST_TX, META_LEDGER_ROOT,
 };
+use crate::error::{Error, Result};
+use crate::fhir::{format_instant, new_id, now_ms, ResourceType};
 use crate::health::Health;
 use crate::ledger::entry::{self, LedgerEntry, VersionRecord};
 use crate::ledger::replica::ReplicaSetup;
 use crate::ledger::{BlockInfo, LedgerHead, RecordRef, StableCheckpoint};
-use crate::error::{Error, Result};
-use crate::fhir::{format_instant, new_id, now_ms, ResourceType};
 use crate::search::keys::{index_entries, param_prefix, values_key};
 use crate::search::query::SearchQuery;
 use crate::search::value::{decode_values, encode_values, IndexValue};
@@ -180,7 +180,8 @@ impl LedgerTxLog {
             let _ = events.send(Input::Ledger(ev));
         })?;
         let health = Arc::new(Health::new(embedded.status.clone()));
-        let mut committer = Committer::new(store, registry, base, replica, embedded, health.clone())?;
+        let mut committer =
+            Committer::new(store, registry, base, replica, embedded, health.clone())?;
         std::thread::Builder::new()
             .name("fhirmament-commit".into())
             .spawn(move || committer.run(receiver))
@@ -196,7 +197,9 @@ impl TxLog for LedgerTxLog {
     fn submit(&self, changes: Vec<Change>) -> oneshot::Receiver<Result<Committed>> {
         let (reply, rx) = oneshot::channel();
         let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(mpsc::SendError(Input::Job(job))) = sender.send(Input::Job(Job { changes, reply })) {
+        if let Err(mpsc::SendError(Input::Job(job))) =
+            sender.send(Input::Job(Job { changes, reply }))
+        {
             let _ = job
                 .reply
                 .send(Err(Error::Storage("the commit thread has stopped".into())));
@@ -502,14 +505,18 @@ impl Committer {
     fn report_health(&self) {
         use std::sync::atomic::Ordering;
         let now = crate::fhir::now_ms();
-        self.health.commit_heartbeat_ms.store(now, Ordering::Relaxed);
+        self.health
+            .commit_heartbeat_ms
+            .store(now, Ordering::Relaxed);
         let oldest = self
             .inflight
             .values()
             .map(|f| now - f.since.elapsed().as_millis() as i64)
             .min()
             .unwrap_or(0);
-        self.health.oldest_waiting_ms.store(oldest, Ordering::Relaxed);
+        self.health
+            .oldest_waiting_ms
+            .store(oldest, Ordering::Relaxed);
     }
 
     fn on_ledger_event(&mut self, round: &mut Round, ev: Event) {
@@ -529,7 +536,12 @@ impl Committer {
         }
     }
 
-    fn record_checkpoint(&mut self, seq: u64, root: [u8; 32], proof: Vec<ledger::core::Signed>) -> Result<()> {
+    fn record_checkpoint(
+        &mut self,
+        seq: u64,
+        root: [u8; 32],
+        proof: Vec<ledger::core::Signed>,
+    ) -> Result<()> {
         let newer = self.store.stable_checkpoint()?.is_none_or(|s| s.seq < seq);
         if newer {
             let cp = StableCheckpoint { seq, root, proof };
@@ -690,7 +702,9 @@ impl Committer {
         certificate: Vec<ledger::core::Signed>,
         mut sidecars: Vec<Option<Vec<u8>>>,
     ) -> Result<()> {
-        let (last_seq, last_root) = round.applied.unwrap_or((self.applied_seq, self.ledger_root));
+        let (last_seq, last_root) = round
+            .applied
+            .unwrap_or((self.applied_seq, self.ledger_root));
         if seq <= last_seq {
             return Ok(());
         }
@@ -701,7 +715,11 @@ impl Committer {
         }
         let leaf = block_leaf(&last_root, seq, &batch);
         let (mut max_tx, mut max_ts) = (0u64, 0i64);
-        let hashes: Vec<[u8; 32]> = batch.entries.iter().map(|b| Sha256::digest(b).into()).collect();
+        let hashes: Vec<[u8; 32]> = batch
+            .entries
+            .iter()
+            .map(|b| Sha256::digest(b).into())
+            .collect();
         // This node's own entries were sealed here; anyone else's must carry the signature of
         // the holder they name.
         let opened = entry::open_sealed_all(&batch.entries, &self.members, |i| {
@@ -710,10 +728,15 @@ impl Committer {
         for (i, e) in opened.into_iter().enumerate() {
             let hash = hashes[i];
             let Some(e) = e else {
-                tracing::warn!(seq, entry = i, "ignoring a ledger entry that is not a sealed Fhirmament entry");
+                tracing::warn!(
+                    seq,
+                    entry = i,
+                    "ignoring a ledger entry that is not a sealed Fhirmament entry"
+                );
                 continue;
             };
-            let accepted = self.record_entry(&e, seq, i as u32, &mut round.heads, &mut round.batch)?;
+            let accepted =
+                self.record_entry(&e, seq, i as u32, &mut round.heads, &mut round.batch)?;
             if e.holder != self.me {
                 continue;
             }
@@ -775,7 +798,10 @@ impl Committer {
         let Some(cut) = key.iter().position(|b| *b == 0) else {
             return Ok(());
         };
-        let Ok(rtype) = std::str::from_utf8(&key[..cut]).unwrap_or("").parse::<ResourceType>() else {
+        let Ok(rtype) = std::str::from_utf8(&key[..cut])
+            .unwrap_or("")
+            .parse::<ResourceType>()
+        else {
             return Ok(());
         };
         let id = std::str::from_utf8(&key[cut + 1..]).unwrap_or("");
@@ -1272,7 +1298,13 @@ impl Committer {
             out.push(format!("Patient/{id}"));
         }
         let base = format!("{}/", self.base);
-        for p in self.registry.patient_compartment.get(&rtype).into_iter().flatten() {
+        for p in self
+            .registry
+            .patient_compartment
+            .get(&rtype)
+            .into_iter()
+            .flatten()
+        {
             for v in extract(p, rtype, r) {
                 if let IndexValue::Reference {
                     target: Some(t), ..
@@ -1559,28 +1591,54 @@ mod tests {
         let members = &replica.membership;
         let chain = &members.chain_id;
         for (id, version) in [("p0", 1), ("p0", 2), ("p39", 1)] {
-            let rec = store.ledger_record(ResourceType::Patient, id, version).unwrap().unwrap();
+            let rec = store
+                .ledger_record(ResourceType::Patient, id, version)
+                .unwrap()
+                .unwrap();
             assert_eq!(rec.holder, 0);
-            let r = crate::ledger::receipt::build(&store, chain, ResourceType::Patient, id, version).unwrap();
+            let r =
+                crate::ledger::receipt::build(&store, chain, ResourceType::Patient, id, version)
+                    .unwrap();
             let checks = crate::ledger::receipt::verify(&r, members);
             assert!(receipt_holds(&checks), "{id}/{version}: {checks:?}");
             assert!(checks.iter().any(|c| c.name == "resource" && c.ok));
         }
-        let early = crate::ledger::receipt::build(&store, chain, ResourceType::Patient, "p0", 1).unwrap();
+        let early =
+            crate::ledger::receipt::build(&store, chain, ResourceType::Patient, "p0", 1).unwrap();
         let checks = crate::ledger::receipt::verify(&early, members);
-        assert!(checks.iter().any(|c| c.name == "checkpoint" && c.ok), "{checks:?}");
+        assert!(
+            checks.iter().any(|c| c.name == "checkpoint" && c.ok),
+            "{checks:?}"
+        );
 
         // Any flipped bit in any part breaks the chain.
         let text = serde_json::to_string(&early).unwrap();
-        let fields = ["entry", "batchRoot", "prevRoot", "salt", "commitCertificate", "sequence"];
+        let fields = [
+            "entry",
+            "batchRoot",
+            "prevRoot",
+            "salt",
+            "commitCertificate",
+            "sequence",
+        ];
         for f in fields {
             let mut r = early.clone();
-            let p = r["parameter"].as_array_mut().unwrap().iter_mut().find(|p| p["name"] == f).unwrap();
-            let key = ["valueString", "valueBase64Binary"].into_iter().find(|k| p.get(*k).is_some()).unwrap();
+            let p = r["parameter"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|p| p["name"] == f)
+                .unwrap();
+            let key = ["valueString", "valueBase64Binary"]
+                .into_iter()
+                .find(|k| p.get(*k).is_some())
+                .unwrap();
             let v = p[key].as_str().unwrap().to_string();
             let flipped: String = if key == "valueBase64Binary" {
                 use base64::Engine as _;
-                let mut b = base64::engine::general_purpose::STANDARD.decode(&v).unwrap();
+                let mut b = base64::engine::general_purpose::STANDARD
+                    .decode(&v)
+                    .unwrap();
                 let mid = b.len() / 2;
                 b[mid] ^= 0x10;
                 base64::engine::general_purpose::STANDARD.encode(b)
@@ -1592,15 +1650,28 @@ mod tests {
                 c.into_iter().collect()
             };
             p[key] = json!(flipped);
-            assert!(!receipt_holds(&crate::ledger::receipt::verify(&r, members)), "flipping {f} went unnoticed");
+            assert!(
+                !receipt_holds(&crate::ledger::receipt::verify(&r, members)),
+                "flipping {f} went unnoticed"
+            );
         }
         let mut r: Value = serde_json::from_str(&text).unwrap();
-        let res = r["parameter"].as_array_mut().unwrap().iter_mut().find(|p| p["name"] == "resource").unwrap();
+        let res = r["parameter"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|p| p["name"] == "resource")
+            .unwrap();
         res["resource"]["name"][0]["family"] = json!("Forged");
         assert!(!receipt_holds(&crate::ledger::receipt::verify(&r, members)));
         // Another consortium's genesis does not vouch for it.
-        let other = ledger::core::Membership::new(chain.clone(), vec![ledger::core::test_key(9, 0).verifying_key()]);
-        assert!(!receipt_holds(&crate::ledger::receipt::verify(&early, &other)));
+        let other = ledger::core::Membership::new(
+            chain.clone(),
+            vec![ledger::core::test_key(9, 0).verifying_key()],
+        );
+        assert!(!receipt_holds(&crate::ledger::receipt::verify(
+            &early, &other
+        )));
     }
 
     #[test]
@@ -1612,17 +1683,36 @@ mod tests {
         create(&log, "t", "Original");
         assert!(store.read(ResourceType::Patient, "t").is_ok());
         let key = version_key(ResourceType::Patient, "t", 1);
-        let raw = store.db().get_cf(store.cf(CF_VERSIONS), &key).unwrap().unwrap();
+        let raw = store
+            .db()
+            .get_cf(store.cf(CF_VERSIONS), &key)
+            .unwrap()
+            .unwrap();
         let at = raw.windows(8).position(|w| w == b"Original").unwrap();
         let mut forged = raw.clone();
         forged[at..at + 8].copy_from_slice(b"Tampered");
-        store.db().put_cf(store.cf(CF_VERSIONS), &key, &forged).unwrap();
+        store
+            .db()
+            .put_cf(store.cf(CF_VERSIONS), &key, &forged)
+            .unwrap();
         let err = store.read(ResourceType::Patient, "t").unwrap_err();
         assert!(matches!(err, Error::Integrity(_)), "{err:?}");
-        assert!(store.instance_history(ResourceType::Patient, "t", None, None, 10).is_err());
-        let r = crate::ledger::receipt::build(&store, &replica.membership.chain_id, ResourceType::Patient, "t", 1).unwrap();
+        assert!(store
+            .instance_history(ResourceType::Patient, "t", None, None, 10)
+            .is_err());
+        let r = crate::ledger::receipt::build(
+            &store,
+            &replica.membership.chain_id,
+            ResourceType::Patient,
+            "t",
+            1,
+        )
+        .unwrap();
         assert_eq!(r["parameter"][0]["valueBoolean"], false);
-        assert!(!r.to_string().contains("Tampered"), "tampered bytes are reported, not served");
+        assert!(
+            !r.to_string().contains("Tampered"),
+            "tampered bytes are reported, not served"
+        );
         let checks = crate::ledger::receipt::verify(&r, &replica.membership);
         assert!(checks.iter().any(|c| c.name == "stored" && !c.ok));
     }

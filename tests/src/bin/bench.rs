@@ -180,7 +180,9 @@ fn measure(
                             break;
                         }
                         let t0 = Instant::now();
-                        let mut req = client.request(method.clone(), url).header("Authorization", auth);
+                        let mut req = client
+                            .request(method.clone(), url)
+                            .header("Authorization", auth);
                         if let Some(b) = body {
                             req = req.header("Content-Type", FHIR_JSON).body(b.clone());
                         }
@@ -234,24 +236,40 @@ fn main() {
     } else {
         (Some(TestServer::start()), None)
     };
-    let (bases, pids, data): (Vec<String>, Vec<u32>, Vec<std::path::PathBuf>) = match (&single, &cluster) {
-        (Some(s), _) => (vec![s.base.clone()], vec![s.pid().expect("server pid")], vec![s.data.clone()]),
-        (_, Some(c)) => (
-            (0..c.n).map(|i| c.url(i, "").trim_end_matches('/').to_string()).collect(),
-            c.pids(),
-            (0..c.n).map(|i| c.dir.path().join(format!("node-{i}"))).collect(),
-        ),
-        _ => unreachable!(),
-    };
+    let (bases, pids, data): (Vec<String>, Vec<u32>, Vec<std::path::PathBuf>) =
+        match (&single, &cluster) {
+            (Some(s), _) => (
+                vec![s.base.clone()],
+                vec![s.pid().expect("server pid")],
+                vec![s.data.clone()],
+            ),
+            (_, Some(c)) => (
+                (0..c.n)
+                    .map(|i| c.url(i, "").trim_end_matches('/').to_string())
+                    .collect(),
+                c.pids(),
+                (0..c.n)
+                    .map(|i| c.dir.path().join(format!("node-{i}")))
+                    .collect(),
+            ),
+            _ => unreachable!(),
+        };
     let targets = if a.spread { bases.len() } else { 1 };
     let tokens: Vec<(String, String)> = match (&single, &cluster) {
         (Some(s), _) => vec![(s.base.clone(), s.token.clone())],
-        (_, Some(c)) => bases.iter().cloned().zip(c.tokens.iter().cloned()).collect(),
+        (_, Some(c)) => bases
+            .iter()
+            .cloned()
+            .zip(c.tokens.iter().cloned())
+            .collect(),
         _ => unreachable!(),
     };
     let tokens = &tokens[..];
     let pid = &pids[..];
-    let loader = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+    let loader = Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
     println!(
         "fhirmament bench: {} patients, concurrency {}, {} s per workload, {} replica(s){}, server pids {pids:?}",
         a.patients, a.concurrency, a.seconds, bases.len(),
@@ -348,7 +366,13 @@ fn main() {
         .iter()
         .zip(tokens)
         .map(|(b, (_, t))| {
-            let v: Value = loader.get(format!("{b}/Patient?_summary=count")).header("Authorization", format!("Bearer {t}")).send().unwrap().json().unwrap();
+            let v: Value = loader
+                .get(format!("{b}/Patient?_summary=count"))
+                .header("Authorization", format!("Bearer {t}"))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
             v["total"].as_u64().unwrap_or(0)
         })
         .sum::<u64>()
