@@ -17,7 +17,7 @@ use sha2::{Digest as _, Sha256};
 use super::directory::{verify_secret, Client, ClientAuth, Directory, Role, User};
 use super::keys::{unix_now, SigningKey};
 use super::scopes::{self, covered, split};
-use super::{b64url, random_token, Grant};
+use super::{b64url, form_value, random_token, Grant};
 use crate::error::{Error, Result};
 
 pub const ACCESS_TTL: Duration = Duration::from_secs(3600);
@@ -154,8 +154,11 @@ pub struct AuthServer {
     registration: Option<String>,
     /// Access tokens whose signature, issuer and audience were checked, by their SHA-256:
     /// (grant, expiry). Expiry and revocation are still checked on every use.
-    verified: std::sync::RwLock<HashMap<[u8; 32], (std::sync::Arc<Grant>, i64)>>,
+    verified: std::sync::RwLock<VerifiedTokens>,
 }
+
+/// SHA-256 of an access token -> its grant and expiry.
+type VerifiedTokens = HashMap<[u8; 32], (std::sync::Arc<Grant>, i64)>;
 
 /// How many verified access tokens are remembered (the map is cleared when full).
 const VERIFIED_TOKENS: usize = 16_384;
@@ -268,7 +271,7 @@ impl AuthServer {
             }
             "private_key_jwt" => {
                 let jwks = meta["jwks"].clone();
-                if !jwks["keys"].as_array().is_some_and(|k| !k.is_empty()) {
+                if jwks["keys"].as_array().is_none_or(|k| k.is_empty()) {
                     return Err(bad("private_key_jwt needs jwks with at least one key"));
                 }
                 ClientAuth::Asymmetric { jwks }
@@ -377,7 +380,7 @@ impl AuthServer {
     // ---- authorize ----
 
     pub fn authorize(&self, params: &[(String, String)]) -> Result<Authorize> {
-        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let get = |k: &str| form_value(params, k).map(str::to_string);
         let Some(client) = get("client_id")
             .map(|id| self.directory.client(&id))
             .transpose()?
@@ -687,7 +690,7 @@ impl AuthServer {
         form: &[(String, String)],
         basic: Option<(String, String)>,
     ) -> std::result::Result<Client, OAuthError> {
-        let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| form_value(form, k);
         if let Some(assertion_type) = get("client_assertion_type") {
             if assertion_type != ASSERTION_TYPE {
                 return Err(oauth(
@@ -826,7 +829,7 @@ impl AuthServer {
         form: &[(String, String)],
         basic: Option<(String, String)>,
     ) -> std::result::Result<TokenResponse, OAuthError> {
-        let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| form_value(form, k);
         match get("grant_type") {
             Some("authorization_code") => self.exchange_code(form, basic),
             Some("refresh_token") => self.refresh(form, basic),
@@ -844,7 +847,7 @@ impl AuthServer {
         form: &[(String, String)],
         basic: Option<(String, String)>,
     ) -> std::result::Result<TokenResponse, OAuthError> {
-        let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| form_value(form, k);
         let client = self.client_auth(form, basic)?;
         let code = get("code").ok_or_else(|| oauth("invalid_request", "code is missing"))?;
         let Some(c) = lock(&self.codes).remove(code) else {
@@ -886,7 +889,7 @@ impl AuthServer {
         form: &[(String, String)],
         basic: Option<(String, String)>,
     ) -> std::result::Result<TokenResponse, OAuthError> {
-        let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| form_value(form, k);
         let client = self.client_auth(form, basic)?;
         let token = get("refresh_token")
             .ok_or_else(|| oauth("invalid_request", "refresh_token is missing"))?;
@@ -950,7 +953,7 @@ impl AuthServer {
         form: &[(String, String)],
         basic: Option<(String, String)>,
     ) -> std::result::Result<TokenResponse, OAuthError> {
-        let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| form_value(form, k);
         if get("client_assertion_type").is_none() {
             return Err(oauth(
                 "invalid_client",
@@ -1161,11 +1164,7 @@ impl AuthServer {
                 "introspection needs client authentication or a bearer token",
             ));
         }
-        let token = form
-            .iter()
-            .find(|(k, _)| k == "token")
-            .map(|(_, v)| v.as_str())
-            .unwrap_or("");
+        let token = form_value(form, "token").unwrap_or("");
         let Ok(claims) = self.key.verify(token) else {
             return Ok(json!({"active": false}));
         };
@@ -1199,11 +1198,7 @@ impl AuthServer {
         basic: Option<(String, String)>,
     ) -> std::result::Result<(), OAuthError> {
         let client = self.client_auth(form, basic)?;
-        let token = form
-            .iter()
-            .find(|(k, _)| k == "token")
-            .map(|(_, v)| v.as_str())
-            .unwrap_or("");
+        let token = form_value(form, "token").unwrap_or("");
         let mut p = self.persisted.write().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = p.refresh.get(&sha_hex(token)).cloned() {
             if r.client_id == client.client_id && !p.revoked_families.contains(&r.family) {

@@ -22,6 +22,14 @@ pub fn b64url(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// A form or query parameter's value (the first, if repeated).
+pub fn form_value<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
 /// A random URL-safe token of 32 bytes.
 pub fn random_token() -> crate::error::Result<String> {
     Ok(b64url(&crate::ledger::entry::new_salt()?))

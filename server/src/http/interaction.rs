@@ -48,26 +48,34 @@ pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
     }
 }
 
-/// A resource's current version as JSON, wherever it is held (None: unknown or deleted).
-async fn current_resource(svc: &Service, t: ResourceType, id: &str) -> Result<Option<Value>> {
-    let v = match svc.store.ledger_head(t, id)? {
+/// A resource's current version, wherever it is held: from this node's store, or fetched from
+/// the organization that holds it (404 when unknown, 410 when deleted).
+async fn current_version(svc: &Service, t: ResourceType, id: &str) -> Result<Version> {
+    match svc.store.ledger_head(t, id)? {
         Some(h) if h.holder != me(svc) => {
             if h.deleted {
-                return Ok(None);
+                return Err(Error::Gone {
+                    rtype: t.to_string(),
+                    id: id.to_string(),
+                    version: h.version,
+                });
             }
-            remote_version(svc, t, id, h.version).await?
+            remote_version(svc, t, id, h.version)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("{t}/{id} is not known")))
         }
-        _ => match svc.store.read(t, id) {
-            Ok(v) => Some(v),
-            Err(Error::NotFound(_) | Error::Gone { .. }) => None,
-            Err(e) => return Err(e),
-        },
-    };
-    match v {
-        Some(v) if !v.deleted => Ok(Some(
+        _ => svc.store.read(t, id),
+    }
+}
+
+/// `current_version` as JSON; None when it is unknown or deleted.
+async fn current_resource(svc: &Service, t: ResourceType, id: &str) -> Result<Option<Value>> {
+    match current_version(svc, t, id).await {
+        Ok(v) => Ok(Some(
             serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?,
         )),
-        _ => Ok(None),
+        Err(Error::NotFound(_) | Error::Gone { .. }) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -399,22 +407,7 @@ async fn read(
     id: &str,
     if_none_match: Option<&str>,
 ) -> Result<FhirResponse> {
-    let head = svc.store.ledger_head(t, id)?;
-    let v = match head {
-        Some(h) if h.holder != me(svc) => {
-            if h.deleted {
-                return Err(Error::Gone {
-                    rtype: t.to_string(),
-                    id: id.to_string(),
-                    version: h.version,
-                });
-            }
-            remote_version(svc, t, id, h.version)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("{t}/{id} is not known")))?
-        }
-        _ => svc.store.read(t, id)?,
-    };
+    let v = current_version(svc, t, id).await?;
     if let Some(tag) = if_none_match {
         if super::negotiate::parse_etag(tag).ok() == Some(v.version) {
             return Ok(FhirResponse {

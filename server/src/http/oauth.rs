@@ -8,6 +8,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::auth::flows::{Authorize, Login, OAuthError};
+use crate::auth::form_value;
 use crate::Service;
 
 fn json_response(status: StatusCode, body: &Value) -> HttpResponse {
@@ -76,10 +77,6 @@ fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
     form_urlencoded::parse(body)
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
-}
-
-fn get<'a>(pairs: &'a [(String, String)], k: &str) -> Option<&'a str> {
-    pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
 }
 
 fn basic_auth(req: &HttpRequest) -> Option<(String, String)> {
@@ -156,12 +153,12 @@ pub async fn authorize(
 
 pub async fn login(body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
     let form = form_pairs(&body);
-    let txn = get(&form, "txn").unwrap_or("");
+    let txn = form_value(&form, "txn").unwrap_or("");
     let result = svc.auth.login(
         txn,
-        get(&form, "username").unwrap_or(""),
-        get(&form, "password").unwrap_or(""),
-        get(&form, "otp").unwrap_or(""),
+        form_value(&form, "username").unwrap_or(""),
+        form_value(&form, "password").unwrap_or(""),
+        form_value(&form, "otp").unwrap_or(""),
     );
     match result {
         Err(e) => oauth_error(&OAuthError::from(e)),
@@ -212,8 +209,8 @@ pub async fn login(body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
 
 pub async fn approve(body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
     let form = form_pairs(&body);
-    let txn = get(&form, "txn").unwrap_or("");
-    let chosen: Vec<String> = if get(&form, "decision") == Some("deny") {
+    let txn = form_value(&form, "txn").unwrap_or("");
+    let chosen: Vec<String> = if form_value(&form, "decision") == Some("deny") {
         Vec::new()
     } else {
         form.iter()
@@ -232,7 +229,7 @@ pub async fn approve(body: web::Bytes, svc: web::Data<Service>) -> HttpResponse 
     };
     match svc
         .auth
-        .approve(txn, &chosen, get(&form, "patient"), exists)
+        .approve(txn, &chosen, form_value(&form, "patient"), exists)
     {
         Err(e) => oauth_error(&OAuthError::from(e)),
         Ok(Err(e)) => page(
@@ -323,7 +320,7 @@ pub async fn launch(req: HttpRequest, body: web::Bytes, svc: web::Data<Service>)
         );
     }
     let form = form_pairs(&body);
-    let Some(patient) = get(&form, "patient").filter(|p| crate::fhir::is_valid_id(p)) else {
+    let Some(patient) = form_value(&form, "patient").filter(|p| crate::fhir::is_valid_id(p)) else {
         return denied(StatusCode::BAD_REQUEST, "patient (an id) is required");
     };
     match svc.auth.create_launch(patient) {

@@ -24,7 +24,8 @@ pub struct BlockInfo {
     pub certificate: Vec<Signed>,
 }
 
-fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+/// Readers for the length-prefixed big-endian records this crate stores.
+pub(crate) fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     if b.len() < n {
         return None;
     }
@@ -33,11 +34,11 @@ fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     Some(h)
 }
 
-fn take_u32(b: &mut &[u8]) -> Option<u32> {
+pub(crate) fn take_u32(b: &mut &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(take(b, 4)?.try_into().ok()?))
 }
 
-fn take_u64(b: &mut &[u8]) -> Option<u64> {
+pub(crate) fn take_u64(b: &mut &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(take(b, 8)?.try_into().ok()?))
 }
 

@@ -65,11 +65,9 @@ pub fn check_request(me: &ReplicaSetup, header: Option<&str>, path: &str) -> Res
         .keys
         .get(id as usize)
         .ok_or_else(|| refuse("not a member of the consortium"))?;
-    let bytes: Vec<u8> = (0..sig.len())
-        .step_by(2)
-        .filter_map(|i| u8::from_str_radix(sig.get(i..i + 2)?, 16).ok())
-        .collect();
-    let sig = Signature::from_slice(&bytes).map_err(|_| refuse("malformed signature"))?;
+    let sig = super::entry::unhex(sig)
+        .and_then(|b| Signature::from_slice(&b).ok())
+        .ok_or_else(|| refuse("malformed signature"))?;
     key.verify(&message(&me.membership.chain_id, path, ms), &sig)
         .map_err(|_| refuse("bad signature"))?;
     Ok(id)

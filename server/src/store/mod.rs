@@ -457,16 +457,10 @@ impl Store {
             &compartment_key(&format!("Patient/{patient_id}"), rtype, ""),
         );
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(
-            self.cf(CF_LEDGER),
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (k, _) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
-        }
+        self.scan_ledger(&prefix, |id, _| {
+            out.push(String::from_utf8_lossy(id).into_owned());
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -479,24 +473,42 @@ impl Store {
         let mut prefix = ledger_key(b'r', &resource_key(rtype, id));
         prefix.push(0);
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(
-            self.cf(CF_LEDGER),
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let ver = k[prefix.len()..]
+        self.scan_ledger(&prefix, |ver, v| {
+            let ver = ver
                 .try_into()
                 .map(u64::from_be_bytes)
                 .map_err(|_| Error::Storage("corrupt ledger record key".into()))?;
-            if let Some(r) = crate::ledger::RecordRef::decode(&v) {
+            if let Some(r) = crate::ledger::RecordRef::decode(v) {
                 out.push((ver, r));
             }
-        }
+            Ok(true)
+        })?;
         out.reverse();
         Ok(out)
+    }
+
+    /// Visit the `ledger` family's keys under `prefix` in order, with the rest of each key and
+    /// its value, while `f` answers true.
+    fn scan_ledger(
+        &self,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let mut ro = ReadOptions::default();
+        if let Some(end) = prefix_end(prefix) {
+            ro.set_iterate_upper_bound(end);
+        }
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_LEDGER),
+            ro,
+            IteratorMode::From(prefix, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !f(&k[prefix.len()..], &v)? {
+                break;
+            }
+        }
+        Ok(())
     }
 
     pub fn salt(&self, rtype: ResourceType, id: &str, version: u64) -> Result<Option<[u8; 32]>> {
@@ -528,20 +540,16 @@ impl Store {
     /// The ledger tree's leaves for blocks 1..=seq.
     pub fn ledger_leaves(&self, seq: u64) -> Result<Vec<[u8; 32]>> {
         let mut out = Vec::with_capacity(seq as usize);
-        let start = ledger_key(b'l', &1u64.to_be_bytes());
-        for item in self.db.iterator_cf(
-            self.cf(CF_LEDGER),
-            IteratorMode::From(&start, Direction::Forward),
-        ) {
-            let (k, v) = item?;
-            if k.first() != Some(&b'l') || out.len() as u64 >= seq {
-                break;
+        self.scan_ledger(b"l", |_, v| {
+            if out.len() as u64 >= seq {
+                return Ok(false);
             }
             out.push(
-                <[u8; 32]>::try_from(&v[..])
+                <[u8; 32]>::try_from(v)
                     .map_err(|_| Error::Storage("corrupt ledger leaf".into()))?,
             );
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 

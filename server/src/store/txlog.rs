@@ -254,26 +254,20 @@ impl Overlay {
     }
 
     fn decode(b: &[u8]) -> Option<(u64, i64, Overlay)> {
-        fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-            (b.len() >= n).then(|| {
-                let (h, t) = b.split_at(n);
-                *b = t;
-                h
-            })
-        }
+        use crate::ledger::{take, take_u32, take_u64};
         let mut b = b;
         let b = &mut b;
-        let tx = u64::from_be_bytes(take(b, 8)?.try_into().ok()?);
-        let ts = i64::from_be_bytes(take(b, 8)?.try_into().ok()?);
+        let tx = take_u64(b)?;
+        let ts = take_u64(b)? as i64;
         let mut o = Overlay::default();
         while !b.is_empty() {
             let cf = *COLUMN_FAMILIES.get(take(b, 1)?[0] as usize)?;
-            let klen = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
+            let klen = take_u32(b)? as usize;
             let key = take(b, klen)?.to_vec();
             let value = match take(b, 1)?[0] {
                 0 => None,
                 _ => {
-                    let vlen = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
+                    let vlen = take_u32(b)? as usize;
                     Some(take(b, vlen)?.to_vec())
                 }
             };
@@ -1715,5 +1709,25 @@ mod tests {
         );
         let checks = crate::ledger::receipt::verify(&r, &replica.membership);
         assert!(checks.iter().any(|c| c.name == "stored" && !c.ok));
+    }
+
+    #[test]
+    fn pending_writes_survive_their_sidecar_encoding() {
+        let mut o = Overlay::default();
+        o.put(
+            CF_VERSIONS,
+            b"Patient\0a\0\0\0\0\0\0\0\0\x01".to_vec(),
+            Some(b"{}".to_vec()),
+        );
+        o.put(CF_INDEX, b"k1".to_vec(), None);
+        o.put(CF_LEDGER, b"s".to_vec(), Some(vec![7; 32]));
+        let (tx, ts, back) = Overlay::decode(&o.encode(42, 1_700_000_000_000)).unwrap();
+        assert_eq!((tx, ts), (42, 1_700_000_000_000));
+        assert_eq!(back.order, o.order);
+        assert_eq!(back.writes, o.writes);
+        assert!(
+            Overlay::decode(&o.encode(1, 2)[..20]).is_none(),
+            "a truncated sidecar is refused"
+        );
     }
 }
