@@ -23,6 +23,10 @@ pub struct Config {
     pub peer_listen: Option<String>,
     /// Enables RFC 7591 dynamic client registration for holders of this initial access token.
     pub registration_token: Option<String>,
+    /// Consent: base policy, break-the-glass, and this node's organization.
+    pub consent: crate::consent::gate::ConsentSettings,
+    /// How long a write (or an AuditEvent) waits for the ledger before it fails.
+    pub commit_timeout: std::time::Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -44,6 +48,10 @@ pub struct FileConfig {
     pub ledger_key: Option<PathBuf>,
     pub peer_listen: Option<String>,
     pub registration_token: Option<String>,
+    pub consent_base: Option<crate::consent::BasePolicy>,
+    pub break_glass: Option<bool>,
+    pub organization: Option<String>,
+    pub commit_timeout_secs: Option<u64>,
 }
 
 /// What the command line and environment may set (clap fills these).
@@ -89,6 +97,18 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub registration_token: Option<String>,
+    /// What holds where no Consent provision applies [default: opt-out].
+    #[arg(long = "consent-base", env = "FHIRMAMENT_CONSENT_BASE", value_enum)]
+    pub consent_base: Option<crate::consent::BasePolicy>,
+    /// Let practitioners override a consent deny with purpose of use ETREAT (audited, flagged for review).
+    #[arg(long = "break-glass", env = "FHIRMAMENT_BREAK_GLASS")]
+    pub break_glass: Option<bool>,
+    /// This node's organization as Consents name it: Organization/<id> [default: Organization/replica-<replica id>].
+    #[arg(long, env = "FHIRMAMENT_ORGANIZATION")]
+    pub organization: Option<String>,
+    /// Seconds a write, or an interaction's AuditEvent, waits for the ledger before it fails [default: 30].
+    #[arg(long = "commit-timeout-secs", env = "FHIRMAMENT_COMMIT_TIMEOUT_SECS")]
+    pub commit_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +171,37 @@ impl Config {
             ledger_key: args.ledger_key.clone().or(file.ledger_key),
             peer_listen: args.peer_listen.clone().or(file.peer_listen),
             registration_token: args.registration_token.clone().or(file.registration_token),
+            consent: crate::consent::gate::ConsentSettings {
+                base: args
+                    .consent_base
+                    .or(file.consent_base)
+                    .unwrap_or(crate::consent::BasePolicy::OptOut),
+                break_glass: args.break_glass.or(file.break_glass).unwrap_or(false),
+                organization: {
+                    let org = args
+                        .organization
+                        .clone()
+                        .or(file.organization)
+                        .unwrap_or_else(|| {
+                            format!(
+                                "Organization/replica-{}",
+                                args.replica_id.or(file.replica_id).unwrap_or(0)
+                            )
+                        });
+                    if !org.starts_with("Organization/") || org.len() <= "Organization/".len() {
+                        return Err(ConfigError::Invalid(format!(
+                            "organization '{org}' must be Organization/<id>"
+                        )));
+                    }
+                    org
+                },
+            },
+            commit_timeout: std::time::Duration::from_secs(
+                args.commit_timeout_secs
+                    .or(file.commit_timeout_secs)
+                    .unwrap_or(30)
+                    .max(1),
+            ),
         })
     }
 

@@ -1,8 +1,10 @@
 //! Fhirmament: a FHIR R4 server. See ARCHITECTURE.md for the map.
 
+pub mod audit;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod consent;
 pub mod error;
 pub mod fhir;
 pub mod health;
@@ -70,6 +72,7 @@ impl Service {
             registry.clone(),
             config.base_url.clone(),
             &replica,
+            config.commit_timeout,
         )?;
         let health = log.health.clone();
         let txlog: Arc<dyn TxLog> = Arc::new(log);

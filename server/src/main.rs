@@ -54,6 +54,9 @@ enum Command {
         /// The patient in context (for patient/ scopes).
         #[arg(long)]
         patient: Option<String>,
+        /// The user's FHIR identity (`Practitioner/<id>`, `Patient/<id>`): who Consents name.
+        #[arg(long = "fhir-user")]
+        fhir_user: Option<String>,
         #[arg(long = "ttl-seconds", default_value_t = 3600)]
         ttl_seconds: u64,
     },
@@ -171,8 +174,17 @@ fn main() -> ExitCode {
             sub,
             client_id,
             patient,
+            fhir_user,
             ttl_seconds,
-        } => mint_token(&config, &scope, &sub, &client_id, patient, ttl_seconds),
+        } => mint_token(
+            &config,
+            &scope,
+            &sub,
+            &client_id,
+            patient,
+            fhir_user,
+            ttl_seconds,
+        ),
         Command::Cluster(ClusterCommand::Up(args)) => fhirmament::cluster::up(&args),
         Command::Cluster(ClusterCommand::Down(args)) => fhirmament::cluster::down(&args),
     };
@@ -355,6 +367,7 @@ fn mint_token(
     sub: &str,
     client_id: &str,
     patient: Option<String>,
+    fhir_user: Option<String>,
     ttl: u64,
 ) -> Result<(), String> {
     let config = Config::resolve(args).map_err(|e| e.to_string())?;
@@ -379,6 +392,9 @@ fn mint_token(
     );
     if let Some(p) = patient {
         claims.insert("patient".into(), p.into());
+    }
+    if let Some(f) = fhir_user {
+        claims.insert("fhirUser".into(), format!("{}/{f}", config.base_url).into());
     }
     let t = key
         .sign(&claims, std::time::Duration::from_secs(ttl))

@@ -311,10 +311,17 @@ pub struct Consortium {
     pub http_port: u16,
     pub peer_port: u16,
     pub client: Client,
+    /// `FHIRMAMENT_*` settings every replica starts with.
+    env: Vec<(String, String)>,
 }
 
 impl Consortium {
     pub fn up(n: usize) -> Consortium {
+        Self::up_with_env(n, &[])
+    }
+
+    /// A consortium whose replicas start with these `FHIRMAMENT_*` settings.
+    pub fn up_with_env(n: usize, env: &[(&str, &str)]) -> Consortium {
         let dir = tempfile::tempdir().expect("tempdir");
         let http_port = free_port_run(n as u16);
         let peer_port = free_port_run(n as u16);
@@ -328,6 +335,10 @@ impl Consortium {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("client"),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         c.cluster("up");
         c.tokens = (0..n)
@@ -358,6 +369,7 @@ impl Consortium {
             .args(["--http-port", &self.http_port.to_string()])
             .args(["--peer-port", &self.peer_port.to_string()])
             .env("FHIRMAMENT_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("run fhirmament cluster");
         assert!(
@@ -437,6 +449,11 @@ impl Consortium {
             .expect("kill")
             .success();
         assert!(ok, "kill {sig} {pid}");
+    }
+
+    /// Replica i's data directory (`fhirmament token --data-dir` mints tokens for it).
+    pub fn data(&self, replica: usize) -> PathBuf {
+        self.dir.path().join(format!("node-{replica}"))
     }
 
     pub fn genesis(&self) -> PathBuf {

@@ -40,16 +40,28 @@ fn transaction_rewrites_urn_uuid_references_and_commits_atomically() {
         .contains(&format!("Patient/{pid}/_history/1")));
     // The read in the same transaction sees the commit.
     assert_eq!(entries[2]["resource"]["total"], 1);
-    // Both entries were written in one position of the log.
+    // Both entries were written in one position of the log, with the transaction's AuditEvent.
     let (_, hist) = s.get_json("_history");
-    let times: Vec<&str> = hist["entry"]
-        .as_array()
-        .unwrap()
+    let entries = hist["entry"].as_array().unwrap();
+    let time_of = |t: &str| -> Vec<&str> {
+        entries
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] == t)
+            .map(|e| e["resource"]["meta"]["lastUpdated"].as_str().unwrap())
+            .collect()
+    };
+    let (patients, consents) = (time_of("Patient"), time_of("Consent"));
+    assert_eq!((patients.len(), consents.len()), (1, 1));
+    assert_eq!(patients[0], consents[0]);
+    let transaction_audit: Vec<&Value> = entries
         .iter()
-        .map(|e| e["resource"]["meta"]["lastUpdated"].as_str().unwrap())
+        .filter(|e| e["resource"]["subtype"][0]["code"] == "transaction")
         .collect();
-    assert_eq!(times.len(), 2);
-    assert_eq!(times[0], times[1]);
+    assert_eq!(transaction_audit.len(), 1);
+    assert_eq!(
+        transaction_audit[0]["resource"]["meta"]["lastUpdated"],
+        patients[0]
+    );
 
     // The same transaction again: the conditional create matches, the consent is new, and
     // its reference points at the existing patient.

@@ -310,11 +310,15 @@ fn bad_input_gets_a_clear_4xx_operation_outcome_and_stores_nothing() {
     assert_outcome(s.get("Patient?_count=lots"), 400);
     assert_outcome(s.get("Patient/1/_history/abc"), 400);
     assert_outcome(raw("POST", "Patient/1", FHIR_JSON, "{}"), 405);
-    // None of that stored anything.
+    // None of that stored anything but the AuditEvents recording the failures.
     let (_, all) = s.get_json("Patient");
     assert_eq!(all["total"], 0);
-    let (_, hist) = s.get_json("_history");
-    assert!(hist.get("entry").is_none(), "{hist}");
+    for t in ["Patient", "Consent", "DocumentReference"] {
+        let (_, hist) = s.get_json(&format!("{t}/_history"));
+        assert!(hist.get("entry").is_none(), "{hist}");
+    }
+    let (_, failures) = s.get_json("AuditEvent?outcome=4&_summary=count");
+    assert!(failures["total"].as_u64().unwrap() >= 10, "{failures}");
     // Outside the base: still an OperationOutcome.
     let r = s
         .client
@@ -386,13 +390,26 @@ fn history_at_type_and_system_level_with_since_and_paging() {
     };
     std::thread::sleep(std::time::Duration::from_millis(20));
     s.create(&json!({"resourceType": "Consent", "status": "active", "scope": {"text": "x"}, "category": [{"text": "y"}]}));
-    let (_, sys) = s.get_json("_history");
-    assert_eq!(sys["entry"].as_array().unwrap().len(), 6);
-    assert_eq!(sys["entry"][0]["resource"]["resourceType"], "Consent");
+    // The system history also holds every interaction's AuditEvent.
+    let records = |b: &Value| -> Vec<Value> {
+        b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] != "AuditEvent")
+            .cloned()
+            .collect()
+    };
+    let (_, sys) = s.get_json("_history?_count=500");
+    assert_eq!(records(&sys).len(), 6);
+    assert_eq!(records(&sys)[0]["resource"]["resourceType"], "Consent");
     let (_, typ) = s.get_json("Patient/_history");
     assert_eq!(typ["entry"].as_array().unwrap().len(), 5);
-    let (_, since) = s.get_json(&format!("_history?_since={}", cut.replace('+', "%2B")));
-    assert_eq!(since["entry"].as_array().unwrap().len(), 2, "{since}");
+    let (_, since) = s.get_json(&format!(
+        "_history?_count=500&_since={}",
+        cut.replace('+', "%2B")
+    ));
+    assert_eq!(records(&since).len(), 2, "{since}");
     // Paging: follow next links until the end; every entry exactly once.
     let mut seen = Vec::new();
     let mut url = s.url("Patient/_history?_count=2");
@@ -495,7 +512,8 @@ fn reindex_command_rebuilds_search_after_restart() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "reindexed 1 resources"
+        "reindexed 2 resources",
+        "the Patient and the AuditEvent of its create"
     );
     s.launch();
     let (_, b) = s.get_json("Patient?family=reidx&birthdate=1960-03-03");

@@ -69,6 +69,23 @@ pub fn restriction(grant: &Grant, rtype: ResourceType, perm: Perm) -> Result<Res
     Ok(Restriction { patient, queries })
 }
 
+/// AuditEvents are read by the patient they concern (patient/ scopes, narrowed to the
+/// patient's compartment) and by administrators and audit services (system/ scopes); a
+/// clinician's user/ scopes do not reach them.
+pub fn check_audit_reader(grant: &Grant) -> Result<()> {
+    let reader = grant.scopes.iter().any(|s| {
+        (s.allows(ResourceType::AuditEvent, Perm::R) || s.allows(ResourceType::AuditEvent, Perm::S))
+            && s.context != Context::User
+    });
+    if reader {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(
+            "AuditEvents are visible to the patient they concern (patient/ scopes) and to administrators (system/ scopes)".into(),
+        ))
+    }
+}
+
 /// Narrow a search to what the restriction allows.
 pub fn narrow(registry: &Registry, q: &mut SearchQuery, r: &Restriction) -> Result<()> {
     if let Some(pid) = &r.patient {

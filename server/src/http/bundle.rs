@@ -13,7 +13,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::interaction::{self, commit, condition, if_none_exist_query, patched, resource_url};
-use super::negotiate::{parse_etag, query_pairs, Prefer};
+use super::negotiate::{parse_etag, query_pairs};
 use super::{route, Body, FhirRequest, FhirResponse, Method as HttpMethod, ResponseBody, Route};
 use crate::error::{Error, Issue, Result};
 use crate::fhir::{format_instant, new_id, ResourceType};
@@ -178,8 +178,8 @@ pub async fn process(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
         ));
     }
     match bundle["type"].as_str() {
-        Some("batch") => batch(svc, &entries, req.prefer, &req.grant).await,
-        Some("transaction") => transaction(svc, &entries, req.prefer, &req.grant).await,
+        Some("batch") => batch(svc, &entries, &req).await,
+        Some("transaction") => transaction(svc, &entries, &req).await,
         other => Err(Error::BadRequest(
             Issue::error(
                 "value",
@@ -190,12 +190,8 @@ pub async fn process(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
     }
 }
 
-async fn batch(
-    svc: &Service,
-    entries: &[Value],
-    prefer: Prefer,
-    grant: &Option<std::sync::Arc<crate::auth::Grant>>,
-) -> Result<FhirResponse> {
+async fn batch(svc: &Service, entries: &[Value], outer: &FhirRequest) -> Result<FhirResponse> {
+    let (prefer, grant) = (outer.prefer, &outer.grant);
     let mut out = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let result = async {
@@ -221,6 +217,9 @@ async fn batch(
                 node: None,
                 grant: grant.clone(),
                 token_error: None,
+                purpose: outer.purpose.clone(),
+                peer_address: outer.peer_address.clone(),
+                audit: None,
             };
             Box::pin(interaction::handle(svc, freq)).await
         }
@@ -300,12 +299,8 @@ enum Planned {
     Read,
 }
 
-async fn transaction(
-    svc: &Service,
-    raw: &[Value],
-    prefer: Prefer,
-    grant: &Option<std::sync::Arc<crate::auth::Grant>>,
-) -> Result<FhirResponse> {
+async fn transaction(svc: &Service, raw: &[Value], outer: &FhirRequest) -> Result<FhirResponse> {
+    let (prefer, grant) = (outer.prefer, &outer.grant);
     let entries: Vec<Entry> = raw
         .iter()
         .enumerate()
@@ -643,7 +638,7 @@ async fn transaction(
     let committed = if changes.is_empty() {
         None
     } else {
-        Some(commit(svc, changes).await.map_err(|e| match e {
+        Some(commit(svc, changes, outer).await.map_err(|e| match e {
             Error::TransactionEntry { index, source } => Error::TransactionEntry {
                 index: entry_of_position[index],
                 source,
@@ -703,6 +698,9 @@ async fn transaction(
                     node: None,
                     grant: grant.clone(),
                     token_error: None,
+                    purpose: outer.purpose.clone(),
+                    peer_address: outer.peer_address.clone(),
+                    audit: None,
                 };
                 match Box::pin(interaction::handle(svc, freq)).await {
                     Ok(resp) => response_entry(&resp, None),

@@ -1,6 +1,8 @@
 //! The FHIR interactions (R4 http.html), one function each, over `FhirRequest` so that the
 //! HTTP dispatcher and Bundle entries share them.
 
+use std::sync::Arc;
+
 use actix_web::http::StatusCode;
 use serde_json::{json, Map, Value};
 
@@ -8,24 +10,264 @@ use super::negotiate::ReturnPreference;
 use super::{
     bundle, capability, Body, FhirRequest, FhirResponse, Method as HttpMethod, ResponseBody, Route,
 };
+use crate::audit;
 use crate::auth::access;
 use crate::auth::scopes::Perm;
 use crate::auth::Grant;
+use crate::consent::gate::{ConsentGate, Verdict};
 use crate::error::{operation_outcome, Error, Issue, Result};
 use crate::fhir::{check_id, format_instant, new_id, ResourceType};
 use crate::search::exec;
 use crate::search::query::{self, SearchQuery, Summary, Total};
 use crate::search::value::parse_date_range;
-use crate::store::txlog::{Applied, Change, Committed, OnMatch, Outcome};
+use crate::store::txlog::{Applied, Change, Committed, OnMatch, Outcome, Submission};
 use crate::store::{Method, Version};
 use crate::Service;
 
 /// Every FHIR interaction passes here: the token's grant is required (except for the
 /// CapabilityStatement and node-to-node retrieval), checked before the interaction runs, and
-/// applied to what it returns.
-pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
+/// applied to what it returns; the patients' Consents decide what may leave; and the
+/// interaction's AuditEvent commits on the ledger before the response leaves (fail closed).
+pub async fn handle(svc: &Service, mut req: FhirRequest) -> Result<FhirResponse> {
+    if req.route == Route::Capabilities {
+        return Ok(FhirResponse::json(
+            StatusCode::OK,
+            capability::statement(svc),
+        ));
+    }
+    let ctx = audit_context(svc, &req);
+    let mut gate = ConsentGate::new(
+        &svc.store,
+        &svc.config.consent,
+        req.grant.as_deref(),
+        req.purpose.as_deref(),
+        crate::fhir::now_ms(),
+    )?;
+    if carries_its_audit(&req) {
+        let success = audit::AuditOutcome {
+            status: 200,
+            description: None,
+            resources: Vec::new(),
+            patients: Vec::new(),
+        };
+        let mut draft = ctx.clone();
+        draft.target = None;
+        req.audit = Some(Arc::new(audit::AuditSlot::new(audit::event(
+            &draft,
+            &success,
+            &gate.summary(),
+            crate::fhir::now_ms(),
+        ))));
+    }
+    let slot = req.audit.clone();
+    let actor = actor_of(&req);
+    // The patients a refused or failed request concerned, so that they see it too.
+    let addressed = match &req.route {
+        Route::Read(t, id)
+        | Route::VRead(t, id, _)
+        | Route::Update(t, id)
+        | Route::Patch(t, id)
+        | Route::Delete(t, id)
+        | Route::InstanceHistory(t, id) => svc.store.ledger_patients(*t, id).unwrap_or_default(),
+        Route::PatientCompartment(p, _) => vec![format!("Patient/{p}")],
+        _ => Vec::new(),
+    };
+    let result = authorized(svc, req, &mut gate).await;
+    let committed = slot.is_some_and(|s| s.committed.load(std::sync::atomic::Ordering::SeqCst));
+    if committed && result.is_ok() {
+        return result;
+    }
+    let outcome = match &result {
+        Ok(resp) => released(svc, resp),
+        Err(e) => audit::AuditOutcome {
+            status: e.status().as_u16(),
+            description: Some(e.to_string()),
+            resources: Vec::new(),
+            patients: addressed,
+        },
+    };
+    let event = audit::event(&ctx, &outcome, &gate.summary(), crate::fhir::now_ms());
+    commit_audit(svc, event, actor).await?;
+    result
+}
+
+/// Commit an AuditEvent on its own: an interaction is answered only once its record is durable
+/// and committed on the ledger.
+pub async fn commit_audit(svc: &Service, event: Value, actor: String) -> Result<()> {
+    let submission = Submission {
+        changes: Vec::new(),
+        actor,
+        audit: Some(event),
+    };
+    match svc.txlog.submit(submission).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "an AuditEvent could not be committed; the interaction fails");
+            Err(Error::LedgerUnavailable(format!(
+                "the audit record of this interaction could not be committed ({e}); nothing was released"
+            )))
+        }
+        Err(_) => Err(Error::LedgerUnavailable(
+            "the commit thread stopped before the audit record committed; nothing was released"
+                .into(),
+        )),
+    }
+}
+
+/// The ledger entry's actor: client id and user.
+fn actor_of(req: &FhirRequest) -> String {
+    match &req.grant {
+        Some(g) => format!("{} {}", g.client_id, g.sub),
+        None => "anonymous".into(),
+    }
+}
+
+/// Does this request's write carry its AuditEvent in its own ledger entry? (A batch's entries
+/// carry theirs; a transaction carries one for all of them.)
+fn carries_its_audit(req: &FhirRequest) -> bool {
+    match &req.route {
+        Route::Create(_)
+        | Route::Update(..)
+        | Route::ConditionalUpdate(_)
+        | Route::Patch(..)
+        | Route::ConditionalPatch(_)
+        | Route::Delete(..)
+        | Route::ConditionalDelete(_) => true,
+        Route::SystemBundle => {
+            matches!(&req.body, Body::Resource(b) if b["type"] == "transaction")
+        }
+        _ => false,
+    }
+}
+
+/// Who asks, for what, as the AuditEvent records it.
+fn audit_context(svc: &Service, req: &FhirRequest) -> audit::AuditContext {
+    use Route::*;
+    let (interaction, action) = match &req.route {
+        Read(..) | NodeVersion(..) => ("read", "R"),
+        VRead(..) => ("vread", "R"),
+        Create(_) => ("create", "C"),
+        Update(..) | ConditionalUpdate(_) => ("update", "U"),
+        Patch(..) | ConditionalPatch(_) => ("patch", "U"),
+        Delete(..) | ConditionalDelete(_) => ("delete", "D"),
+        Search(_) | SearchPost(_) | PatientCompartment(..) => ("search-type", "E"),
+        InstanceHistory(..) => ("history-instance", "R"),
+        TypeHistory(_) => ("history-type", "R"),
+        SystemHistory => ("history-system", "R"),
+        SystemBundle => match &req.body {
+            Body::Resource(b) if b["type"] == "transaction" => ("transaction", "E"),
+            _ => ("batch", "E"),
+        },
+        ValidateType(_) | ValidateInstance(..) | Verify(..) | LedgerHead | LedgerBlock(_) => {
+            ("operation", "E")
+        }
+        Capabilities => ("capabilities", "R"),
+    };
+    let target = match &req.route {
+        Read(t, id) | Update(t, id) | Patch(t, id) | Delete(t, id) | InstanceHistory(t, id) => {
+            Some(format!("{t}/{id}"))
+        }
+        VRead(t, id, v) | NodeVersion(t, id, v) => Some(format!("{t}/{id}/_history/{v}")),
+        PatientCompartment(p, _) => Some(format!("Patient/{p}")),
+        _ => None,
+    };
+    let query = match &req.route {
+        Search(_)
+        | SearchPost(_)
+        | PatientCompartment(..)
+        | ConditionalUpdate(_)
+        | ConditionalPatch(_)
+        | ConditionalDelete(_) => {
+            let mut ser = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in &req.query {
+                ser.append_pair(k, v);
+            }
+            if let Body::Form(form) = &req.body {
+                for (k, v) in form {
+                    ser.append_pair(k, v);
+                }
+            }
+            Some(ser.finish())
+        }
+        _ => None,
+    };
+    let grant = req.grant.as_deref();
+    audit::AuditContext {
+        token: false,
+        interaction: interaction.into(),
+        action,
+        client_id: grant.map(|g| g.client_id.clone()),
+        user: grant.map(|g| g.sub.clone()),
+        fhir_user: grant.and_then(|g| g.fhir_user.clone()),
+        organization: svc.config.consent.organization.clone(),
+        peer_address: req.peer_address.clone(),
+        purpose: Some(
+            req.purpose
+                .clone()
+                .unwrap_or_else(|| crate::consent::gate::DEFAULT_PURPOSE.into()),
+        ),
+        query,
+        target,
+    }
+}
+
+/// What a successful response released: its resources and their patients.
+fn released(svc: &Service, resp: &FhirResponse) -> audit::AuditOutcome {
+    const MAX_LISTED: usize = 100;
+    let mut out = audit::AuditOutcome {
+        status: resp.status.as_u16(),
+        description: None,
+        resources: Vec::new(),
+        patients: Vec::new(),
+    };
+    let mut note = |r: &Value| {
+        let (Some(t), Some(id)) = (
+            r["resourceType"]
+                .as_str()
+                .and_then(|t| t.parse::<ResourceType>().ok()),
+            r["id"].as_str(),
+        ) else {
+            return;
+        };
+        for p in svc.registry.patients_of(t, id, r, &svc.config.base_url) {
+            if !out.patients.contains(&p) {
+                out.patients.push(p);
+            }
+        }
+        if out.resources.len() < MAX_LISTED {
+            out.resources.push(match r["meta"]["versionId"].as_str() {
+                Some(v) => format!("{t}/{id}/_history/{v}"),
+                None => format!("{t}/{id}"),
+            });
+        }
+    };
+    match &resp.body {
+        ResponseBody::Stored(b) => {
+            if let Ok(v) = serde_json::from_slice::<Value>(b) {
+                note(&v);
+            }
+        }
+        ResponseBody::Json(v) if v["resourceType"] == "Bundle" => {
+            for e in v["entry"].as_array().into_iter().flatten() {
+                if e["resource"]["resourceType"] != "OperationOutcome" {
+                    note(&e["resource"]);
+                }
+            }
+        }
+        ResponseBody::Json(v) => note(v),
+        ResponseBody::None => {}
+    }
+    out
+}
+
+/// The grant check, the interaction, and what the grant may see of its response.
+async fn authorized(
+    svc: &Service,
+    req: FhirRequest,
+    gate: &mut ConsentGate<'_>,
+) -> Result<FhirResponse> {
     let grant = match &req.route {
-        Route::Capabilities | Route::NodeVersion(..) => None,
+        Route::NodeVersion(..) => None,
         _ => Some(req.grant.clone().ok_or_else(|| {
             Error::Unauthorized(match &req.token_error {
                 Some(e) => format!("the access token was refused: {e}"),
@@ -41,7 +283,7 @@ pub async fn handle(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
         };
         permit(svc, g, &route, body).await?;
     }
-    let resp = run(svc, req).await?;
+    let resp = run(svc, req, gate).await?;
     match &grant {
         Some(g) => filter_response(svc, g, &route, resp),
         None => Ok(resp),
@@ -108,6 +350,21 @@ pub async fn permit(
         }
         Ok::<(), Error>(())
     };
+    if audit::is_audit_mutation(route) {
+        return Err(Error::MethodNotAllowed(
+            "AuditEvents are a permanent record: they cannot be updated, patched or deleted".into(),
+        ));
+    }
+    if let Route::Read(ResourceType::AuditEvent, _)
+    | Route::VRead(ResourceType::AuditEvent, ..)
+    | Route::Search(ResourceType::AuditEvent)
+    | Route::SearchPost(ResourceType::AuditEvent)
+    | Route::PatientCompartment(_, ResourceType::AuditEvent)
+    | Route::InstanceHistory(ResourceType::AuditEvent, _)
+    | Route::TypeHistory(ResourceType::AuditEvent) = route
+    {
+        access::check_audit_reader(grant)?;
+    }
     match route {
         Route::Capabilities | Route::NodeVersion(..) | Route::SystemBundle => Ok(()),
         Route::Read(t, _) | Route::VRead(t, ..) | Route::ValidateInstance(t, _) => {
@@ -224,19 +481,19 @@ fn filter_response(
     }
 }
 
-async fn run(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
+async fn run(svc: &Service, req: FhirRequest, gate: &mut ConsentGate<'_>) -> Result<FhirResponse> {
     match req.route.clone() {
         Route::Capabilities => Ok(FhirResponse::json(
             StatusCode::OK,
             capability::statement(svc),
         )),
         Route::SystemBundle => bundle::process(svc, req).await,
-        Route::Read(t, id) => read(svc, t, &id, req.if_none_match.as_deref()).await,
-        Route::VRead(t, id, v) => vread(svc, t, &id, v).await,
+        Route::Read(t, id) => read(svc, t, &id, req.if_none_match.as_deref(), gate).await,
+        Route::VRead(t, id, v) => vread(svc, t, &id, v, gate).await,
         Route::Create(t) => create(svc, t, req).await,
         Route::Update(t, id) => update(svc, t, &id, req).await,
         Route::ConditionalUpdate(t) => conditional_update(svc, t, req).await,
-        Route::Patch(t, id) => patch(svc, t, id, req).await,
+        Route::Patch(t, id) => patch(svc, t, id, &req).await,
         Route::ConditionalPatch(t) => {
             let q = condition(svc, t, &req.query)?;
             let ids = exec::matching_ids(&svc.store, &svc.config.base_url, &q)?;
@@ -244,7 +501,7 @@ async fn run(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
                 [] => Err(Error::NotFound(format!(
                     "no {t} matches the PATCH condition"
                 ))),
-                [id] => patch(svc, t, id.clone(), req).await,
+                [id] => patch(svc, t, id.clone(), &req).await,
                 _ => Err(Error::MultipleMatches(format!(
                     "the PATCH condition matches more than one {t}"
                 ))),
@@ -258,27 +515,30 @@ async fn run(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
                     id,
                     if_match: req.if_match,
                 },
+                &req,
             )
             .await?,
         )),
         Route::ConditionalDelete(t) => {
             let q = condition(svc, t, &req.query)?;
             Ok(deleted_response(
-                &commit_one(svc, Change::ConditionalDelete { rtype: t, query: q }).await?,
+                &commit_one(svc, Change::ConditionalDelete { rtype: t, query: q }, &req).await?,
             ))
         }
-        Route::Search(t) => search(svc, t, None, &req.query, &req).await,
+        Route::Search(t) => search(svc, t, None, &req.query, &req, gate).await,
         Route::SearchPost(t) => {
             let mut params = req.query.clone();
             if let Body::Form(form) = &req.body {
                 params.extend(form.iter().cloned());
             }
-            search(svc, t, None, &params, &req).await
+            search(svc, t, None, &params, &req, gate).await
         }
-        Route::PatientCompartment(pid, t) => search(svc, t, Some(&pid), &req.query, &req).await,
-        Route::InstanceHistory(t, id) => history(svc, Some((t, id)), None, &req.query).await,
-        Route::TypeHistory(t) => history(svc, None, Some(t), &req.query).await,
-        Route::SystemHistory => history(svc, None, None, &req.query).await,
+        Route::PatientCompartment(pid, t) => {
+            search(svc, t, Some(&pid), &req.query, &req, gate).await
+        }
+        Route::InstanceHistory(t, id) => history(svc, Some((t, id)), None, &req.query, gate).await,
+        Route::TypeHistory(t) => history(svc, None, Some(t), &req.query, gate).await,
+        Route::SystemHistory => history(svc, None, None, &req.query, gate).await,
         Route::NodeVersion(t, id, v) => node_version(svc, t, &id, v, req.node.as_deref()),
         Route::ValidateType(t) => validate_operation(svc, t, None, &req.body),
         Route::ValidateInstance(t, id) => validate_operation(svc, t, Some(&id), &req.body),
@@ -294,16 +554,32 @@ async fn run(svc: &Service, req: FhirRequest) -> Result<FhirResponse> {
     }
 }
 
-pub async fn commit(svc: &Service, changes: Vec<Change>) -> Result<Committed> {
-    svc.txlog
-        .submit(changes)
+/// Commit changes as one ledger entry, with the request's AuditEvent (once) if it carries one.
+pub async fn commit(svc: &Service, changes: Vec<Change>, req: &FhirRequest) -> Result<Committed> {
+    use std::sync::atomic::Ordering;
+    let slot = req
+        .audit
+        .as_ref()
+        .filter(|s| !s.committed.load(Ordering::SeqCst));
+    let submission = Submission {
+        changes,
+        actor: actor_of(req),
+        audit: slot.map(|s| s.event.clone()),
+    };
+    let committed = svc
+        .txlog
+        .submit(submission)
         .await
-        .map_err(|_| Error::Storage("the commit thread stopped before answering".into()))?
+        .map_err(|_| Error::Storage("the commit thread stopped before answering".into()))??;
+    if let Some(s) = slot {
+        s.committed.store(true, Ordering::SeqCst);
+    }
+    Ok(committed)
 }
 
 /// Commit one change outside any Bundle: its errors are the interaction's own.
-async fn commit_one(svc: &Service, change: Change) -> Result<Applied> {
-    match commit(svc, vec![change]).await {
+async fn commit_one(svc: &Service, change: Change, req: &FhirRequest) -> Result<Applied> {
+    match commit(svc, vec![change], req).await {
         Ok(mut c) => Ok(c.applied.remove(0)),
         Err(Error::TransactionEntry { source, .. }) => Err(*source),
         Err(e) => Err(e),
@@ -401,13 +677,46 @@ async fn remote_version(
         .map(Some)
 }
 
+/// May this version leave, under the patients' Consents? A deny is a 403 naming the Consent;
+/// a break-the-glass release comes back labelled (Some).
+fn consent_release(gate: &mut ConsentGate<'_>, v: &Version) -> Result<Option<Value>> {
+    match gate.check_current(v.rtype, &v.id)? {
+        Verdict::Permit => Ok(None),
+        Verdict::Deny(reasons) => Err(Error::Forbidden(format!(
+            "the patient's consent does not permit this access: {}",
+            reasons.join("; ")
+        ))),
+        Verdict::Override(_) => {
+            let mut r: Value =
+                serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
+            label_break_glass(&mut r);
+            Ok(Some(r))
+        }
+    }
+}
+
+/// Mark a resource released by break-the-glass (`meta.security` BTG).
+fn label_break_glass(r: &mut Value) {
+    if !r["meta"].is_object() {
+        r["meta"] = json!({});
+    }
+    if !r["meta"]["security"].is_array() {
+        r["meta"]["security"] = json!([]);
+    }
+    if let Some(labels) = r["meta"]["security"].as_array_mut() {
+        labels.push(audit::break_glass_label());
+    }
+}
+
 async fn read(
     svc: &Service,
     t: ResourceType,
     id: &str,
     if_none_match: Option<&str>,
+    gate: &mut ConsentGate<'_>,
 ) -> Result<FhirResponse> {
     let v = current_version(svc, t, id).await?;
+    let labelled = consent_release(gate, &v)?;
     if let Some(tag) = if_none_match {
         if super::negotiate::parse_etag(tag).ok() == Some(v.version) {
             return Ok(FhirResponse {
@@ -419,10 +728,25 @@ async fn read(
             });
         }
     }
-    Ok(version_response(StatusCode::OK, &v))
+    Ok(labelled_response(&v, labelled))
 }
 
-async fn vread(svc: &Service, t: ResourceType, id: &str, version: u64) -> Result<FhirResponse> {
+/// A version's 200 response, with the labelled body if break-the-glass released it.
+fn labelled_response(v: &Version, labelled: Option<Value>) -> FhirResponse {
+    let mut resp = version_response(StatusCode::OK, v);
+    if let Some(body) = labelled {
+        resp.body = ResponseBody::Json(body);
+    }
+    resp
+}
+
+async fn vread(
+    svc: &Service,
+    t: ResourceType,
+    id: &str,
+    version: u64,
+    gate: &mut ConsentGate<'_>,
+) -> Result<FhirResponse> {
     let v = match remote_version(svc, t, id, version).await? {
         Some(v) => v,
         None => svc
@@ -437,7 +761,8 @@ async fn vread(svc: &Service, t: ResourceType, id: &str, version: u64) -> Result
             version,
         });
     }
-    Ok(version_response(StatusCode::OK, &v))
+    let labelled = consent_release(gate, &v)?;
+    Ok(labelled_response(&v, labelled))
 }
 
 /// Node-to-node release of a version this node holds (see `ledger::peer`).
@@ -607,7 +932,7 @@ async fn create(svc: &Service, t: ResourceType, req: FhirRequest) -> Result<Fhir
     };
     Ok(applied_response(
         svc,
-        &commit_one(svc, change).await?,
+        &commit_one(svc, change, &req).await?,
         req.prefer.return_,
     ))
 }
@@ -646,7 +971,7 @@ async fn update(
     };
     Ok(applied_response(
         svc,
-        &commit_one(svc, change).await?,
+        &commit_one(svc, change, &req).await?,
         req.prefer.return_,
     ))
 }
@@ -672,6 +997,7 @@ async fn conditional_update(
                 resource,
                 if_match: req.if_match,
             },
+            &req,
         )
         .await?,
         req.prefer.return_,
@@ -710,7 +1036,7 @@ async fn patch(
     svc: &Service,
     t: ResourceType,
     id: String,
-    req: FhirRequest,
+    req: &FhirRequest,
 ) -> Result<FhirResponse> {
     let Body::Patch(p) = &req.body else {
         return Err(Error::bad_request(
@@ -738,7 +1064,7 @@ async fn patch(
             if_match: Some(version),
             method: Method::Patch,
         };
-        match commit_one(svc, change).await {
+        match commit_one(svc, change, req).await {
             Err(Error::PreconditionFailed(_)) if req.if_match.is_none() => continue,
             r => return Ok(applied_response(svc, &r?, req.prefer.return_)),
         }
@@ -867,6 +1193,7 @@ async fn search(
     compartment: Option<&str>,
     params: &[(String, String)],
     req: &FhirRequest,
+    gate: &mut ConsentGate<'_>,
 ) -> Result<FhirResponse> {
     let mut q = query::parse(&svc.registry, t, params, req.prefer.lenient)?;
     if let Some(g) = &req.grant {
@@ -908,6 +1235,20 @@ async fn search(
         }
         ids.extend(remote.keys().cloned());
     }
+    // What the patients' Consents withhold is not matched at all: not counted, not paged.
+    let mut overridden = std::collections::HashSet::new();
+    let mut permitted = Vec::with_capacity(ids.len());
+    for id in ids {
+        match gate.check_current(t, &id)? {
+            Verdict::Permit => permitted.push(id),
+            Verdict::Override(_) => {
+                overridden.insert(id.clone());
+                permitted.push(id);
+            }
+            Verdict::Deny(_) => {}
+        }
+    }
+    let ids = permitted;
     let total = ids.len();
     let mut bundle = json!({"resourceType": "Bundle", "id": new_id(), "meta": {"lastUpdated": format_instant(crate::fhir::now_ms())}, "type": "searchset"});
     if q.total == Total::Accurate || q.summary == Summary::Count {
@@ -956,14 +1297,25 @@ async fn search(
             },
         };
         seen.insert((t, id.to_string()));
-        let resource: Value =
+        let mut resource: Value =
             serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
+        if overridden.contains(id.as_str()) {
+            label_break_glass(&mut resource);
+        }
         entries.push(json!({"fullUrl": resource_url(svc, t, id), "resource": project(svc, t, &q, resource), "search": {"mode": "match"}}));
     }
     for (target, v) in includes(svc, &q, &page)? {
+        let labelled = match gate.check_current(target, &v.id)? {
+            Verdict::Permit => false,
+            Verdict::Override(_) => true,
+            Verdict::Deny(_) => continue,
+        };
         if seen.insert((target, v.id.clone())) {
-            let resource: Value =
+            let mut resource: Value =
                 serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?;
+            if labelled {
+                label_break_glass(&mut resource);
+            }
             entries.push(json!({"fullUrl": resource_url(svc, target, &v.id), "resource": resource, "search": {"mode": "include"}}));
         }
     }
@@ -1048,7 +1400,16 @@ async fn history(
     instance: Option<(ResourceType, String)>,
     rtype: Option<ResourceType>,
     params: &[(String, String)],
+    gate: &mut ConsentGate<'_>,
 ) -> Result<FhirResponse> {
+    if let Some((t, id)) = &instance {
+        if let Verdict::Deny(reasons) = gate.check_current(*t, id)? {
+            return Err(Error::Forbidden(format!(
+                "the patient's consent does not permit this access: {}",
+                reasons.join("; ")
+            )));
+        }
+    }
     let mut since = None;
     let mut count = query::DEFAULT_COUNT;
     let mut cursor: Option<(u64, u32)> = None;
@@ -1117,10 +1478,17 @@ async fn history(
     if let Some(next) = page.next {
         links.push(link("next", link_for(Some(next))));
     }
-    let entries: Vec<Value> = page
-        .versions
-        .iter()
-        .map(|v| {
+    let mut released = Vec::with_capacity(page.versions.len());
+    for v in &page.versions {
+        match gate.check_current(v.rtype, &v.id)? {
+            Verdict::Permit => released.push((v, false)),
+            Verdict::Override(_) => released.push((v, true)),
+            Verdict::Deny(_) => {}
+        }
+    }
+    let entries: Vec<Value> = released
+        .into_iter()
+        .map(|(v, labelled)| {
             let url = resource_url(svc, v.rtype, &v.id);
             let (request_url, status) = match v.method {
                 Method::Post => (v.rtype.to_string(), "201 Created"),
@@ -1135,6 +1503,9 @@ async fn history(
             });
             if !v.deleted {
                 e["resource"] = serde_json::from_slice(&v.body).unwrap_or(Value::Null);
+                if labelled {
+                    label_break_glass(&mut e["resource"]);
+                }
             }
             e
         })

@@ -201,6 +201,12 @@ pub struct FhirRequest {
     pub grant: Option<Arc<crate::auth::Grant>>,
     /// Why a presented token was refused.
     pub token_error: Option<String>,
+    /// The purpose of use the client states (`X-Purpose-Of-Use`, a v3-ActReason code).
+    pub purpose: Option<String>,
+    /// The client's network address, for the AuditEvent.
+    pub peer_address: Option<String>,
+    /// The interaction's AuditEvent, for a write to commit in the same ledger entry.
+    pub audit: Option<Arc<crate::audit::AuditSlot>>,
 }
 
 #[derive(Debug, Clone)]
@@ -348,6 +354,9 @@ pub async fn dispatch(
         node: negotiate::header(&req, crate::ledger::peer::NODE_HEADER),
         grant,
         token_error,
+        purpose: negotiate::header(&req, "X-Purpose-Of-Use").map(|p| p.trim().to_string()),
+        peer_address: req.peer_addr().map(|a| a.ip().to_string()),
+        audit: None,
     };
     let resp = interaction::handle(&svc, freq).await?;
     Ok(to_http(resp, pretty, method == Method::Head))

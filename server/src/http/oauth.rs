@@ -242,8 +242,70 @@ pub async fn approve(body: web::Bytes, svc: web::Data<Service>) -> HttpResponse 
     }
 }
 
+/// The token endpoint. Every issuance and every refusal leaves an AuditEvent (user
+/// authentication); a token is handed out only once that record is committed.
 pub async fn token(req: HttpRequest, body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
-    match svc.auth.token(&form_pairs(&body), basic_auth(&req)) {
+    let form = form_pairs(&body);
+    let basic = basic_auth(&req);
+    let result = svc.auth.token(&form, basic.clone());
+    let mut ctx = crate::audit::AuditContext {
+        token: true,
+        interaction: "token".into(),
+        action: "E",
+        organization: svc.config.consent.organization.clone(),
+        peer_address: req.peer_addr().map(|a| a.ip().to_string()),
+        client_id: basic
+            .map(|(id, _)| id)
+            .or_else(|| crate::auth::form_value(&form, "client_id").map(str::to_string)),
+        ..Default::default()
+    };
+    let mut outcome = crate::audit::AuditOutcome {
+        status: 200,
+        description: None,
+        resources: Vec::new(),
+        patients: Vec::new(),
+    };
+    match &result {
+        Ok(t) => {
+            let grant = t.0["access_token"]
+                .as_str()
+                .and_then(|a| svc.auth.grant(a).ok());
+            if let Some(g) = grant {
+                ctx.client_id = Some(g.client_id.clone());
+                ctx.user = Some(g.sub.clone());
+                ctx.fhir_user = g.fhir_user.clone();
+                outcome
+                    .patients
+                    .extend(g.patient.as_ref().map(|p| format!("Patient/{p}")));
+            }
+        }
+        Err(e) => {
+            outcome.status = if e.error == "invalid_client" {
+                401
+            } else {
+                400
+            };
+            outcome.description = Some(format!("{}: {}", e.error, e.description));
+        }
+    }
+    let actor = format!(
+        "{} {}",
+        ctx.client_id.as_deref().unwrap_or("unknown"),
+        ctx.user.as_deref().unwrap_or("-")
+    );
+    let event = crate::audit::event(
+        &ctx,
+        &outcome,
+        &crate::audit::ConsentSummary::default(),
+        crate::fhir::now_ms(),
+    );
+    if let Err(e) = super::interaction::commit_audit(&svc, event, actor).await {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "temporarily_unavailable", "error_description": e.to_string()}),
+        );
+    }
+    match result {
         Ok(t) => json_response(StatusCode::OK, &t.0),
         Err(e) => oauth_error(&e),
     }

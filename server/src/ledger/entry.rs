@@ -26,7 +26,7 @@ pub struct LedgerEntry {
     pub tx: String,
     /// The replica (organization) whose node accepted the write and holds the bytes.
     pub holder: u32,
-    /// The acting client and user, as authenticated (until SMART lands: `anonymous`).
+    /// The acting client and user, as authenticated (`client-id user`).
     pub client: String,
     /// When the accepting node evaluated the submission (FHIR instant).
     pub at: String,
@@ -47,6 +47,10 @@ pub struct VersionRecord {
     /// The patient compartments the version belongs to (`Patient/<id>`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patients: Vec<String>,
+    /// For a Consent version in force: its policy, which every replica applies at this
+    /// entry's ledger position (see `consent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent: Option<crate::consent::ConsentPolicy>,
 }
 
 impl LedgerEntry {
@@ -282,6 +286,7 @@ mod tests {
                 deleted: false,
                 commitment: Some(hex(&[7u8; 32])),
                 patients: vec!["Patient/p".into()],
+                consent: None,
             }],
         };
         assert_eq!(LedgerEntry::decode(&e.encode()), Some(e.clone()));

@@ -232,6 +232,38 @@ impl Registry {
 }
 
 /// Extract the values of `param` from a resource, ready for indexing.
+impl Registry {
+    /// The patient compartments a resource belongs to (`Patient/<id>`), from the
+    /// CompartmentDefinition's parameters.
+    pub fn patients_of(
+        &self,
+        rtype: ResourceType,
+        id: &str,
+        resource: &Value,
+        base_url: &str,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        if rtype == ResourceType::Patient {
+            out.push(format!("Patient/{id}"));
+        }
+        let base = format!("{base_url}/");
+        for p in self.patient_compartment.get(&rtype).into_iter().flatten() {
+            for v in extract(p, rtype, resource) {
+                if let IndexValue::Reference {
+                    target: Some(t), ..
+                } = v
+                {
+                    let t = t.strip_prefix(&base).unwrap_or(&t).to_string();
+                    if t.starts_with("Patient/") && !out.contains(&t) {
+                        out.push(t);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 pub fn extract(param: &SearchParameter, rtype: ResourceType, resource: &Value) -> Vec<IndexValue> {
     let mut out = Vec::new();
     for item in param.expression.evaluate(rtype.as_str(), resource) {

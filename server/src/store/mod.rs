@@ -18,6 +18,9 @@
 //! |               | `s` type \0 id \0 version(8)          | the version's salt (held versions only)|
 //! |               | `k`                                   | the latest `StableCheckpoint`          |
 //! |               | `x` Patient/id \0 type \0 id          | compartment membership (ever)          |
+//! |               | `y` type \0 id                        | the current version's patients (\n)    |
+//! |               | `p` Patient/id \0 consent id          | `ConsentPolicy` in force, seq(8) first |
+//! |               | `q` consent id                        | the patient its policy is filed under  |
 //!
 //! `ledger` is what this replica derived from executed blocks, in ledger order (the same on
 //! every replica, except `s`, which belongs to the holder). A submitted entry's pending writes
@@ -462,6 +465,52 @@ impl Store {
             Ok(true)
         })?;
         Ok(out)
+    }
+
+    /// The patient compartments of a resource's current version, as the ledger records them.
+    pub fn ledger_patients(&self, rtype: ResourceType, id: &str) -> Result<Vec<String>> {
+        Ok(self
+            .ledger_get(&ledger_key(b'y', &resource_key(rtype, id)))?
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .split('\n')
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// The Consents in force for a patient (`Patient/<id>`), with the ledger position at
+    /// which each took effect.
+    pub fn consent_policies(
+        &self,
+        patient: &str,
+    ) -> Result<Vec<(u64, crate::consent::ConsentPolicy)>> {
+        let mut prefix = ledger_key(b'p', patient.as_bytes());
+        prefix.push(0);
+        let mut out = Vec::new();
+        self.scan_ledger(&prefix, |_, v| {
+            let (seq, json) = v
+                .split_at_checked(8)
+                .ok_or_else(|| Error::Storage("corrupt consent record".into()))?;
+            let seq = u64::from_be_bytes(seq.try_into().expect("8 bytes"));
+            let policy = serde_json::from_slice(json)
+                .map_err(|e| Error::Storage(format!("corrupt consent record: {e}")))?;
+            out.push((seq, policy));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Is any Consent in force for any patient?
+    pub fn any_consent(&self) -> Result<bool> {
+        let mut any = false;
+        self.scan_ledger(b"p", |_, _| {
+            any = true;
+            Ok(false)
+        })?;
+        Ok(any)
     }
 
     /// Every version the ledger records for a resource, newest first.

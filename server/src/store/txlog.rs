@@ -28,6 +28,7 @@ use super::{
     CF_CURRENT, CF_HISTORY, CF_INDEX, CF_LEDGER, CF_META, CF_TYPE_HISTORY, CF_VALUES, CF_VERSIONS,
     COLUMN_FAMILIES, META_APPLIED_SEQ, META_LAST_TS, META_LAST_TX, META_LEDGER_ROOT,
 };
+use crate::consent::ConsentPolicy;
 use crate::error::{Error, Result};
 use crate::fhir::{format_instant, new_id, now_ms, ResourceType};
 use crate::health::Health;
@@ -138,14 +139,37 @@ pub struct Committed {
     /// Position in the log; 0 when nothing was written.
     pub tx: u64,
     pub applied: Vec<Applied>,
+    /// The AuditEvent committed in the same ledger entry, if the submission carried one.
+    pub audit: Option<Applied>,
+}
+
+/// What one client asks to commit, all or nothing, as one ledger entry.
+#[derive(Debug, Clone, Default)]
+pub struct Submission {
+    pub changes: Vec<Change>,
+    /// Who acts (client id and user), recorded in the ledger entry.
+    pub actor: String,
+    /// An AuditEvent to commit in the same entry as the changes. The commit thread adds an
+    /// entity for each version written (which is known only there) before storing it.
+    pub audit: Option<Value>,
+}
+
+impl Submission {
+    pub fn new(changes: Vec<Change>, actor: impl Into<String>) -> Submission {
+        Submission {
+            changes,
+            actor: actor.into(),
+            audit: None,
+        }
+    }
 }
 
 pub trait TxLog: Send + Sync {
-    fn submit(&self, changes: Vec<Change>) -> oneshot::Receiver<Result<Committed>>;
+    fn submit(&self, submission: Submission) -> oneshot::Receiver<Result<Committed>>;
 }
 
 struct Job {
-    changes: Vec<Change>,
+    submission: Submission,
     reply: oneshot::Sender<Result<Committed>>,
 }
 
@@ -154,8 +178,9 @@ enum Input {
     Ledger(Event),
 }
 
-/// How long a write waits for the ledger before its client is told the outcome is unknown.
-const LEDGER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a write waits for the ledger, by default, before its client is told the outcome
+/// is unknown.
+pub const LEDGER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The TxLog of a ledger replica: the commit thread evaluates submissions serially against
 /// this node's state, seals each into a signed ledger entry, and applies it only when the
@@ -172,6 +197,7 @@ impl LedgerTxLog {
         registry: Arc<Registry>,
         base: String,
         replica: &ReplicaSetup,
+        timeout: Duration,
     ) -> Result<LedgerTxLog> {
         let (sender, receiver) = mpsc::channel::<Input>();
         let (applied, _) = store.applied()?;
@@ -182,6 +208,7 @@ impl LedgerTxLog {
         let health = Arc::new(Health::new(embedded.status.clone()));
         let mut committer =
             Committer::new(store, registry, base, replica, embedded, health.clone())?;
+        committer.timeout = timeout;
         std::thread::Builder::new()
             .name("fhirmament-commit".into())
             .spawn(move || committer.run(receiver))
@@ -194,11 +221,11 @@ impl LedgerTxLog {
 }
 
 impl TxLog for LedgerTxLog {
-    fn submit(&self, changes: Vec<Change>) -> oneshot::Receiver<Result<Committed>> {
+    fn submit(&self, submission: Submission) -> oneshot::Receiver<Result<Committed>> {
         let (reply, rx) = oneshot::channel();
         let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(mpsc::SendError(Input::Job(job))) =
-            sender.send(Input::Job(Job { changes, reply }))
+            sender.send(Input::Job(Job { submission, reply }))
         {
             let _ = job
                 .reply
@@ -297,6 +324,10 @@ impl SortedBatch {
     fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }
+    /// A write of this round to the key: Some(None) for a delete, None when it has none.
+    fn get(&self, cf: &'static str, key: &[u8]) -> Option<Option<&Vec<u8>>> {
+        self.writes.get(&(cf, key.to_vec())).map(Option::as_ref)
+    }
     fn into_write_batch(self, store: &Store) -> WriteBatch {
         let mut wb = WriteBatch::default();
         for ((cf, key), value) in self.writes {
@@ -359,6 +390,7 @@ struct Committer {
     applied_seq: u64,
     ledger_root: [u8; 32],
     health: Arc<Health>,
+    timeout: Duration,
 }
 
 fn read_counter(store: &Store, key: &[u8]) -> Result<u64> {
@@ -402,6 +434,7 @@ impl Committer {
             applied_seq,
             ledger_root,
             health,
+            timeout: LEDGER_TIMEOUT,
         })
     }
 
@@ -481,7 +514,8 @@ impl Committer {
             None => false,
             Some(job) => {
                 self.inflight.len() < MAX_IN_FLIGHT
-                    && (self.unapplied.is_empty() || !job.changes.iter().any(Change::needs_search))
+                    && (self.unapplied.is_empty()
+                        || !job.submission.changes.iter().any(Change::needs_search))
             }
         }
     }
@@ -553,14 +587,14 @@ impl Committer {
         let late: Vec<[u8; 32]> = self
             .inflight
             .iter()
-            .filter(|(_, f)| now.duration_since(f.since) > LEDGER_TIMEOUT)
+            .filter(|(_, f)| now.duration_since(f.since) > self.timeout)
             .map(|(h, _)| *h)
             .collect();
         for h in late {
             if let Some(f) = self.inflight.remove(&h) {
                 let _ = f.reply.send(Err(Error::LedgerUnavailable(format!(
                     "the ledger did not commit this write within {} s; it may still commit later — read the resource before retrying",
-                    LEDGER_TIMEOUT.as_secs()
+                    self.timeout.as_secs()
                 ))));
             }
         }
@@ -573,7 +607,7 @@ impl Committer {
         let mut sealed: Vec<Sealed> = Vec::new();
         while let Some(job) = self.queued.front() {
             // A conditional operation searches applied state: it starts a group of its own.
-            if job.changes.iter().any(Change::needs_search)
+            if job.submission.changes.iter().any(Change::needs_search)
                 && (!sealed.is_empty() || !self.unapplied.is_empty())
             {
                 break;
@@ -584,9 +618,14 @@ impl Committer {
             let job = self.queued.pop_front().expect("front exists");
             let mut own = Overlay::default();
             let (tx_before, ts_before) = (self.last_tx, self.last_ts);
+            let Submission {
+                changes,
+                actor,
+                audit,
+            } = job.submission;
             let result = self
-                .apply(&group, &mut own, job.changes)
-                .and_then(|c| Ok((self.seal(&c)?, c)));
+                .apply(&group, &mut own, changes, audit)
+                .and_then(|c| Ok((self.seal(&c, &actor)?, c)));
             match result {
                 Ok((Some(bytes), c)) => {
                     group.merge(own.clone());
@@ -651,10 +690,11 @@ impl Committer {
     }
 
     /// The sealed ledger entry for a successful submission; None when it wrote nothing.
-    fn seal(&self, c: &Committed) -> Result<Option<Vec<u8>>> {
+    fn seal(&self, c: &Committed, actor: &str) -> Result<Option<Vec<u8>>> {
         let records: Vec<VersionRecord> = c
             .applied
             .iter()
+            .chain(c.audit.iter())
             .filter(|a| {
                 matches!(
                     a.outcome,
@@ -668,6 +708,12 @@ impl Committer {
                 deleted: a.outcome == Outcome::Deleted,
                 commitment: a.commitment.map(|c| entry::hex(&c)),
                 patients: a.patients.clone(),
+                consent: match (a.rtype, &a.body) {
+                    (ResourceType::Consent, Some(body)) => serde_json::from_slice(body)
+                        .ok()
+                        .and_then(|v| ConsentPolicy::from_resource(&v, &self.base)),
+                    _ => None,
+                },
             })
             .collect();
         if records.is_empty() {
@@ -677,7 +723,7 @@ impl Committer {
             format: entry::ENTRY_FORMAT,
             tx: new_id(),
             holder: self.me,
-            client: "anonymous".into(),
+            client: actor.to_string(),
             at: format_instant(c.applied.first().map_or(self.last_ts, |a| a.last_updated)),
             records,
         };
@@ -866,6 +912,14 @@ impl Committer {
                 }
             }
         }
+        for (r, (key, head, _)) in e.records.iter().zip(&staged) {
+            if !head.deleted {
+                wb.put(CF_LEDGER, ledger_key(b'y', key), r.patients.join("\n"));
+            }
+            if r.rtype == "Consent" {
+                self.record_consent(r, seq, wb)?;
+            }
+        }
         for (i, (key, head, commitment)) in staged.into_iter().enumerate() {
             let mut vk = key.clone();
             vk.push(0);
@@ -886,6 +940,37 @@ impl Committer {
             heads.insert(key, head);
         }
         Ok(true)
+    }
+
+    /// File the policy of a Consent version under its patient, replacing the one its previous
+    /// version filed (a Consent no longer in force files none).
+    fn record_consent(&self, r: &VersionRecord, seq: u64, wb: &mut SortedBatch) -> Result<()> {
+        let filed = ledger_key(b'q', r.id.as_bytes());
+        let previous = match wb.get(CF_LEDGER, &filed) {
+            Some(v) => v.cloned(),
+            None => self.store.db().get_cf(self.store.cf(CF_LEDGER), &filed)?,
+        };
+        let policy_key = |patient: &[u8]| {
+            let mut k = ledger_key(b'p', patient);
+            k.push(0);
+            k.extend_from_slice(r.id.as_bytes());
+            k
+        };
+        if let Some(patient) = previous {
+            wb.delete(CF_LEDGER, policy_key(&patient));
+            wb.delete(CF_LEDGER, &filed);
+        }
+        let in_force = r
+            .consent
+            .as_ref()
+            .filter(|p| !r.deleted && p.consent == format!("Consent/{}", r.id));
+        if let Some(policy) = in_force {
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(&serde_json::to_vec(policy).expect("a policy serializes"));
+            wb.put(CF_LEDGER, policy_key(policy.patient.as_bytes()), value);
+            wb.put(CF_LEDGER, &filed, policy.patient.as_bytes());
+        }
+        Ok(())
     }
 
     fn get(
@@ -944,6 +1029,7 @@ impl Committer {
         group: &Overlay,
         own: &mut Overlay,
         changes: Vec<Change>,
+        audit: Option<Value>,
     ) -> Result<Committed> {
         let tx = self.last_tx + 1;
         let ts = now_ms().max(self.last_ts);
@@ -962,6 +1048,22 @@ impl Committer {
             );
             applied.push(a);
         }
+        let audit = match audit {
+            Some(mut event) => {
+                crate::audit::add_written(&mut event, &applied);
+                let change = Change::Create {
+                    rtype: ResourceType::AuditEvent,
+                    id: new_id(),
+                    resource: event,
+                    if_none_exist: None,
+                    on_match: OnMatch::ReturnExisting,
+                };
+                let a = self.apply_one(group, own, tx, ts, applied.len() as u32, change)?;
+                wrote = true;
+                Some(a)
+            }
+            None => None,
+        };
         if wrote {
             self.last_tx = tx;
             self.last_ts = ts;
@@ -969,6 +1071,7 @@ impl Committer {
         Ok(Committed {
             tx: if wrote { tx } else { 0 },
             applied,
+            audit,
         })
     }
 
@@ -1284,34 +1387,8 @@ impl Committer {
 }
 
 impl Committer {
-    /// The patient compartments a resource belongs to (`Patient/<id>`), from the
-    /// CompartmentDefinition's parameters.
     fn patients_of(&self, rtype: ResourceType, id: &str, r: &Value) -> Vec<String> {
-        let mut out = Vec::new();
-        if rtype == ResourceType::Patient {
-            out.push(format!("Patient/{id}"));
-        }
-        let base = format!("{}/", self.base);
-        for p in self
-            .registry
-            .patient_compartment
-            .get(&rtype)
-            .into_iter()
-            .flatten()
-        {
-            for v in extract(p, rtype, r) {
-                if let IndexValue::Reference {
-                    target: Some(t), ..
-                } = v
-                {
-                    let t = t.strip_prefix(&base).unwrap_or(&t).to_string();
-                    if t.starts_with("Patient/") && !out.contains(&t) {
-                        out.push(t);
-                    }
-                }
-            }
-        }
-        out
+        self.registry.patients_of(rtype, id, r, &self.base)
     }
 
     /// Widen the recorded date width before the entries become visible, so a concurrent search
@@ -1444,12 +1521,12 @@ mod tests {
     ) -> (LedgerTxLog, tempfile::TempDir, ReplicaSetup) {
         let ledger_dir = tempfile::tempdir().unwrap();
         let replica = ReplicaSetup::single(ledger_dir.path()).unwrap();
-        let log = LedgerTxLog::start(store, registry, base, &replica).unwrap();
+        let log = LedgerTxLog::start(store, registry, base, &replica, LEDGER_TIMEOUT).unwrap();
         (log, ledger_dir, replica)
     }
 
     fn submit(log: &LedgerTxLog, changes: Vec<Change>) -> Result<Committed> {
-        log.submit(changes)
+        log.submit(Submission::new(changes, "test"))
             .blocking_recv()
             .expect("commit thread answers")
     }

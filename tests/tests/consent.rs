@@ -1,0 +1,453 @@
+//! Patient consent and the audit trail, end to end: Consents decide what practitioners may
+//! read, search and `_include`; revocation takes effect at once on every replica; break-the-
+//! glass is labelled and flagged; every interaction leaves exactly the AuditEvents expected,
+//! and an interaction whose AuditEvent cannot commit fails.
+
+use fhirmament_e2e::*;
+
+const REVIEW: &str = "https://fhirmament.dev/fhir/CodeSystem/audit-review|review-required";
+
+fn practitioner(data: &std::path::Path, base: &str, who: &str) -> Client {
+    client_with_token(&mint_token(
+        data,
+        base,
+        "user/*.rs",
+        &[
+            "--fhir-user",
+            &format!("Practitioner/{who}"),
+            "--sub",
+            who,
+            "--client-id",
+            "ehr-app",
+        ],
+    ))
+}
+
+fn consent(patient: &str, provision: Value) -> Value {
+    json!({"resourceType": "Consent", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": format!("Patient/{patient}")},
+        "provision": provision})
+}
+
+fn actor(who: &str) -> Value {
+    json!([{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+        "reference": {"reference": who}}])
+}
+
+fn document(patient: &str, title: &str) -> Value {
+    json!({"resourceType": "DocumentReference", "status": "current",
+        "subject": {"reference": format!("Patient/{patient}")},
+        "content": [{"attachment": {"contentType": "text/plain", "title": title}}]})
+}
+
+fn get(c: &Client, url: String, purpose: Option<&str>) -> (u16, Value) {
+    let mut r = c.get(url);
+    if let Some(p) = purpose {
+        r = r.header("X-Purpose-Of-Use", p);
+    }
+    let r = r.send().expect("GET");
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn total(s: &TestServer, query: &str) -> u64 {
+    let (status, b) = s.get_json(&format!("AuditEvent?{query}&_summary=count"));
+    assert_eq!(status, 200, "{b}");
+    b["total"].as_u64().expect("total")
+}
+
+fn audits(s: &TestServer, query: &str) -> Vec<Value> {
+    let (status, b) = s.get_json(&format!("AuditEvent?{query}&_count=500"));
+    assert_eq!(status, 200, "{b}");
+    resources(&b)
+}
+
+fn decision(ev: &Value) -> Value {
+    ev["extension"][0]["extension"]
+        .as_array()
+        .and_then(|e| e.iter().find(|x| x["url"] == "decision"))
+        .map(|x| x["valueCode"].clone())
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn consents_decide_reads_searches_and_includes_and_every_access_is_audited() {
+    let s = TestServer::start_with(&["--break-glass", "true"]);
+    let pid = s.create(&patient("Doe", "Jane", "1980-01-01"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let secret = s.create(&document(&pid, "psychiatry"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let open = s.create(&document(&pid, "x-ray"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let d1 = practitioner(&s.data, &s.base, "d1");
+    let d2 = practitioner(&s.data, &s.base, "d2");
+    let patient_url = s.url(&format!("Patient/{pid}"));
+
+    // Opt-out deployment, no Consent yet: a practitioner reads.
+    assert_eq!(get(&d2, patient_url.clone(), None).0, 200);
+
+    // The patient shares everything except one document, nothing with Dr. d2, and nothing
+    // for research.
+    let c = s.create(&consent(
+        &pid,
+        json!({"type": "permit", "provision": [
+            {"type": "deny", "data": [{"meaning": "instance", "reference": {"reference": format!("DocumentReference/{secret}")}}]},
+            {"type": "deny", "actor": actor("Practitioner/d2")},
+            {"type": "deny", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]}
+        ]}),
+    ));
+    let cid = c["id"].as_str().unwrap();
+
+    let d1_before = total(&s, "agent=Practitioner/d1");
+
+    // Search: the denied document is not matched, and not counted.
+    let (status, b) = get(
+        &d1,
+        s.url(&format!(
+            "DocumentReference?subject=Patient/{pid}&_total=accurate"
+        )),
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(b["total"], 1, "{b}");
+    assert_eq!(match_ids(&b), vec![open.clone()]);
+    // _revinclude (and _include) leave it out too.
+    let (_, b) = get(
+        &d1,
+        s.url(&format!(
+            "Patient?_id={pid}&_revinclude=DocumentReference:subject"
+        )),
+        None,
+    );
+    let included: Vec<String> = resources(&b)
+        .iter()
+        .filter(|r| r["resourceType"] == "DocumentReference")
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(included, vec![open.clone()]);
+    let (_, b) = get(
+        &d1,
+        s.url(&format!(
+            "DocumentReference?_id={secret},{open}&_include=DocumentReference:subject"
+        )),
+        None,
+    );
+    assert_eq!(match_ids(&b), vec![open.clone()]);
+    // Read, vread and history of the denied document: 403, naming the Consent.
+    let (status, oo) = get(&d1, s.url(&format!("DocumentReference/{secret}")), None);
+    assert_eq!(status, 403);
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+    assert!(oo.to_string().contains(&format!("Consent/{cid}")), "{oo}");
+    assert_eq!(
+        get(
+            &d1,
+            s.url(&format!("DocumentReference/{secret}/_history/1")),
+            None
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        get(
+            &d1,
+            s.url(&format!("DocumentReference/{secret}/_history")),
+            None
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        get(&d1, s.url(&format!("DocumentReference/{open}")), None).0,
+        200
+    );
+
+    // Purpose of use: research is denied, treatment is not.
+    assert_eq!(get(&d1, patient_url.clone(), Some("HRESCH")).0, 403);
+    assert_eq!(get(&d1, patient_url.clone(), Some("TREAT")).0, 200);
+
+    // Dr. d2 sees nothing of this patient: 403 on read, an empty (and correctly counted) search.
+    assert_eq!(get(&d2, patient_url.clone(), None).0, 403);
+    let (_, b) = get(
+        &d2,
+        s.url(&format!("Patient?_id={pid}&_total=accurate")),
+        None,
+    );
+    assert_eq!(b["total"], 0, "{b}");
+    assert!(b.get("entry").is_none());
+
+    // Each of Dr. d1's 9 requests left exactly one AuditEvent.
+    assert_eq!(total(&s, "agent=Practitioner/d1"), d1_before + 9);
+    let search = audits(
+        &s,
+        &format!("agent=Practitioner/d1&subtype=search-type&patient={pid}"),
+    );
+    assert_eq!(search.len(), 3, "{search:?}");
+    assert!(search.iter().all(|e| e["outcome"] == "0"));
+    let denied = audits(
+        &s,
+        &format!("agent=Practitioner/d1&outcome=4&subtype=read&entity=DocumentReference/{secret}"),
+    );
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(decision(&denied[0]), "deny");
+    assert_eq!(denied[0]["subtype"][0]["code"], "read");
+    assert!(denied[0]["entity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["what"]["reference"] == format!("Patient/{pid}")));
+    let research = audits(&s, "agent=Practitioner/d1&outcome=4&subtype=read")
+        .into_iter()
+        .filter(|e| e["purposeOfEvent"][0]["coding"][0]["code"] == "HRESCH")
+        .count();
+    assert_eq!(research, 1);
+    assert_eq!(total(&s, "agent=Practitioner/d2&outcome=4"), 1);
+
+    // Break-the-glass: an emergency overrides the deny; the data comes labelled and the
+    // access is flagged for review.
+    assert_eq!(total(&s, &format!("_tag={REVIEW}")), 0);
+    let (status, doc) = get(
+        &d1,
+        s.url(&format!("DocumentReference/{secret}")),
+        Some("ETREAT"),
+    );
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["meta"]["security"][0]["code"], "BTG");
+    let flagged = audits(&s, &format!("_tag={REVIEW}"));
+    assert_eq!(flagged.len(), 1);
+    assert_eq!(decision(&flagged[0]), "break-glass");
+    assert_eq!(
+        flagged[0]["purposeOfEvent"][0]["coding"][0]["code"],
+        "ETREAT"
+    );
+    assert!(flagged[0].to_string().contains(&format!("Consent/{cid}")));
+    // Break-the-glass is for practitioners in an emergency only: a search for research still
+    // withholds, and ETREAT by a backend client does not override.
+    let (_, b) = get(
+        &d1,
+        s.url(&format!(
+            "DocumentReference?subject=Patient/{pid}&_total=accurate"
+        )),
+        Some("HRESCH"),
+    );
+    assert_eq!(b["total"], 0);
+
+    // The patient sees who accessed their data; a clinician's user/ scopes do not reach
+    // AuditEvents; nobody can change or delete one.
+    let me = client_with_token(&mint_token(
+        &s.data,
+        &s.base,
+        "patient/*.rs",
+        &[
+            "--patient",
+            &pid,
+            "--fhir-user",
+            &format!("Patient/{pid}"),
+            "--sub",
+            "jane",
+        ],
+    ));
+    let (status, mine) = get(
+        &me,
+        s.url(&format!(
+            "AuditEvent?patient={pid}&agent=Practitioner/d2&date=ge2020-01-01&_total=accurate"
+        )),
+        None,
+    );
+    assert_eq!(status, 200, "{mine}");
+    assert_eq!(
+        mine["total"], 2,
+        "d2's read before and after the Consent: {mine}"
+    );
+    let (_, all_mine) = get(&me, s.url("AuditEvent?_total=accurate"), None);
+    let (_, everyone) = s.get_json("AuditEvent?_total=accurate");
+    assert!(all_mine["total"].as_u64().unwrap() < everyone["total"].as_u64().unwrap());
+    for e in resources(&all_mine) {
+        assert!(e.to_string().contains(&format!("Patient/{pid}")), "{e}");
+    }
+    assert_eq!(get(&d1, s.url("AuditEvent"), None).0, 403);
+    let any = resources(&s.get_json("AuditEvent?_count=1").1)[0].clone();
+    let aid = any["id"].as_str().unwrap();
+    assert_outcome(s.put(&format!("AuditEvent/{aid}"), &any), 405);
+    assert_outcome(
+        s.client
+            .delete(s.url(&format!("AuditEvent/{aid}")))
+            .send()
+            .unwrap(),
+        405,
+    );
+    assert_eq!(s.get_json(&format!("AuditEvent/{aid}")).1, any);
+}
+
+#[test]
+fn a_write_and_its_audit_event_commit_in_the_same_ledger_entry() {
+    let s = TestServer::start();
+    let pid = s.create(&patient("Same", "Block", "1990-01-01"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let doc = s.create(&document(&pid, "note"));
+    let did = doc["id"].as_str().unwrap();
+    let created =
+        audits(&s, "subtype=create")
+            .into_iter()
+            .find(|e| {
+                e["entity"].as_array().unwrap().iter().any(|x| {
+                    x["what"]["reference"] == format!("DocumentReference/{did}/_history/1")
+                })
+            })
+            .expect("the create's AuditEvent");
+    assert_eq!(created["outcome"], "0");
+    assert_eq!(created["action"], "C");
+    let position = |path: String| {
+        let (status, receipt) = s.get_json(&path);
+        assert_eq!(status, 200, "{receipt}");
+        let param = |name: &str| {
+            receipt["parameter"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .cloned()
+                .unwrap()
+        };
+        (param("sequence"), param("entryIndex"))
+    };
+    assert_eq!(
+        position(format!("DocumentReference/{did}/$verify")),
+        position(format!(
+            "AuditEvent/{}/$verify",
+            created["id"].as_str().unwrap()
+        ))
+    );
+    // A refused write commits nothing but its AuditEvent.
+    let before = total(&s, "outcome=4&subtype=update");
+    let mut stale = doc.clone();
+    stale["status"] = json!("superseded");
+    let r = s.send(
+        "PUT",
+        &format!("DocumentReference/{did}"),
+        &stale,
+        &[("If-Match", "W/\"7\"")],
+    );
+    assert_outcome(r, 412);
+    assert_eq!(total(&s, "outcome=4&subtype=update"), before + 1);
+    assert_eq!(
+        s.get_json(&format!("DocumentReference/{did}")).1["meta"]["versionId"],
+        "1"
+    );
+    // Token issuance is audited, refusals included.
+    let r = s
+        .client
+        .post(s.url("auth/token"))
+        .form(&[("grant_type", "authorization_code"), ("code", "forged")])
+        .send()
+        .unwrap();
+    assert!(r.status().is_client_error());
+    let logins = audits(
+        &s,
+        "type=http://dicom.nema.org/resources/ontology/DCM|110114",
+    );
+    assert_eq!(logins.len(), 1, "{logins:?}");
+    assert_eq!(logins[0]["outcome"], "4");
+}
+
+#[test]
+fn revocation_takes_effect_at_once_on_every_replica_and_an_unauditable_read_fails() {
+    let c = Consortium::up_with_env(
+        4,
+        &[
+            ("FHIRMAMENT_CONSENT_BASE", "opt-in"),
+            ("FHIRMAMENT_COMMIT_TIMEOUT_SECS", "3"),
+        ],
+    );
+    let (status, p) = c.send(1, "POST", "Patient", &patient("Opt", "In", "1970-07-07"));
+    assert_eq!(status, 201, "{p}");
+    let pid = p["id"].as_str().unwrap().to_string();
+    let (status, _) = c.send(1, "POST", "DocumentReference", &document(&pid, "note"));
+    assert_eq!(status, 201);
+    let base = |i: usize| c.url(i, "").trim_end_matches('/').to_string();
+    let d1: Vec<Client> = (0..4)
+        .map(|i| practitioner(&c.data(i), &base(i), "d1"))
+        .collect();
+    let read = |i: usize| get(&d1[i], c.url(i, &format!("Patient/{pid}")), None);
+    // A patient's compartment spans the consortium (the document is held by replica 1).
+    let search = |i: usize| {
+        get(
+            &d1[i],
+            c.url(
+                i,
+                &format!("Patient/{pid}/DocumentReference?_total=accurate"),
+            ),
+            None,
+        )
+        .1["total"]
+            .clone()
+    };
+    let until = |i: usize, want: u16| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (s, _) = read(i);
+            if s == want || std::time::Instant::now() > deadline {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+
+    // Opt-in: nothing is shared before the patient agrees.
+    assert_eq!(read(0).0, 403);
+    assert_eq!(search(0), 0);
+
+    // Grant at replica 2: it holds there at once, and everywhere once applied.
+    let mut grant = consent(
+        &pid,
+        json!({"type": "deny", "provision": [{"type": "permit", "actor": actor("Practitioner/d1")}]}),
+    );
+    let (status, created) = c.send(2, "POST", "Consent", &grant);
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(read(2).0, 200);
+    for i in 0..4 {
+        assert_eq!(until(i, 200), 200, "replica {i} after the grant");
+        assert_eq!(search(i), 1);
+    }
+
+    // Revoke at replica 3 (another organization than the one that recorded the grant): the
+    // same tokens are refused at once there, and on every replica.
+    let cid = created["id"].as_str().unwrap();
+    grant["id"] = json!(cid);
+    grant["status"] = json!("inactive");
+    let (status, revoked) = c.send(3, "PUT", &format!("Consent/{cid}"), &grant);
+    assert_eq!(status, 200, "{revoked}");
+    assert_eq!(read(3).0, 403);
+    assert_eq!(search(3), 0);
+    for i in 0..4 {
+        assert_eq!(until(i, 403), 403, "replica {i} after the revocation");
+        assert_eq!(search(i), 0);
+    }
+
+    // Two of four replicas stopped: no quorum, so no AuditEvent can commit, so nothing is
+    // released — the read fails with an OperationOutcome instead.
+    c.signal(2, "-STOP");
+    c.signal(3, "-STOP");
+    let query = format!("Consent?patient={pid}");
+    let r = c
+        .client
+        .get(c.url(0, &query))
+        .header("Authorization", c.auth(0))
+        .send()
+        .unwrap();
+    let oo = assert_outcome(r, 503);
+    assert!(oo.to_string().contains("audit"), "{oo}");
+    c.signal(2, "-CONT");
+    c.signal(3, "-CONT");
+    let (status, _) = c.get_when(0, &query, |s, _| s == 200);
+    assert_eq!(status, 200);
+}
