@@ -60,7 +60,7 @@ pub async fn handle(svc: &Service, mut req: FhirRequest) -> Result<FhirResponse>
         ))));
     }
     let slot = req.audit.clone();
-    let actor = actor_of(&req);
+    let actor = actor(req.grant.as_deref());
     // The patients a refused or failed request concerned, so that they see it too.
     let addressed = match &req.route {
         Route::Read(t, id)
@@ -91,6 +91,44 @@ pub async fn handle(svc: &Service, mut req: FhirRequest) -> Result<FhirResponse>
     result
 }
 
+/// The AuditEvent of a request refused before it became an interaction (no route, bad media
+/// type, malformed or oversized body): committed before the refusal is answered.
+pub async fn audit_refused(
+    svc: &Service,
+    grant: Option<&crate::auth::Grant>,
+    peer_address: Option<String>,
+    path: &str,
+    error: &Error,
+) -> Result<()> {
+    let ctx = audit::AuditContext {
+        token: false,
+        interaction: "operation".into(),
+        action: "E",
+        client_id: grant.map(|g| g.client_id.clone()),
+        user: grant.map(|g| g.sub.clone()),
+        fhir_user: grant.and_then(|g| g.fhir_user.clone()),
+        organization: svc.config.consent.organization.clone(),
+        peer_address,
+        purpose: None,
+        query: Some(path.to_string()),
+        target: None,
+    };
+    let outcome = audit::AuditOutcome {
+        status: error.status().as_u16(),
+        description: Some(error.to_string()),
+        resources: Vec::new(),
+        patients: Vec::new(),
+    };
+    let actor = actor(grant);
+    let event = audit::event(
+        &ctx,
+        &outcome,
+        &audit::ConsentSummary::default(),
+        crate::fhir::now_ms(),
+    );
+    commit_audit(svc, event, actor).await
+}
+
 /// Commit an AuditEvent on its own: an interaction is answered only once its record is durable
 /// and committed on the ledger.
 pub async fn commit_audit(svc: &Service, event: Value, actor: String) -> Result<()> {
@@ -115,8 +153,8 @@ pub async fn commit_audit(svc: &Service, event: Value, actor: String) -> Result<
 }
 
 /// The ledger entry's actor: client id and user.
-fn actor_of(req: &FhirRequest) -> String {
-    match &req.grant {
+fn actor(grant: Option<&crate::auth::Grant>) -> String {
+    match grant {
         Some(g) => format!("{} {}", g.client_id, g.sub),
         None => "anonymous".into(),
     }
@@ -563,7 +601,7 @@ pub async fn commit(svc: &Service, changes: Vec<Change>, req: &FhirRequest) -> R
         .filter(|s| !s.committed.load(Ordering::SeqCst));
     let submission = Submission {
         changes,
-        actor: actor_of(req),
+        actor: actor(req.grant.as_deref()),
         audit: slot.map(|s| s.event.clone()),
     };
     let committed = svc

@@ -313,6 +313,36 @@ pub async fn dispatch(
     payload: web::Payload,
     svc: web::Data<Service>,
 ) -> Result<HttpResponse> {
+    let (grant, token_error) = match bearer(&req) {
+        None => (None, None),
+        Some(t) => match svc.auth.grant(&t) {
+            Ok(g) => (Some(g), None),
+            Err(e) => (None, Some(e)),
+        },
+    };
+    match parse_request(&req, payload, &svc, grant.clone(), token_error).await {
+        Ok((freq, pretty, head)) => {
+            let resp = interaction::handle(&svc, freq).await?;
+            Ok(to_http(resp, pretty, head))
+        }
+        Err(e) => {
+            // A request refused before it became an interaction is audited too.
+            let path = req.path().to_string();
+            let peer = req.peer_addr().map(|a| a.ip().to_string());
+            interaction::audit_refused(&svc, grant.as_deref(), peer, &path, &e).await?;
+            Err(e)
+        }
+    }
+}
+
+/// Everything a FHIR request says, checked: route, negotiation, body.
+async fn parse_request(
+    req: &HttpRequest,
+    payload: web::Payload,
+    svc: &Service,
+    grant: Option<Arc<crate::auth::Grant>>,
+    token_error: Option<String>,
+) -> Result<(FhirRequest, bool, bool)> {
     let method = Method::parse(req.method().as_str())
         .ok_or_else(|| Error::MethodNotAllowed(format!("{} is not a FHIR method", req.method())))?;
     let base_path = svc.config.base_path();
@@ -331,35 +361,27 @@ pub async fn dispatch(
         .filter(|s| !s.is_empty())
         .collect();
     let route = route(method, &segments)?;
-    let (grant, token_error) = match bearer(&req) {
-        None => (None, None),
-        Some(t) => match svc.auth.grant(&t) {
-            Ok(g) => (Some(g), None),
-            Err(e) => (None, Some(e)),
-        },
-    };
     let query = negotiate::query_pairs(req.query_string());
     let pretty = negotiate::pretty(&query);
-    negotiate::check_accept(&req, &query)?;
-    let body = negotiate::read_body(&req, payload, svc.config.max_body_bytes, &route).await?;
+    negotiate::check_accept(req, &query)?;
+    let body = negotiate::read_body(req, payload, svc.config.max_body_bytes, &route).await?;
     let freq = FhirRequest {
         method,
         route,
         query,
         body,
-        if_match: negotiate::if_match(&req)?,
-        if_none_exist: negotiate::header(&req, "If-None-Exist"),
-        if_none_match: negotiate::header(&req, "If-None-Match"),
-        prefer: negotiate::prefer(&req),
-        node: negotiate::header(&req, crate::ledger::peer::NODE_HEADER),
+        if_match: negotiate::if_match(req)?,
+        if_none_exist: negotiate::header(req, "If-None-Exist"),
+        if_none_match: negotiate::header(req, "If-None-Match"),
+        prefer: negotiate::prefer(req),
+        node: negotiate::header(req, crate::ledger::peer::NODE_HEADER),
         grant,
         token_error,
-        purpose: negotiate::header(&req, "X-Purpose-Of-Use").map(|p| p.trim().to_string()),
+        purpose: negotiate::header(req, "X-Purpose-Of-Use").map(|p| p.trim().to_string()),
         peer_address: req.peer_addr().map(|a| a.ip().to_string()),
         audit: None,
     };
-    let resp = interaction::handle(&svc, freq).await?;
-    Ok(to_http(resp, pretty, method == Method::Head))
+    Ok((freq, pretty, method == Method::Head))
 }
 
 /// `GET /health/live` and `/health/ready` (see `crate::health`): 200 or 503, with details.
