@@ -451,3 +451,76 @@ fn revocation_takes_effect_at_once_on_every_replica_and_an_unauditable_read_fail
     let (status, _) = c.get_when(0, &query, |s, _| s == 200);
     assert_eq!(status, 200);
 }
+
+/// The holder decides what leaves it: a node asking for a version names the user it acts for
+/// (under its signature), and the holder checks the patient's Consents for that user and the
+/// asking organization before it releases anything.
+#[test]
+fn the_holder_releases_a_version_only_as_the_patients_consent_permits() {
+    use fhirmament::ledger::peer::{sign_request, Acting, ACTING_HEADER, NODE_HEADER};
+    let c = Consortium::up(4);
+    let (status, p) = c.send(1, "POST", "Patient", &patient("Held", "Here", "1960-06-06"));
+    assert_eq!(status, 201, "{p}");
+    let pid = p["id"].as_str().unwrap().to_string();
+    let (status, _) = c.send(
+        1,
+        "POST",
+        "Consent",
+        &consent(
+            &pid,
+            json!({"type": "permit", "provision": [{"type": "deny", "actor": actor("Practitioner/d2")}]}),
+        ),
+    );
+    assert_eq!(status, 201);
+
+    // Replica 0's credentials, as its node would sign them.
+    let data = tempfile::tempdir().unwrap();
+    let config = fhirmament::config::Config::resolve(&fhirmament::config::ServeArgs {
+        data_dir: Some(data.path().to_path_buf()),
+        genesis: Some(c.genesis()),
+        replica_id: Some(0),
+        ledger_key: Some(c.dir.path().join("replica-0.key")),
+        ..Default::default()
+    })
+    .unwrap();
+    let node0 = fhirmament::ledger::replica::ReplicaSetup::resolve(&config).unwrap();
+    let path = format!("Patient/{pid}/_history/1");
+    let ask = |signed_for: &str, sent_for: &str| {
+        let acting = |who: &str| Acting {
+            client: "ehr-app".into(),
+            user: Some(format!("Practitioner/{who}")),
+            purpose: Some("TREAT".into()),
+        };
+        let creds = sign_request(
+            &node0,
+            &path,
+            fhirmament::fhir::now_ms(),
+            &acting(signed_for).encode(),
+        );
+        let r = c
+            .client
+            .get(c.url(1, &format!("_node/{path}")))
+            .header(NODE_HEADER, creds)
+            .header(ACTING_HEADER, acting(sent_for).encode())
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().unwrap_or(Value::Null))
+    };
+    let (status, released) = ask("d1", "d1");
+    assert_eq!(status, 200, "{released}");
+    assert_eq!(released["parameter"][1]["resource"]["id"], pid.as_str());
+    let (status, refused) = ask("d2", "d2");
+    assert_eq!(status, 403, "{refused}");
+    assert!(refused.to_string().contains("consent"), "{refused}");
+    // The acting user is covered by the signature: naming another one is refused.
+    let (status, forged) = ask("d1", "d2");
+    assert_eq!(status, 403);
+    assert!(forged.to_string().contains("signature"), "{forged}");
+
+    // Through the API, replica 0 reaches the same verdicts.
+    let d = |who: &str| practitioner(&c.data(0), c.url(0, "").trim_end_matches('/'), who);
+    let read = |who: &str| get(&d(who), c.url(0, &format!("Patient/{pid}")), None).0;
+    assert_eq!(read("d1"), 200);
+    assert_eq!(read("d2"), 403);
+}

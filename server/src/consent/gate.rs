@@ -41,6 +41,8 @@ pub struct ConsentGate<'a> {
     /// The patient the user is (a patient reads their own data without consent checks).
     own_patient: Option<String>,
     may_break_glass: bool,
+    /// For whom this node asks when it fetches a version another organization holds.
+    acting: crate::ledger::peer::Acting,
     now: i64,
     /// False when nothing can be denied (no Consent in force and an opt-out base).
     active: bool,
@@ -56,9 +58,11 @@ impl<'a> ConsentGate<'a> {
         settings: &'a ConsentSettings,
         grant: Option<&Grant>,
         purpose: Option<&str>,
+        organization: &str,
         now: i64,
     ) -> Result<ConsentGate<'a>> {
-        let mut actors = vec![settings.organization.clone()];
+        let mut actors = vec![organization.to_string()];
+        let acting = crate::ledger::peer::Acting::of(grant, purpose);
         let mut own_patient = None;
         let mut practitioner = false;
         if let Some(g) = grant {
@@ -82,6 +86,7 @@ impl<'a> ConsentGate<'a> {
             purpose,
             own_patient,
             may_break_glass,
+            acting,
             now,
             active,
             policies: HashMap::new(),
@@ -162,6 +167,11 @@ impl<'a> ConsentGate<'a> {
         }
         let patients = self.store.ledger_patients(rtype, id)?;
         self.check(rtype, id, &patients)
+    }
+
+    /// On whose behalf this interaction fetches versions other organizations hold.
+    pub fn acting(&self) -> crate::ledger::peer::Acting {
+        self.acting.clone()
     }
 
     /// What the checks decided, for the AuditEvent.

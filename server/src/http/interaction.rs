@@ -17,6 +17,7 @@ use crate::auth::Grant;
 use crate::consent::gate::{ConsentGate, Verdict};
 use crate::error::{operation_outcome, Error, Issue, Result};
 use crate::fhir::{check_id, format_instant, new_id, ResourceType};
+use crate::ledger::peer::Acting;
 use crate::search::exec;
 use crate::search::query::{self, SearchQuery, Summary, Total};
 use crate::search::value::parse_date_range;
@@ -35,12 +36,41 @@ pub async fn handle(svc: &Service, mut req: FhirRequest) -> Result<FhirResponse>
             capability::statement(svc),
         ));
     }
-    let ctx = audit_context(svc, &req);
+    let mut ctx = audit_context(svc, &req);
+    // A node-to-node request acts for another organization's user; its consent checks see
+    // that organization, client, user and purpose (verified with its signature before use).
+    let node_acting = match &req.route {
+        Route::NodeVersion(..) => Some((
+            Acting::decode(req.node_acting.as_deref().unwrap_or("")),
+            crate::ledger::peer::claimed_replica(req.node.as_deref()),
+        )),
+        _ => None,
+    };
+    let node_grant = node_acting.as_ref().map(|(a, _)| a.as_grant());
+    let (grant, purpose, organization) = match &node_acting {
+        Some((a, from)) => {
+            ctx.client_id = Some(a.client.clone());
+            ctx.user = a.user.clone();
+            ctx.fhir_user = a.user.clone();
+            ctx.purpose = a.purpose.clone();
+            (
+                node_grant.as_ref(),
+                a.purpose.as_deref(),
+                format!("Organization/replica-{}", from.unwrap_or(u32::MAX)),
+            )
+        }
+        None => (
+            req.grant.as_deref(),
+            req.purpose.as_deref(),
+            svc.config.consent.organization.clone(),
+        ),
+    };
     let mut gate = ConsentGate::new(
         &svc.store,
         &svc.config.consent,
-        req.grant.as_deref(),
-        req.purpose.as_deref(),
+        grant,
+        purpose,
+        &organization,
         crate::fhir::now_ms(),
     )?;
     if carries_its_audit(&req) {
@@ -330,7 +360,12 @@ async fn authorized(
 
 /// A resource's current version, wherever it is held: from this node's store, or fetched from
 /// the organization that holds it (404 when unknown, 410 when deleted).
-async fn current_version(svc: &Service, t: ResourceType, id: &str) -> Result<Version> {
+async fn current_version(
+    svc: &Service,
+    t: ResourceType,
+    id: &str,
+    acting: &Acting,
+) -> Result<Version> {
     match svc.store.ledger_head(t, id)? {
         Some(h) if h.holder != me(svc) => {
             if h.deleted {
@@ -340,7 +375,7 @@ async fn current_version(svc: &Service, t: ResourceType, id: &str) -> Result<Ver
                     version: h.version,
                 });
             }
-            remote_version(svc, t, id, h.version)
+            remote_version(svc, t, id, h.version, acting)
                 .await?
                 .ok_or_else(|| Error::NotFound(format!("{t}/{id} is not known")))
         }
@@ -349,8 +384,13 @@ async fn current_version(svc: &Service, t: ResourceType, id: &str) -> Result<Ver
 }
 
 /// `current_version` as JSON; None when it is unknown or deleted.
-async fn current_resource(svc: &Service, t: ResourceType, id: &str) -> Result<Option<Value>> {
-    match current_version(svc, t, id).await {
+async fn current_resource(
+    svc: &Service,
+    t: ResourceType,
+    id: &str,
+    acting: &Acting,
+) -> Result<Option<Value>> {
+    match current_version(svc, t, id, acting).await {
         Ok(v) => Ok(Some(
             serde_json::from_slice(&v.body).map_err(|e| Error::Internal(e.to_string()))?,
         )),
@@ -383,7 +423,8 @@ pub async fn permit(
         if restriction(grant, t, p)? == Restriction::default() {
             return Ok(());
         }
-        if let Some(r) = current_resource(svc, t, &id).await? {
+        let acting = Acting::of(Some(grant), None);
+        if let Some(r) = current_resource(svc, t, &id, &acting).await? {
             check_resource(reg, base, grant, t, p, &r)?;
         }
         Ok::<(), Error>(())
@@ -577,7 +618,7 @@ async fn run(svc: &Service, req: FhirRequest, gate: &mut ConsentGate<'_>) -> Res
         Route::InstanceHistory(t, id) => history(svc, Some((t, id)), None, &req.query, gate).await,
         Route::TypeHistory(t) => history(svc, None, Some(t), &req.query, gate).await,
         Route::SystemHistory => history(svc, None, None, &req.query, gate).await,
-        Route::NodeVersion(t, id, v) => node_version(svc, t, &id, v, req.node.as_deref()),
+        Route::NodeVersion(t, id, v) => node_version(svc, t, &id, v, &req, gate),
         Route::ValidateType(t) => validate_operation(svc, t, None, &req.body),
         Route::ValidateInstance(t, id) => validate_operation(svc, t, Some(&id), &req.body),
         Route::Verify(t, id, v) => verify(svc, t, &id, v),
@@ -647,6 +688,7 @@ async fn instance_history(
     since: Option<i64>,
     before: Option<u64>,
     count: usize,
+    acting: &Acting,
 ) -> Result<crate::store::HistoryPage> {
     let records = svc.store.ledger_versions(t, id)?;
     if records.is_empty() && svc.store.current(t, id)?.is_none() {
@@ -661,7 +703,7 @@ async fn instance_history(
         .into_iter()
         .filter(|(v, _)| before.is_none_or(|b| *v < b))
     {
-        let v = match remote_version(svc, t, id, ver).await? {
+        let v = match remote_version(svc, t, id, ver, acting).await? {
             Some(v) => v,
             None => match svc.store.version(t, id, ver)? {
                 Some(v) => v,
@@ -691,6 +733,7 @@ async fn remote_version(
     t: ResourceType,
     id: &str,
     version: u64,
+    acting: &Acting,
 ) -> Result<Option<Version>> {
     let Some(rec) = svc.store.ledger_record(t, id, version)? else {
         return Ok(None);
@@ -710,7 +753,7 @@ async fn remote_version(
             body: Vec::new().into(),
         }));
     }
-    crate::ledger::peer::fetch(&svc.replica, &svc.peers, t, id, version, &rec)
+    crate::ledger::peer::fetch(&svc.replica, &svc.peers, t, id, version, &rec, acting)
         .await
         .map(Some)
 }
@@ -753,7 +796,7 @@ async fn read(
     if_none_match: Option<&str>,
     gate: &mut ConsentGate<'_>,
 ) -> Result<FhirResponse> {
-    let v = current_version(svc, t, id).await?;
+    let v = current_version(svc, t, id, &gate.acting()).await?;
     let labelled = consent_release(gate, &v)?;
     if let Some(tag) = if_none_match {
         if super::negotiate::parse_etag(tag).ok() == Some(v.version) {
@@ -785,7 +828,7 @@ async fn vread(
     version: u64,
     gate: &mut ConsentGate<'_>,
 ) -> Result<FhirResponse> {
-    let v = match remote_version(svc, t, id, version).await? {
+    let v = match remote_version(svc, t, id, version, &gate.acting()).await? {
         Some(v) => v,
         None => svc
             .store
@@ -804,15 +847,20 @@ async fn vread(
 }
 
 /// Node-to-node release of a version this node holds (see `ledger::peer`).
+/// The holder decides: the version leaves only if the patient's Consents permit the
+/// requesting organization and the user it acts for (the gate was built from both).
 fn node_version(
     svc: &Service,
     t: ResourceType,
     id: &str,
     version: u64,
-    creds: Option<&str>,
+    req: &FhirRequest,
+    gate: &mut ConsentGate<'_>,
 ) -> Result<FhirResponse> {
     let path = crate::ledger::peer::resource_path(t, id, version);
-    let from = crate::ledger::peer::check_request(&svc.replica, creds, &path)?;
+    let acting = req.node_acting.as_deref().unwrap_or("");
+    let from =
+        crate::ledger::peer::check_request(&svc.replica, req.node.as_deref(), &path, acting)?;
     let v = svc
         .store
         .version(t, id, version)?
@@ -824,6 +872,9 @@ fn node_version(
             version,
         });
     }
+    // A break-the-glass release goes out unlabelled: the requester checks the bytes against
+    // the ledger commitment, and labels what it serves itself.
+    consent_release(gate, &v)?;
     let salt = svc
         .store
         .salt(t, id, version)?
@@ -1259,7 +1310,7 @@ async fn search(
             if h.holder == me(svc) || h.deleted || ids.contains(&id) {
                 continue;
             }
-            match remote_version(svc, t, &id, h.version).await {
+            match remote_version(svc, t, &id, h.version, &gate.acting()).await {
                 Ok(Some(v)) => {
                     let resource: Value = serde_json::from_slice(&v.body)
                         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -1493,7 +1544,16 @@ async fn history(
     }
     let (page, path) = match &instance {
         Some((t, id)) => (
-            instance_history(svc, *t, id, since, cursor.map(|c| c.0), count).await?,
+            instance_history(
+                svc,
+                *t,
+                id,
+                since,
+                cursor.map(|c| c.0),
+                count,
+                &gate.acting(),
+            )
+            .await?,
             format!("{t}/{id}/_history"),
         ),
         None => (

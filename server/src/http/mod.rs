@@ -197,6 +197,8 @@ pub struct FhirRequest {
     pub prefer: Prefer,
     /// Node-to-node credentials (`X-Fhirmament-Node`), for `_node` requests.
     pub node: Option<String>,
+    /// For whom a node asks (`X-Fhirmament-Acting`), covered by its credentials.
+    pub node_acting: Option<String>,
     /// What the request's access token allows (None: no valid token was presented).
     pub grant: Option<Arc<crate::auth::Grant>>,
     /// Why a presented token was refused.
@@ -375,6 +377,7 @@ async fn parse_request(
         if_none_match: negotiate::header(req, "If-None-Match"),
         prefer: negotiate::prefer(req),
         node: negotiate::header(req, crate::ledger::peer::NODE_HEADER),
+        node_acting: negotiate::header(req, crate::ledger::peer::ACTING_HEADER),
         grant,
         token_error,
         purpose: negotiate::header(req, "X-Purpose-Of-Use").map(|p| p.trim().to_string()),

@@ -4,9 +4,11 @@
 //! commitment the ledger holds for that version.
 //!
 //! Request authentication: header `X-Fhirmament-Node: <replica id>.<unix ms>.<hex signature>`,
-//! the signature being Ed25519 over `fhirmament/node-get/v1 \0 chain \0 <resource path> \0 ms`.
-//! The holder accepts it within `MAX_SKEW_MS` of its clock from a genesis member other than
-//! itself.
+//! the signature being Ed25519 over `fhirmament/node-get/v2 \0 chain \0 <resource path> \0 ms
+//! \0 <acting>`, where `<acting>` (header `X-Fhirmament-Acting`, form-encoded) names on whose
+//! behalf the node asks: client, user (`fhirUser`) and purpose of use. The holder accepts it
+//! within `MAX_SKEW_MS` of its clock from a genesis member other than itself, and releases the
+//! version only if the patient's Consents permit the requesting organization and that user.
 
 use std::time::Duration;
 
@@ -21,31 +23,98 @@ use crate::fhir::{now_ms, ResourceType};
 use crate::store::{Method, Version};
 
 pub const NODE_HEADER: &str = "X-Fhirmament-Node";
+pub const ACTING_HEADER: &str = "X-Fhirmament-Acting";
 const MAX_SKEW_MS: i64 = 60_000;
-const DOMAIN: &[u8] = b"fhirmament/node-get/v1\0";
+const DOMAIN: &[u8] = b"fhirmament/node-get/v2\0";
+
+/// On whose behalf a node asks another for a version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Acting {
+    pub client: String,
+    /// The user's FHIR identity (`Practitioner/<id>`), if any.
+    pub user: Option<String>,
+    /// The purpose of use (v3-ActReason).
+    pub purpose: Option<String>,
+}
+
+impl Acting {
+    pub fn of(grant: Option<&crate::auth::Grant>, purpose: Option<&str>) -> Acting {
+        Acting {
+            client: grant.map(|g| g.client_id.clone()).unwrap_or_default(),
+            user: grant.and_then(|g| g.fhir_user.clone()),
+            purpose: purpose.map(str::to_string),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut ser = form_urlencoded::Serializer::new(String::new());
+        ser.append_pair("client", &self.client);
+        if let Some(u) = &self.user {
+            ser.append_pair("user", u);
+        }
+        if let Some(p) = &self.purpose {
+            ser.append_pair("purpose", p);
+        }
+        ser.finish()
+    }
+
+    pub fn decode(s: &str) -> Acting {
+        let mut a = Acting::default();
+        for (k, v) in form_urlencoded::parse(s.as_bytes()) {
+            match k.as_ref() {
+                "client" => a.client = v.into_owned(),
+                "user" => a.user = Some(v.into_owned()),
+                "purpose" => a.purpose = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        a
+    }
+
+    /// The grant a holder's consent checks see for this request: the client and the user.
+    pub fn as_grant(&self) -> crate::auth::Grant {
+        let sub = self.user.clone().unwrap_or_else(|| self.client.clone());
+        crate::auth::Grant::new(&self.client, &sub, "", None, self.user.clone(), "")
+    }
+}
 
 /// The path a node request names, independent of either side's base URL.
 pub fn resource_path(t: ResourceType, id: &str, version: u64) -> String {
     format!("{t}/{id}/_history/{version}")
 }
 
-fn message(chain: &str, path: &str, ms: i64) -> Vec<u8> {
+fn message(chain: &str, path: &str, ms: i64, acting: &str) -> Vec<u8> {
     let mut m = DOMAIN.to_vec();
     m.extend_from_slice(chain.as_bytes());
     m.push(0);
     m.extend_from_slice(path.as_bytes());
     m.push(0);
     m.extend_from_slice(ms.to_string().as_bytes());
+    m.push(0);
+    m.extend_from_slice(acting.as_bytes());
     m
 }
 
-pub fn sign_request(me: &ReplicaSetup, path: &str, ms: i64) -> String {
-    let sig = me.key.sign(&message(&me.membership.chain_id, path, ms));
+pub fn sign_request(me: &ReplicaSetup, path: &str, ms: i64, acting: &str) -> String {
+    let sig = me
+        .key
+        .sign(&message(&me.membership.chain_id, path, ms, acting));
     format!("{}.{ms}.{}", me.id, hex(&sig.to_bytes()))
 }
 
-/// The replica a node request comes from, if its signature holds.
-pub fn check_request(me: &ReplicaSetup, header: Option<&str>, path: &str) -> Result<u32> {
+/// The replica a node request says it comes from (not yet verified: `check_request` does).
+pub fn claimed_replica(header: Option<&str>) -> Option<u32> {
+    header?.split('.').next()?.parse().ok()
+}
+
+/// The replica a node request comes from, if its signature (over the path and the acting
+/// party) holds.
+pub fn check_request(
+    me: &ReplicaSetup,
+    header: Option<&str>,
+    path: &str,
+    acting: &str,
+) -> Result<u32> {
     let refuse = |why: &str| Error::Forbidden(format!("node request refused: {why}"));
     let h = header.ok_or_else(|| refuse("no node credentials"))?;
     let mut parts = h.splitn(3, '.');
@@ -68,7 +137,7 @@ pub fn check_request(me: &ReplicaSetup, header: Option<&str>, path: &str) -> Res
     let sig = super::entry::unhex(sig)
         .and_then(|b| Signature::from_slice(&b).ok())
         .ok_or_else(|| refuse("malformed signature"))?;
-    key.verify(&message(&me.membership.chain_id, path, ms), &sig)
+    key.verify(&message(&me.membership.chain_id, path, ms, acting), &sig)
         .map_err(|_| refuse("bad signature"))?;
     Ok(id)
 }
@@ -103,6 +172,7 @@ pub async fn fetch(
     id: &str,
     version: u64,
     rec: &RecordRef,
+    acting: &Acting,
 ) -> Result<Version> {
     let unavailable = |why: String| {
         Error::Unavailable(format!(
@@ -117,13 +187,21 @@ pub async fn fetch(
         .and_then(|r| r.api.clone())
         .ok_or_else(|| unavailable("has no API address in the genesis".into()))?;
     let path = resource_path(t, id, version);
+    let acting = acting.encode();
     let resp = client
         .get(format!("{}/_node/{path}", api.trim_end_matches('/')))
-        .header(NODE_HEADER, sign_request(me, &path, now_ms()))
+        .header(NODE_HEADER, sign_request(me, &path, now_ms(), &acting))
+        .header(ACTING_HEADER, &acting)
         .timeout(Duration::from_secs(5))
         .send()
         .await
         .map_err(|e| unavailable(format!("did not answer ({e})")))?;
+    if resp.status() == reqwest::StatusCode::FORBIDDEN {
+        return Err(Error::Forbidden(format!(
+            "{t}/{id}/_history/{version} is held by replica {}, which refused to release it under the patient's consent",
+            rec.holder
+        )));
+    }
     if !resp.status().is_success() {
         return Err(unavailable(format!("answered {}", resp.status())));
     }
