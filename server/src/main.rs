@@ -115,6 +115,10 @@ enum ClientsCommand {
         /// A JWKS file: the client authenticates with private_key_jwt (RS384/ES384).
         #[arg(long)]
         jwks: Option<std::path::PathBuf>,
+        /// A JWKS file with the public key(s) responses are encrypted to when the client asks
+        /// for `application/jose` (RSA for RSA-OAEP-256, EC or X25519 for ECDH-ES+A256KW).
+        #[arg(long = "encryption-jwks")]
+        encryption_jwks: Option<std::path::PathBuf>,
     },
 }
 
@@ -158,6 +162,7 @@ fn main() -> ExitCode {
             public,
             secret,
             jwks,
+            encryption_jwks,
         }) => add_client(
             &config,
             client_id,
@@ -167,6 +172,7 @@ fn main() -> ExitCode {
             public,
             secret,
             jwks,
+            encryption_jwks,
         ),
         Command::Token {
             config,
@@ -321,23 +327,27 @@ fn add_client(
     public: bool,
     secret: Option<String>,
     jwks: Option<std::path::PathBuf>,
+    encryption_jwks: Option<std::path::PathBuf>,
 ) -> Result<(), String> {
     use fhirmament::auth::directory::{hash_secret, Client, ClientAuth};
+    let read_jwks = |path: &std::path::Path| -> Result<serde_json::Value, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let jwks: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !jwks["keys"].as_array().is_some_and(|k| !k.is_empty()) {
+            return Err(format!("{}: the JWKS has no keys", path.display()));
+        }
+        Ok(jwks)
+    };
+    let encryption_jwks = encryption_jwks.as_deref().map(read_jwks).transpose()?;
     let auth = match (public, secret, jwks) {
         (true, None, None) => ClientAuth::Public,
         (false, Some(s), None) => ClientAuth::Symmetric {
             secret_hash: hash_secret(&s).map_err(|e| e.to_string())?,
         },
-        (false, None, Some(path)) => {
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let jwks: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-            if !jwks["keys"].as_array().is_some_and(|k| !k.is_empty()) {
-                return Err("the JWKS has no keys".into());
-            }
-            ClientAuth::Asymmetric { jwks }
-        }
+        (false, None, Some(path)) => ClientAuth::Asymmetric {
+            jwks: read_jwks(&path)?,
+        },
         _ => return Err("give exactly one of --public, --secret, --jwks".into()),
     };
     if redirect_uris.is_empty() && !matches!(auth, ClientAuth::Asymmetric { .. }) {
@@ -355,6 +365,7 @@ fn add_client(
         auth,
         redirect_uris,
         scope,
+        encryption_jwks,
     })
     .map_err(|e| e.to_string())?;
     println!("client {client_id} saved");

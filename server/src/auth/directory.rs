@@ -34,6 +34,9 @@ pub struct Client {
     pub redirect_uris: Vec<String>,
     /// The scopes this client may be granted (space-separated).
     pub scope: String,
+    /// Public keys responses may be encrypted to (`Accept: application/jose`; see `jwe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_jwks: Option<Value>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -205,6 +208,7 @@ mod tests {
             auth: ClientAuth::Public,
             redirect_uris: vec!["http://localhost/cb".into()],
             scope: "openid patient/*.rs".into(),
+            encryption_jwks: None,
         };
         d.put_client(c.clone()).unwrap();
         d.put_client(Client {

@@ -297,6 +297,14 @@ impl AuthServer {
                 auth,
                 redirect_uris: redirect_uris.clone(),
                 scope: scope.clone(),
+                encryption_jwks: meta
+                    .get("jwks")
+                    .filter(|j| {
+                        j["keys"]
+                            .as_array()
+                            .is_some_and(|ks| ks.iter().any(|k| k["use"] == "enc"))
+                    })
+                    .cloned(),
             })
             .map_err(server)?;
         let mut out = json!({

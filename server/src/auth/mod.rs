@@ -6,10 +6,12 @@
 //! - `flows`: authorize (login, approval), token (authorization code with PKCE S256, refresh,
 //!   client credentials with private_key_jwt), introspection, revocation.
 //! - `access`: the one place scopes are enforced on FHIR interactions.
+//! - `jwe`: responses encrypted to the client's registered key (`Accept: application/jose`).
 
 pub mod access;
 pub mod directory;
 pub mod flows;
+pub mod jwe;
 pub mod keys;
 pub mod scopes;
 

@@ -264,7 +264,8 @@ impl FhirResponse {
 
 const MIN_COMPRESSED_BYTES: usize = 1024;
 
-fn to_http(resp: FhirResponse, pretty: bool, head: bool) -> HttpResponse {
+/// Status and headers of a response.
+fn response_head(resp: &FhirResponse) -> actix_web::HttpResponseBuilder {
     let mut out = HttpResponse::build(resp.status);
     if let Some(v) = resp.version {
         out.insert_header(("ETag", format!("W/\"{v}\"")));
@@ -276,7 +277,12 @@ fn to_http(resp: FhirResponse, pretty: bool, head: bool) -> HttpResponse {
         out.insert_header(("Location", loc.clone()));
         out.insert_header(("Content-Location", loc.clone()));
     }
-    let bytes: Option<Vec<u8>> = match resp.body {
+    out
+}
+
+/// The body of a response as FHIR JSON.
+fn response_bytes(body: ResponseBody, pretty: bool) -> Option<Vec<u8>> {
+    match body {
         ResponseBody::None => None,
         ResponseBody::Json(v) => Some(
             if pretty {
@@ -290,8 +296,12 @@ fn to_http(resp: FhirResponse, pretty: bool, head: bool) -> HttpResponse {
             .ok()
             .and_then(|v| serde_json::to_vec_pretty(&v).ok()),
         ResponseBody::Stored(b) => Some(b.to_vec()),
-    };
-    match bytes {
+    }
+}
+
+fn to_http(resp: FhirResponse, pretty: bool, head: bool) -> HttpResponse {
+    let mut out = response_head(&resp);
+    match response_bytes(resp.body, pretty) {
         Some(b) => {
             out.content_type(negotiate::FHIR_JSON);
             // Compressing a small body costs both ends more than it saves (cf. nginx
@@ -323,9 +333,12 @@ pub async fn dispatch(
         },
     };
     match parse_request(&req, payload, &svc, grant.clone(), token_error).await {
-        Ok((freq, pretty, head)) => {
+        Ok((freq, pretty, head, jose)) => {
             let resp = interaction::handle(&svc, freq).await?;
-            Ok(to_http(resp, pretty, head))
+            match jose {
+                Some(client) => encrypted(resp, &client, head),
+                None => Ok(to_http(resp, pretty, head)),
+            }
         }
         Err(e) => {
             // A request refused before it became an interaction is audited too.
@@ -337,14 +350,38 @@ pub async fn dispatch(
     }
 }
 
-/// Everything a FHIR request says, checked: route, negotiation, body.
+/// A response encrypted to the client (`application/jose`): the ordinary FHIR JSON body,
+/// inside a JWE only the client's private key opens. Headers stay as they are.
+fn encrypted(
+    resp: FhirResponse,
+    client: &crate::auth::directory::Client,
+    head: bool,
+) -> Result<HttpResponse> {
+    let mut out = response_head(&resp);
+    match response_bytes(resp.body, false) {
+        Some(body) => {
+            let jwe = crate::auth::jwe::encrypt_for(client, &body)?;
+            out.content_type(crate::auth::jwe::JOSE);
+            Ok(if head { out.finish() } else { out.body(jwe) })
+        }
+        None => Ok(out.finish()),
+    }
+}
+
+/// Everything a FHIR request says, checked: route, negotiation, body — and, for a client that
+/// asked for `application/jose`, the client it is encrypted to.
 async fn parse_request(
     req: &HttpRequest,
     payload: web::Payload,
     svc: &Service,
     grant: Option<Arc<crate::auth::Grant>>,
     token_error: Option<String>,
-) -> Result<(FhirRequest, bool, bool)> {
+) -> Result<(
+    FhirRequest,
+    bool,
+    bool,
+    Option<crate::auth::directory::Client>,
+)> {
     let method = Method::parse(req.method().as_str())
         .ok_or_else(|| Error::MethodNotAllowed(format!("{} is not a FHIR method", req.method())))?;
     let base_path = svc.config.base_path();
@@ -365,7 +402,20 @@ async fn parse_request(
     let route = route(method, &segments)?;
     let query = negotiate::query_pairs(req.query_string());
     let pretty = negotiate::pretty(&query);
-    negotiate::check_accept(req, &query)?;
+    let jose = if negotiate::check_accept(req, &query)? {
+        let client = grant
+            .as_ref()
+            .and_then(|g| svc.auth.directory.client(&g.client_id).ok().flatten())
+            .filter(|c| crate::auth::jwe::encryption_key(c).is_some())
+            .ok_or_else(|| {
+                Error::NotAcceptable(
+                    "application/jose needs an access token of a client that registered an encryption key (a JWK with \"use\": \"enc\")".into(),
+                )
+            })?;
+        Some(client)
+    } else {
+        None
+    };
     let body = negotiate::read_body(req, payload, svc.config.max_body_bytes, &route).await?;
     let freq = FhirRequest {
         method,
@@ -384,7 +434,7 @@ async fn parse_request(
         peer_address: req.peer_addr().map(|a| a.ip().to_string()),
         audit: None,
     };
-    Ok((freq, pretty, method == Method::Head))
+    Ok((freq, pretty, method == Method::Head, jose))
 }
 
 /// `GET /health/live` and `/health/ready` (see `crate::health`): 200 or 503, with details.

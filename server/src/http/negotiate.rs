@@ -54,23 +54,31 @@ fn json_mime(m: &str) -> bool {
 }
 
 /// `_format` wins over `Accept`; both must allow JSON, the only format served.
-pub fn check_accept(req: &HttpRequest, query: &[(String, String)]) -> Result<()> {
+/// Can the response be given in a form the client accepts? True when it asks for the
+/// response encrypted to it (`Accept: application/jose`, see `auth::jwe`).
+pub fn check_accept(req: &HttpRequest, query: &[(String, String)]) -> Result<bool> {
     if let Some((_, f)) = query.iter().find(|(k, _)| k == "_format") {
         if !json_mime(f) {
             return Err(Error::NotAcceptable(format!(
                 "_format '{f}' is not supported; this server speaks application/fhir+json"
             )));
         }
-        return Ok(());
+        return Ok(false);
     }
     if let Some(accept) = header(req, "Accept") {
+        let jose = accept
+            .split(',')
+            .any(|m| m.split(';').next().unwrap_or("").trim() == crate::auth::jwe::JOSE);
+        if jose {
+            return Ok(true);
+        }
         if !accept.split(',').any(json_mime) {
             return Err(Error::NotAcceptable(format!(
-                "cannot produce any of '{accept}'; this server speaks application/fhir+json"
+                "cannot produce any of '{accept}'; this server speaks application/fhir+json (or application/jose, encrypted to a registered key)"
             )));
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 pub fn header(req: &HttpRequest, name: &str) -> Option<String> {
