@@ -457,7 +457,9 @@ fn revocation_takes_effect_at_once_on_every_replica_and_an_unauditable_read_fail
 /// asking organization before it releases anything.
 #[test]
 fn the_holder_releases_a_version_only_as_the_patients_consent_permits() {
-    use fhirmament::ledger::peer::{sign_request, Acting, ACTING_HEADER, NODE_HEADER};
+    use fhirmament::ledger::peer::{
+        open_release, sign_request, Acting, ACTING_HEADER, NODE_HEADER,
+    };
     let c = Consortium::up(4);
     let (status, p) = c.send(1, "POST", "Patient", &patient("Held", "Here", "1960-06-06"));
     assert_eq!(status, 201, "{p}");
@@ -473,17 +475,20 @@ fn the_holder_releases_a_version_only_as_the_patients_consent_permits() {
     );
     assert_eq!(status, 201);
 
-    // Replica 0's credentials, as its node would sign them.
+    // Replica 0's credentials, as its node would sign them (and replica 2's, a bystander).
     let data = tempfile::tempdir().unwrap();
-    let config = fhirmament::config::Config::resolve(&fhirmament::config::ServeArgs {
-        data_dir: Some(data.path().to_path_buf()),
-        genesis: Some(c.genesis()),
-        replica_id: Some(0),
-        ledger_key: Some(c.dir.path().join("replica-0.key")),
-        ..Default::default()
-    })
-    .unwrap();
-    let node0 = fhirmament::ledger::replica::ReplicaSetup::resolve(&config).unwrap();
+    let setup = |i: u32| {
+        let config = fhirmament::config::Config::resolve(&fhirmament::config::ServeArgs {
+            data_dir: Some(data.path().join(i.to_string())),
+            genesis: Some(c.genesis()),
+            replica_id: Some(i),
+            ledger_key: Some(c.dir.path().join(format!("replica-{i}.key"))),
+            ..Default::default()
+        })
+        .unwrap();
+        fhirmament::ledger::replica::ReplicaSetup::resolve(&config).unwrap()
+    };
+    let (node0, node2) = (setup(0), setup(2));
     let path = format!("Patient/{pid}/_history/1");
     let ask = |signed_for: &str, sent_for: &str| {
         let acting = |who: &str| Acting {
@@ -505,11 +510,32 @@ fn the_holder_releases_a_version_only_as_the_patients_consent_permits() {
             .send()
             .unwrap();
         let status = r.status().as_u16();
-        (status, r.json::<Value>().unwrap_or(Value::Null))
+        let jose = r
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v == "application/jose");
+        let body = r.text().unwrap();
+        let value = if jose {
+            // Released versions cross the consortium encrypted to the asking replica.
+            assert!(!body.contains("Held"), "{body}");
+            let plain = open_release(&node0, &body).expect("encrypted to replica 0");
+            assert!(
+                open_release(&node2, &body).is_err(),
+                "only replica 0 opens it"
+            );
+            serde_json::from_slice(&plain).unwrap()
+        } else {
+            serde_json::from_str(&body).unwrap_or(Value::Null)
+        };
+        (status, value)
     };
     let (status, released) = ask("d1", "d1");
     assert_eq!(status, 200, "{released}");
     assert_eq!(released["parameter"][1]["resource"]["id"], pid.as_str());
+    assert_eq!(
+        released["parameter"][1]["resource"]["name"][0]["family"],
+        "Held"
+    );
     let (status, refused) = ask("d2", "d2");
     assert_eq!(status, 403, "{refused}");
     assert!(refused.to_string().contains("consent"), "{refused}");

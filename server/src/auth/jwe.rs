@@ -29,17 +29,7 @@ pub fn encryption_key(client: &Client) -> Option<Value> {
     None
 }
 
-/// Encrypt `plaintext` (FHIR JSON) to the client's encryption key.
-pub fn encrypt_for(client: &Client, plaintext: &[u8]) -> Result<String> {
-    let key = encryption_key(client).ok_or_else(|| {
-        Error::NotAcceptable(format!(
-            "client {} registered no encryption key (a JWK with \"use\": \"enc\"); it cannot be sent application/jose",
-            client.client_id
-        ))
-    })?;
-    encrypt_to_jwk(&key, plaintext)
-}
-
+/// Encrypt `plaintext` (FHIR JSON) to a public JWK.
 pub fn encrypt_to_jwk(key: &Value, plaintext: &[u8]) -> Result<String> {
     use josekit::jwe::{self, JweHeader, ECDH_ES_A256KW, RSA_OAEP_256};
     let bad_key = |e: josekit::JoseError| {
@@ -65,9 +55,11 @@ pub fn encrypt_to_jwk(key: &Value, plaintext: &[u8]) -> Result<String> {
             let enc = ECDH_ES_A256KW.encrypter_from_jwk(&jwk).map_err(bad_key)?;
             jwe::serialize_compact(plaintext, &header, &enc)
         }
-        other => return Err(Error::NotAcceptable(format!(
+        other => {
+            return Err(Error::NotAcceptable(format!(
             "the client's encryption key has type {other}; RSA, EC or OKP (X25519) are supported"
-        ))),
+        )))
+        }
     };
     out.map_err(|e| Error::Internal(format!("JWE encryption failed: {e}")))
 }
@@ -100,7 +92,7 @@ mod tests {
             Jwk::generate_ec_key(josekit::jwk::alg::ec::EcCurve::P256).unwrap(),
         ] {
             let c = client_with(&private);
-            let token = encrypt_for(&c, plaintext).unwrap();
+            let token = encrypt_to_jwk(&encryption_key(&c).unwrap(), plaintext).unwrap();
             assert_eq!(token.split('.').count(), 5);
             let decrypted = if private.key_type() == "RSA" {
                 let d = RSA_OAEP_256.decrypter_from_jwk(&private).unwrap();
@@ -127,8 +119,9 @@ mod tests {
             scope: String::new(),
             encryption_jwks: None,
         };
+        assert!(encryption_key(&c).is_none());
         assert!(matches!(
-            encrypt_for(&c, b"{}"),
+            encrypt_to_jwk(&serde_json::json!({"kty": "oct", "k": "AAAA"}), b"{}"),
             Err(Error::NotAcceptable(_))
         ));
     }

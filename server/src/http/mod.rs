@@ -336,7 +336,7 @@ pub async fn dispatch(
         Ok((freq, pretty, head, jose)) => {
             let resp = interaction::handle(&svc, freq).await?;
             match jose {
-                Some(client) => encrypted(resp, &client, head),
+                Some(key) => encrypted(resp, &key, head),
                 None => Ok(to_http(resp, pretty, head)),
             }
         }
@@ -350,17 +350,13 @@ pub async fn dispatch(
     }
 }
 
-/// A response encrypted to the client (`application/jose`): the ordinary FHIR JSON body,
-/// inside a JWE only the client's private key opens. Headers stay as they are.
-fn encrypted(
-    resp: FhirResponse,
-    client: &crate::auth::directory::Client,
-    head: bool,
-) -> Result<HttpResponse> {
+/// A response encrypted to its recipient (`application/jose`): the ordinary FHIR JSON body,
+/// inside a JWE only the recipient's private key opens. Headers stay as they are.
+fn encrypted(resp: FhirResponse, key: &Value, head: bool) -> Result<HttpResponse> {
     let mut out = response_head(&resp);
     match response_bytes(resp.body, false) {
         Some(body) => {
-            let jwe = crate::auth::jwe::encrypt_for(client, &body)?;
+            let jwe = crate::auth::jwe::encrypt_to_jwk(key, &body)?;
             out.content_type(crate::auth::jwe::JOSE);
             Ok(if head { out.finish() } else { out.body(jwe) })
         }
@@ -368,20 +364,16 @@ fn encrypted(
     }
 }
 
-/// Everything a FHIR request says, checked: route, negotiation, body — and, for a client that
-/// asked for `application/jose`, the client it is encrypted to.
+/// Everything a FHIR request says, checked: route, negotiation, body — and the key the response
+/// is encrypted to: the client's, when it asked for `application/jose`; the asking
+/// organization's, always, for a node-to-node release.
 async fn parse_request(
     req: &HttpRequest,
     payload: web::Payload,
     svc: &Service,
     grant: Option<Arc<crate::auth::Grant>>,
     token_error: Option<String>,
-) -> Result<(
-    FhirRequest,
-    bool,
-    bool,
-    Option<crate::auth::directory::Client>,
-)> {
+) -> Result<(FhirRequest, bool, bool, Option<Value>)> {
     let method = Method::parse(req.method().as_str())
         .ok_or_else(|| Error::MethodNotAllowed(format!("{} is not a FHIR method", req.method())))?;
     let base_path = svc.config.base_path();
@@ -402,17 +394,22 @@ async fn parse_request(
     let route = route(method, &segments)?;
     let query = negotiate::query_pairs(req.query_string());
     let pretty = negotiate::pretty(&query);
-    let jose = if negotiate::check_accept(req, &query)? {
-        let client = grant
+    let asks_jose = negotiate::check_accept(req, &query)?;
+    let jose = if let Route::NodeVersion(..) = &route {
+        let header = negotiate::header(req, crate::ledger::peer::NODE_HEADER);
+        crate::ledger::peer::claimed_replica(header.as_deref())
+            .and_then(|r| crate::ledger::peer::release_key(&svc.replica, r))
+    } else if asks_jose {
+        let key = grant
             .as_ref()
             .and_then(|g| svc.auth.directory.client(&g.client_id).ok().flatten())
-            .filter(|c| crate::auth::jwe::encryption_key(c).is_some())
+            .and_then(|c| crate::auth::jwe::encryption_key(&c))
             .ok_or_else(|| {
                 Error::NotAcceptable(
                     "application/jose needs an access token of a client that registered an encryption key (a JWK with \"use\": \"enc\")".into(),
                 )
             })?;
-        Some(client)
+        Some(key)
     } else {
         None
     };

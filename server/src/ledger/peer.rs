@@ -9,6 +9,11 @@
 //! behalf the node asks: client, user (`fhirUser`) and purpose of use. The holder accepts it
 //! within `MAX_SKEW_MS` of its clock from a genesis member other than itself, and releases the
 //! version only if the patient's Consents permit the requesting organization and that user.
+//!
+//! The release is a JWE (ECDH-ES+A256KW, A256GCM) encrypted to the asking replica's genesis
+//! key in its X25519 (Montgomery) form, so only that replica can open it. The same key signs
+//! and, converted, agrees keys; the two uses cannot be confused (an Ed25519 signature and an
+//! X25519 agreement never take each other's inputs).
 
 use std::time::Duration;
 
@@ -142,7 +147,39 @@ pub fn check_request(
     Ok(id)
 }
 
-/// What a holder sends: a Parameters resource with the version and its salt.
+/// The key a holder encrypts a release to: the asking replica's genesis key, as X25519
+/// (the Montgomery form of its Ed25519 key), in a JWK for ECDH-ES+A256KW.
+pub fn release_key(me: &ReplicaSetup, replica: u32) -> Option<serde_json::Value> {
+    let key = me.membership.keys.get(replica as usize)?;
+    Some(serde_json::json!({
+        "kty": "OKP",
+        "crv": "X25519",
+        "kid": format!("replica-{replica}"),
+        "x": crate::auth::b64url(key.to_montgomery().as_bytes()),
+    }))
+}
+
+/// Open a release encrypted to this replica (see `release_key`).
+pub fn open_release(me: &ReplicaSetup, jwe: &str) -> std::result::Result<Vec<u8>, String> {
+    use josekit::jwe::ECDH_ES_A256KW;
+    let private = serde_json::json!({
+        "kty": "OKP",
+        "crv": "X25519",
+        "x": crate::auth::b64url(me.key.verifying_key().to_montgomery().as_bytes()),
+        "d": crate::auth::b64url(&me.key.to_scalar_bytes()),
+    });
+    let map = private.as_object().cloned().unwrap_or_default();
+    let jwk = josekit::jwk::Jwk::from_map(map).map_err(|e| e.to_string())?;
+    let decrypter = ECDH_ES_A256KW
+        .decrypter_from_jwk(&jwk)
+        .map_err(|e| e.to_string())?;
+    josekit::jwe::deserialize_compact(jwe, &decrypter)
+        .map(|(payload, _)| payload)
+        .map_err(|e| e.to_string())
+}
+
+/// What a holder sends: a Parameters resource with the version and its salt (encrypted to the
+/// asking replica on the way out).
 pub fn release(resource: serde_json::Value, salt: &[u8; 32]) -> serde_json::Value {
     serde_json::json!({
         "resourceType": "Parameters",
@@ -205,9 +242,16 @@ pub async fn fetch(
     if !resp.status().is_success() {
         return Err(unavailable(format!("answered {}", resp.status())));
     }
-    let released: serde_json::Value = resp
-        .json()
+    let jwe = resp
+        .text()
         .await
+        .map_err(|e| unavailable(format!("sent an unreadable answer ({e})")))?;
+    let plain = open_release(me, &jwe).map_err(|e| {
+        unavailable(format!(
+            "sent an answer not encrypted to this replica ({e})"
+        ))
+    })?;
+    let released: serde_json::Value = serde_json::from_slice(&plain)
         .map_err(|e| unavailable(format!("sent an unreadable answer ({e})")))?;
     let (salt, resource) = parse_release(&released)
         .ok_or_else(|| unavailable("sent an answer without salt and resource".into()))?;
