@@ -13,5 +13,8 @@ kubectl apply -f "$here/namespace.yaml"
 kubectl -n "$ns" create configmap fhirmament-genesis --from-file=genesis.json="$out/genesis.json"
 for i in 0 1 2 3; do
   kubectl -n "$ns" create secret generic "fhirmament-key-$i" --from-file=replica.key="$out/replica-$i.key"
+  # Each organization's key-encryption key seals its records at rest (see README).
+  fhirmament kek generate --out "$out/kek-$i.json"
+  kubectl -n "$ns" create secret generic "fhirmament-kek-$i" --from-file=kek.json="$out/kek-$i.json"
 done
 kubectl apply -f "$here/services.yaml" -f "$here/policy.yaml" -f "$here/replicas.yaml"

@@ -27,6 +27,10 @@ pub struct Config {
     pub consent: crate::consent::gate::ConsentSettings,
     /// How long a write (or an AuditEvent) waits for the ledger before it fails.
     pub commit_timeout: std::time::Duration,
+    /// The key-encryption key's JWK file (`None`: `FHIRMAMENT_KEK`, else `<data-dir>.kek`).
+    pub kek_file: Option<PathBuf>,
+    /// The key-encryption key's JWK, given inline (environment only).
+    pub kek_inline: Option<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -52,6 +56,7 @@ pub struct FileConfig {
     pub break_glass: Option<bool>,
     pub organization: Option<String>,
     pub commit_timeout_secs: Option<u64>,
+    pub kek_file: Option<PathBuf>,
 }
 
 /// What the command line and environment may set (clap fills these).
@@ -109,6 +114,17 @@ pub struct ServeArgs {
     /// Seconds a write, or an interaction's AuditEvent, waits for the ledger before it fails [default: 30].
     #[arg(long = "commit-timeout-secs", env = "FHIRMAMENT_COMMIT_TIMEOUT_SECS")]
     pub commit_timeout_secs: Option<u64>,
+    /// The key-encryption key (a JWK file, kept apart from the data directory) [default: FHIRMAMENT_KEK, else <data-dir>.kek, created with a new store].
+    #[arg(long = "kek-file", env = "FHIRMAMENT_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+    /// The key-encryption key's JWK itself (e.g. from a secret).
+    #[arg(
+        long = "kek",
+        env = "FHIRMAMENT_KEK",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub kek: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +212,8 @@ impl Config {
                     org
                 },
             },
+            kek_file: args.kek_file.clone().or(file.kek_file),
+            kek_inline: args.kek.clone(),
             commit_timeout: std::time::Duration::from_secs(
                 args.commit_timeout_secs
                     .or(file.commit_timeout_secs)
@@ -210,6 +228,68 @@ impl Config {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(shown.clone(), e))?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse(shown, e))
+    }
+
+    /// The key-encryption key: from `--kek-file`, from `FHIRMAMENT_KEK`, or from `<data-dir>.kek`
+    /// beside (never inside) the data directory — created there for a new store only.
+    pub fn kek(&self) -> Result<crate::store::envelope::Kek, ConfigError> {
+        use crate::store::envelope::Kek;
+        let from_file = |path: &Path| -> Result<Kek, ConfigError> {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "cannot read the key-encryption key {}: {e}",
+                    path.display()
+                ))
+            })?;
+            Kek::from_jwk(&text).map_err(|e| {
+                ConfigError::Invalid(format!("key-encryption key {}: {e}", path.display()))
+            })
+        };
+        if let Some(path) = &self.kek_file {
+            return from_file(path);
+        }
+        if let Some(text) = &self.kek_inline {
+            return Kek::from_jwk(text)
+                .map_err(|e| ConfigError::Invalid(format!("FHIRMAMENT_KEK: {e}")));
+        }
+        let path = self.default_kek_path();
+        if path.exists() {
+            return from_file(&path);
+        }
+        if self.data_dir.join("CURRENT").exists() {
+            return Err(ConfigError::Invalid(format!(
+                "no key-encryption key: {} holds a store, but {} does not exist; give --kek-file",
+                self.data_dir.display(),
+                path.display()
+            )));
+        }
+        let (kek, text) = Kek::generate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        std::fs::write(&path, text)
+            .map_err(|e| ConfigError::Invalid(format!("cannot write {}: {e}", path.display())))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
+        tracing::warn!(path = %path.display(), "created a new key-encryption key for a new store; keep it (and its backups) apart from the data directory's");
+        Ok(kek)
+    }
+
+    /// `<data-dir>.kek`: beside the data directory, not in it.
+    pub fn default_kek_path(&self) -> PathBuf {
+        let mut name = self
+            .data_dir
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_else(|| "data".into());
+        name.push(".kek");
+        self.data_dir
+            .parent()
+            .map(|p| p.join(&name))
+            .unwrap_or_else(|| PathBuf::from(&name))
     }
 
     /// The path part of the base URL (`/fhir`), where the API is mounted.

@@ -61,7 +61,8 @@ impl Service {
         std::thread::spawn(move || warm.warm());
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::Storage(format!("creating {}: {e}", config.data_dir.display())))?;
-        let store = Arc::new(Store::open(&config.data_dir)?);
+        let kek = config.kek().map_err(|e| Error::Startup(e.to_string()))?;
+        let store = Arc::new(Store::open(&config.data_dir, kek)?);
         let replica = ledger::replica::ReplicaSetup::resolve(&config)?;
         let auth = Arc::new(
             auth::AuthServer::open(&config.data_dir.join("auth"), &config.base_url)?

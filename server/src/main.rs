@@ -16,8 +16,8 @@ struct Cli {
 enum Command {
     /// Start the FHIR server (defaults: 127.0.0.1:8080, data in ./data, base http://127.0.0.1:8080/fhir).
     ///
-    /// There is no authentication yet (SMART on FHIR is the next milestone): keep the listen
-    /// address on loopback.
+    /// There is no TLS in the process: keep the listen address on loopback, behind a
+    /// TLS-terminating proxy.
     Serve(ServeArgs),
     /// Rebuild the search indexes from the stored resources. Run it with the server stopped.
     Reindex(ServeArgs),
@@ -38,6 +38,9 @@ enum Command {
     /// Registered SMART client applications.
     #[command(subcommand)]
     Clients(ClientsCommand),
+    /// The key-encryption key that seals stored records.
+    #[command(subcommand)]
+    Kek(KekCommand),
     /// Mint an access token signed by this server's key (for operators and scripts); it is
     /// checked like any other. Prints the token.
     Token {
@@ -123,6 +126,15 @@ enum ClientsCommand {
 }
 
 #[derive(Subcommand)]
+enum KekCommand {
+    /// Write a new key-encryption key (a symmetric JWK) to a file that does not exist yet.
+    Generate {
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum ClusterCommand {
     /// Start n replicas (creating the genesis and keys on first use) and wait until all answer.
     Up(fhirmament::cluster::ClusterArgs),
@@ -142,6 +154,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => run_serve(&args),
         Command::Reindex(args) => run_reindex(&args),
+        Command::Kek(KekCommand::Generate { out }) => generate_kek(&out),
         Command::Verify { receipt, genesis } => run_verify(&receipt, &genesis),
         Command::Genesis(args) => fhirmament::cluster::genesis(&args),
         Command::Users(UsersCommand::Add {
@@ -216,7 +229,8 @@ fn run_reindex(args: &ServeArgs) -> Result<(), String> {
     let config = Config::resolve(args).map_err(|e| e.to_string())?;
     let profiles = fhirmament::load_profiles(&config).map_err(|e| e.to_string())?;
     let registry = fhirmament::search::Registry::from_profiles(&profiles);
-    let store = fhirmament::store::Store::open(&config.data_dir).map_err(|e| e.to_string())?;
+    let kek = config.kek().map_err(|e| e.to_string())?;
+    let store = fhirmament::store::Store::open(&config.data_dir, kek).map_err(|e| e.to_string())?;
     let n = fhirmament::store::txlog::reindex(&store, &registry, &config.base_url)
         .map_err(|e| e.to_string())?;
     println!("reindexed {n} resources");
@@ -369,6 +383,24 @@ fn add_client(
     })
     .map_err(|e| e.to_string())?;
     println!("client {client_id} saved");
+    Ok(())
+}
+
+fn generate_kek(out: &std::path::Path) -> Result<(), String> {
+    let (kek, text) = fhirmament::store::envelope::Kek::generate().map_err(|e| e.to_string())?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
+    }
+    std::io::Write::write_all(&mut file, text.as_bytes())
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    println!("wrote key-encryption key {} to {}", kek.kid, out.display());
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! Tamper detection end to end: bytes changed in the data directory behind the server's back
-//! are never served, and `$verify` says so; receipts of intact records verify offline.
+//! are never served, and `$verify` says so; receipts of intact records verify offline; records
+//! are sealed at rest under a key-encryption key kept outside the data directory.
 
+use base64::Engine as _;
 use fhirmament_e2e::*;
 
 fn param<'a>(receipt: &'a Value, name: &str) -> &'a Value {
@@ -10,14 +12,18 @@ fn param<'a>(receipt: &'a Value, name: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
-/// Replace `from` by `to` (same length) in the stored bytes of one version, with the server
-/// stopped, as an attacker with access to the disk would.
-fn tamper(data: &std::path::Path, rtype: &str, id: &str, version: u64, from: &str, to: &str) {
+fn open_store(data: &std::path::Path) -> rocksdb::DB {
     use rocksdb::{ColumnFamilyDescriptor, Options, DB};
     let cfs = fhirmament::store::COLUMN_FAMILIES
         .iter()
         .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
-    let db = DB::open_cf_descriptors(&Options::default(), data, cfs).expect("open the store");
+    DB::open_cf_descriptors(&Options::default(), data, cfs).expect("open the store")
+}
+
+/// Flip one byte of the stored (encrypted) bytes of a version, with the server stopped, as an
+/// attacker with access to the disk would. Checks first that the text `clear` is not there.
+fn tamper(data: &std::path::Path, rtype: &str, id: &str, version: u64, clear: &str) {
+    let db = open_store(data);
     let cf = db.cf_handle(fhirmament::store::CF_VERSIONS).unwrap();
     let key = {
         let mut k = format!("{rtype}\0{id}\0").into_bytes();
@@ -25,11 +31,12 @@ fn tamper(data: &std::path::Path, rtype: &str, id: &str, version: u64, from: &st
         k
     };
     let mut raw = db.get_cf(cf, &key).unwrap().expect("stored version");
-    let at = raw
-        .windows(from.len())
-        .position(|w| w == from.as_bytes())
-        .expect("text in the stored bytes");
-    raw[at..at + to.len()].copy_from_slice(to.as_bytes());
+    assert!(
+        !raw.windows(clear.len()).any(|w| w == clear.as_bytes()),
+        "the record is sealed at rest"
+    );
+    let at = raw.len() - 4;
+    raw[at] = if raw[at] == b'A' { b'B' } else { b'A' };
     db.put_cf(cf, &key, &raw).unwrap();
     db.flush_wal(true).unwrap();
 }
@@ -46,7 +53,7 @@ fn a_tampered_record_fails_closed_and_verify_reports_it() {
     assert_eq!(param(&receipt, "resource")["resource"], p);
 
     s.kill9();
-    tamper(&s.data, "Patient", &id, 1, "Original", "Tampered");
+    tamper(&s.data, "Patient", &id, 1, "Original");
     s.launch();
 
     for path in [
@@ -59,21 +66,17 @@ fn a_tampered_record_fails_closed_and_verify_reports_it() {
         let body: Value = r.json().unwrap();
         assert_eq!(status, 500, "{path}: {body}");
         assert_eq!(body["resourceType"], "OperationOutcome");
+        assert!(body.to_string().contains("does not decrypt"), "{body}");
         assert!(
-            body.to_string()
-                .contains("does not match its ledger commitment"),
-            "{body}"
-        );
-        assert!(
-            !body.to_string().contains("Tampered"),
-            "the tampered bytes are not served: {body}"
+            !body.to_string().contains("Original"),
+            "nothing of the record is served: {body}"
         );
     }
     let (status, report) = s.get_json(&format!("Patient/{id}/_history/1/$verify"));
     assert_eq!(status, 200);
     assert_eq!(param(&report, "result")["valueBoolean"], false, "{report}");
     assert!(param(&report, "resource").is_null());
-    assert!(!report.to_string().contains("Tampered"));
+    assert!(!report.to_string().contains("Original"));
     // The rest of the store is unaffected.
     let (status, intact) = s.get_json(&format!("Patient/{}", other["id"].as_str().unwrap()));
     assert_eq!((status, intact), (200, other));
@@ -140,4 +143,99 @@ fn receipts_verify_offline_and_fail_on_any_flipped_bit() {
         !check(&r).status.success(),
         "a changed resource went unnoticed"
     );
+}
+
+/// Start the binary expecting it to refuse: its exit status and what it said.
+fn refused_start(data: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(binary())
+        .arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra)
+        .env("FHIRMAMENT_LOG", "warn")
+        .output()
+        .expect("run fhirmament");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn records_are_sealed_at_rest_and_a_wrong_or_missing_kek_is_refused() {
+    let mut s = TestServer::start();
+    let mut p = patient("Zyxwvutsr", "Quentin", "1950-05-05");
+    p["identifier"] = json!([{"system": "urn:mrn", "value": "MRN-998877"}]);
+    p["telecom"] = json!([{"system": "phone", "value": "+1-555-0199"}]);
+    let id = s.create(&p)["id"].as_str().unwrap().to_string();
+    s.kill9();
+
+    // Every stored version is a JWE naming only its data key; no name, identifier or phone
+    // number of the record is in the `versions` family, and the data keys are wrapped.
+    {
+        let db = open_store(&s.data);
+        let cf = db.cf_handle(fhirmament::store::CF_VERSIONS).unwrap();
+        let mut count = 0;
+        for item in db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (_, v) = item.unwrap();
+            let text = String::from_utf8_lossy(&v[17..]).into_owned();
+            assert_eq!(text.split('.').count(), 5, "a compact JWE");
+            for clear in [
+                "Zyxwvutsr",
+                "Quentin",
+                "MRN-998877",
+                "555-0199",
+                "1950-05-05",
+            ] {
+                assert!(!text.contains(clear), "{clear} in clear at rest");
+            }
+            count += 1;
+        }
+        assert!(count >= 2, "the Patient and the AuditEvent of its create");
+        let keys = db.cf_handle(fhirmament::store::CF_KEYS).unwrap();
+        let wrapped = db.get_cf(keys, format!("Patient/{id}")).unwrap().unwrap();
+        let header = String::from_utf8(wrapped).unwrap();
+        let header = header.split('.').next().unwrap().to_string();
+        let header: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(header)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(header["alg"], "A256KW");
+        assert_eq!(header["enc"], "A256GCM");
+    }
+    // The KEK lives beside the data directory, never in it.
+    let kek = s.data.with_extension("kek");
+    assert!(kek.exists());
+    assert!(!std::fs::read_dir(&s.data).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("kek")));
+
+    // A wrong KEK: a clear refusal, nothing touched.
+    let other = s.data.parent().unwrap().join("other.kek");
+    let out = std::process::Command::new(binary())
+        .args(["kek", "generate", "--out"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (ok, said) = refused_start(&s.data, &["--kek-file", other.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(said.contains("does not open the store"), "{said}");
+    // No KEK at all: refused too.
+    let moved = s.data.parent().unwrap().join("moved.kek");
+    std::fs::rename(&kek, &moved).unwrap();
+    let (ok, said) = refused_start(&s.data, &[]);
+    assert!(!ok);
+    assert!(said.contains("no key-encryption key"), "{said}");
+    // With its own KEK back, the store is intact.
+    std::fs::rename(&moved, &kek).unwrap();
+    s.launch();
+    let (status, back) = s.get_json(&format!("Patient/{id}"));
+    assert_eq!(status, 200);
+    assert_eq!(back["name"][0]["family"], "Zyxwvutsr");
 }

@@ -105,7 +105,22 @@ pub fn build(
         params.push(json!({ "name": "checkpoint", "part": parts }));
     }
     let mut result = true;
-    if let Some(v) = store.version_unchecked(rtype, id, version)? {
+    let stored = match store.version_unchecked(rtype, id, version) {
+        Ok(v) => v,
+        Err(Error::Integrity(why)) => {
+            result = false;
+            params.push(param(
+                "issue",
+                "valueString",
+                json!(format!(
+                    "the bytes this node stores do not match the ledger commitment ({why})"
+                )),
+            ));
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(v) = stored {
         match store.commitment_mismatch(&v)? {
             Some(why) => {
                 result = false;
@@ -132,7 +147,7 @@ pub fn build(
             }
             None => {}
         }
-    } else if rec.commitment.is_some() {
+    } else if rec.commitment.is_some() && result {
         params.push(param(
             "issue",
             "valueString",

@@ -4,13 +4,14 @@
 //!
 //! | family        | key                                   | value                                  |
 //! |---------------|---------------------------------------|----------------------------------------|
-//! | `versions`    | type \0 id \0 version(8)              | tx(8) lastUpdated(8) flags(1) JSON     |
+//! | `versions`    | type \0 id \0 version(8)              | tx(8) lastUpdated(8) flags(1) JWE(JSON)|
 //! | `current`     | type \0 id                            | version(8) deleted(1) tx(8) lastUpd(8) |
 //! | `history`     | tx(8) entry(4)                        | type \0 id \0 version(8)               |
 //! | `type_history`| type \0 tx(8) entry(4)                | version(8) id                          |
 //! | `index`       | see `search::keys`                    | date bounds or empty                   |
 //! | `values`      | param prefix(5) id                    | encoded `IndexValue` list              |
 //! | `meta`        | name                                  | counters (last tx, last timestamp)     |
+//! | `keys`        | scope (`Patient/id`, `Type/id`)       | its data key, wrapped under the KEK    |
 //! | `ledger`      | `b` seq(8)                            | `BlockInfo`: header, entries, commits  |
 //! |               | `l` seq(8)                            | the block's leaf in the ledger's tree  |
 //! |               | `c` type \0 id                        | `LedgerHead`: version, deleted, holder |
@@ -30,6 +31,7 @@
 //! Every change is written by the commit thread in `txlog`, one WriteBatch per round of applied
 //! ledger blocks (durability comes from the ledger replica's store; see ARCHITECTURE.md).
 
+pub mod envelope;
 pub mod txlog;
 
 use std::path::Path;
@@ -49,7 +51,8 @@ pub const CF_INDEX: &str = "index";
 pub const CF_VALUES: &str = "values";
 pub const CF_META: &str = "meta";
 pub const CF_LEDGER: &str = "ledger";
-pub const COLUMN_FAMILIES: [&str; 8] = [
+pub const CF_KEYS: &str = "keys";
+pub const COLUMN_FAMILIES: [&str; 9] = [
     CF_VERSIONS,
     CF_CURRENT,
     CF_HISTORY,
@@ -58,7 +61,10 @@ pub const COLUMN_FAMILIES: [&str; 8] = [
     CF_VALUES,
     CF_META,
     CF_LEDGER,
+    CF_KEYS,
 ];
+/// The proof (in `meta`) that this store was sealed under the configured KEK.
+const META_KEK_CHECK: &[u8] = b"kek-check";
 /// The derived families that `reindex` rebuilds.
 pub const DERIVED_FAMILIES: [&str; 2] = [CF_INDEX, CF_VALUES];
 
@@ -222,6 +228,8 @@ pub struct HistoryPage {
 
 pub struct Store {
     db: DB,
+    /// The KEK and the data keys: every stored version is sealed (see `envelope`).
+    envelope: envelope::Envelope,
     /// Widest indexed date range per parameter prefix. Only ever grows (deletions do not
     /// shrink it), so a scan window derived from it never misses a value.
     date_widths: std::sync::RwLock<std::collections::HashMap<Vec<u8>, i64>>,
@@ -279,7 +287,9 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Store> {
+    /// Open (or create) the store sealed under `kek`. A store sealed under another KEK is
+    /// refused before anything is read or written.
+    pub fn open(path: &Path, kek: envelope::Kek) -> Result<Store> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -296,9 +306,11 @@ impl Store {
             .map_err(|e| Error::Storage(format!("opening {}: {e}", path.display())))?;
         let store = Store {
             db,
+            envelope: envelope::Envelope::new(kek),
             date_widths: Default::default(),
             verified: VerifiedVersions::new(),
         };
+        store.check_kek(path)?;
         let mut widths = std::collections::HashMap::new();
         for item in store.db.iterator_cf(
             store.cf(CF_META),
@@ -314,6 +326,37 @@ impl Store {
         }
         *store.date_widths.write().unwrap_or_else(|p| p.into_inner()) = widths;
         Ok(store)
+    }
+
+    /// Refuse a KEK that did not seal this store; seal a new (empty) store under it.
+    fn check_kek(&self, path: &Path) -> Result<()> {
+        let kek = self.envelope.kek();
+        match self.db.get_cf(self.cf(CF_META), META_KEK_CHECK)? {
+            Some(record) => kek.opens(&record).map_err(|why| {
+                Error::Startup(format!(
+                    "the key-encryption key {} does not open the store at {}: {why}; nothing was read or written",
+                    kek.kid,
+                    path.display()
+                ))
+            }),
+            None => {
+                let has_records = self
+                    .db
+                    .iterator_cf(self.cf(CF_VERSIONS), IteratorMode::Start)
+                    .next()
+                    .is_some();
+                if has_records {
+                    return Err(Error::Startup(format!(
+                        "the store at {} holds records but no key-encryption key check; it was not written by this version",
+                        path.display()
+                    )));
+                }
+                self.db
+                    .put_cf(self.cf(CF_META), META_KEK_CHECK, kek.check_record()?)?;
+                self.db.flush_wal(true)?;
+                Ok(())
+            }
+        }
     }
 
     /// The widest date range indexed so far for a parameter, if any date was indexed.
@@ -375,7 +418,61 @@ impl Store {
         let raw = self
             .db
             .get_pinned_cf(self.cf(CF_VERSIONS), version_key(rtype, id, version))?;
-        Ok(raw.and_then(|b| Version::decode(rtype, id, version, &b)))
+        match raw {
+            Some(b) => self.unseal(rtype, id, version, &b),
+            None => Ok(None),
+        }
+    }
+
+    /// A stored version, decrypted with its data key. A version that does not decrypt (a
+    /// changed byte, a missing or foreign key) is refused: integrity failure, with an alert.
+    fn unseal(
+        &self,
+        rtype: ResourceType,
+        id: &str,
+        version: u64,
+        raw: &[u8],
+    ) -> Result<Option<Version>> {
+        let Some(mut v) = Version::decode(rtype, id, version, raw) else {
+            return Ok(None);
+        };
+        if v.deleted {
+            return Ok(Some(v));
+        }
+        let refuse = |why: String| {
+            tracing::error!(
+                target: "fhirmament::integrity",
+                resource = %format!("{rtype}/{id}/_history/{version}"),
+                "ALERT: a stored record does not decrypt: {why}"
+            );
+            Error::Integrity(format!(
+                "{rtype}/{id}/_history/{version} does not decrypt: {why}"
+            ))
+        };
+        let scope = envelope::Envelope::scope_of(&v.body)
+            .ok_or_else(|| refuse("it is not a JWE naming its data key".into()))?;
+        let wrapped = self
+            .db
+            .get_pinned_cf(self.cf(CF_KEYS), scope.as_bytes())?
+            .ok_or_else(|| refuse(format!("no data key for {scope}")))?;
+        let dek = self.envelope.dek(&wrapped)?;
+        let plain = self.envelope.open(&dek, &v.body).map_err(refuse)?;
+        v.body = plain.into();
+        Ok(Some(v))
+    }
+
+    pub fn envelope(&self) -> &envelope::Envelope {
+        &self.envelope
+    }
+
+    /// The plaintext of a raw `versions` value (tests that play the attacker).
+    #[cfg(test)]
+    pub fn read_unchecked_for_test(&self, raw: &[u8]) -> Vec<u8> {
+        let v = self
+            .unseal(ResourceType::Patient, "", 0, raw)
+            .unwrap()
+            .unwrap();
+        v.body.to_vec()
     }
 
     /// Compare a stored version with its ledger record; alert and fail closed on a mismatch.
@@ -768,7 +865,7 @@ impl Store {
             if before_version.is_some_and(|b| ver >= b) {
                 continue;
             }
-            let Some(version) = Version::decode(rtype, id, ver, &v) else {
+            let Some(version) = self.unseal(rtype, id, ver, &v)? else {
                 continue;
             };
             if since.is_some_and(|s| version.last_updated < s) {

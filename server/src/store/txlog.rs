@@ -25,8 +25,8 @@ use tokio::sync::oneshot;
 
 use super::{ledger_key, resource_key, version_key, Current, Method, Store, Version};
 use super::{
-    CF_CURRENT, CF_HISTORY, CF_INDEX, CF_LEDGER, CF_META, CF_TYPE_HISTORY, CF_VALUES, CF_VERSIONS,
-    COLUMN_FAMILIES, META_APPLIED_SEQ, META_LAST_TS, META_LAST_TX, META_LEDGER_ROOT,
+    CF_CURRENT, CF_HISTORY, CF_INDEX, CF_KEYS, CF_LEDGER, CF_META, CF_TYPE_HISTORY, CF_VALUES,
+    CF_VERSIONS, COLUMN_FAMILIES, META_APPLIED_SEQ, META_LAST_TS, META_LAST_TX, META_LEDGER_ROOT,
 };
 use crate::consent::ConsentPolicy;
 use crate::error::{Error, Result};
@@ -1285,16 +1285,22 @@ impl Committer {
                 None
             }
         };
+        // At rest, the version is sealed under its patient's data key (or its own).
+        let sealed = match &body {
+            Some(plain) => {
+                let scope = patients
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| format!("{rtype}/{id}"));
+                let dek = self.data_key(group, own, &scope)?;
+                self.store.envelope().seal(&scope, &dek, plain)?
+            }
+            None => Vec::new(),
+        };
         own.put(
             CF_VERSIONS,
             version_key(rtype, id, version),
-            Some(Version::encode_value(
-                tx,
-                ts,
-                deleted,
-                method,
-                body.as_deref().unwrap_or_default(),
-            )),
+            Some(Version::encode_value(tx, ts, deleted, method, &sealed)),
         );
         own.put(
             CF_CURRENT,
@@ -1335,6 +1341,24 @@ impl Committer {
             commitment,
             patients,
         })
+    }
+
+    /// The data key of a scope (a patient compartment, or a resource of its own), created and
+    /// written with the version when the scope has none yet.
+    fn data_key(
+        &self,
+        group: &Overlay,
+        own: &mut Overlay,
+        scope: &str,
+    ) -> Result<Arc<super::envelope::Dek>> {
+        match self.get(group, own, CF_KEYS, scope.as_bytes())? {
+            Some(wrapped) => self.store.envelope().dek(&wrapped),
+            None => {
+                let (dek, wrapped) = self.store.envelope().new_dek()?;
+                own.put(CF_KEYS, scope.as_bytes().to_vec(), Some(wrapped));
+                Ok(dek)
+            }
+        }
     }
 
     /// Replace a resource's index entries: remove those derived from its previous values,
@@ -1534,7 +1558,13 @@ mod tests {
     #[test]
     fn reindex_rebuilds_the_derived_families_byte_for_byte() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(
+            Store::open(
+                dir.path(),
+                crate::store::envelope::Kek::generate().unwrap().0,
+            )
+            .unwrap(),
+        );
         let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
         let base = "http://localhost/fhir".to_string();
         let (log, _ledger, _) = start_log(store.clone(), registry.clone(), base.clone());
@@ -1591,7 +1621,13 @@ mod tests {
     #[test]
     fn an_atomic_submission_with_a_failing_change_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(
+            Store::open(
+                dir.path(),
+                crate::store::envelope::Kek::generate().unwrap().0,
+            )
+            .unwrap(),
+        );
         let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
         let (log, _ledger, _) = start_log(store.clone(), registry, "http://x/fhir".into());
         let p = json!({"resourceType":"Patient"});
@@ -1651,7 +1687,13 @@ mod tests {
     #[test]
     fn every_version_is_on_the_ledger_and_its_receipt_verifies_offline() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(
+            Store::open(
+                dir.path(),
+                crate::store::envelope::Kek::generate().unwrap().0,
+            )
+            .unwrap(),
+        );
         let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
         let (log, _ledger, replica) = start_log(store.clone(), registry, "http://x/fhir".into());
         // Enough blocks for a stable checkpoint (every 16) to cover the first ones.
@@ -1748,7 +1790,13 @@ mod tests {
     #[test]
     fn bytes_changed_behind_the_servers_back_are_never_served() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(
+            Store::open(
+                dir.path(),
+                crate::store::envelope::Kek::generate().unwrap().0,
+            )
+            .unwrap(),
+        );
         let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
         let (log, _ledger, replica) = start_log(store.clone(), registry, "http://x/fhir".into());
         create(&log, "t", "Original");
@@ -1759,9 +1807,48 @@ mod tests {
             .get_cf(store.cf(CF_VERSIONS), &key)
             .unwrap()
             .unwrap();
-        let at = raw.windows(8).position(|w| w == b"Original").unwrap();
-        let mut forged = raw.clone();
-        forged[at..at + 8].copy_from_slice(b"Tampered");
+        assert!(
+            raw.windows(8).all(|w| w != b"Original"),
+            "nothing in clear at rest"
+        );
+        // One flipped ciphertext byte: the version does not decrypt, and is not served.
+        let mut flipped = raw.clone();
+        let last = flipped.len() - 5;
+        flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+        store
+            .db()
+            .put_cf(store.cf(CF_VERSIONS), &key, &flipped)
+            .unwrap();
+        let err = store.read(ResourceType::Patient, "t").unwrap_err();
+        assert!(matches!(err, Error::Integrity(_)), "{err:?}");
+        let r = crate::ledger::receipt::build(
+            &store,
+            &replica.membership.chain_id,
+            ResourceType::Patient,
+            "t",
+            1,
+        )
+        .unwrap();
+        assert_eq!(r["parameter"][0]["valueBoolean"], false);
+        // Someone holding the data key re-seals different content: it decrypts, but does not
+        // match the ledger commitment, and is not served either.
+        let scope = crate::store::envelope::Envelope::scope_of(&raw[17..]).unwrap();
+        let wrapped = store
+            .db()
+            .get_cf(store.cf(CF_KEYS), scope.as_bytes())
+            .unwrap()
+            .unwrap();
+        let dek = store.envelope().dek(&wrapped).unwrap();
+        let plain = store.read_unchecked_for_test(&raw);
+        let tampered = String::from_utf8(plain)
+            .unwrap()
+            .replace("Original", "Tampered");
+        let sealed = store
+            .envelope()
+            .seal(&scope, &dek, tampered.as_bytes())
+            .unwrap();
+        let mut forged = raw[..17].to_vec();
+        forged.extend_from_slice(&sealed);
         store
             .db()
             .put_cf(store.cf(CF_VERSIONS), &key, &forged)
