@@ -31,6 +31,8 @@ pub struct Config {
     pub kek_file: Option<PathBuf>,
     /// The key-encryption key's JWK, given inline (environment only).
     pub kek_inline: Option<String>,
+    /// The KEK being rotated away from (its data keys are re-wrapped at start).
+    pub previous_kek_file: Option<PathBuf>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -57,6 +59,7 @@ pub struct FileConfig {
     pub organization: Option<String>,
     pub commit_timeout_secs: Option<u64>,
     pub kek_file: Option<PathBuf>,
+    pub previous_kek_file: Option<PathBuf>,
 }
 
 /// What the command line and environment may set (clap fills these).
@@ -117,6 +120,9 @@ pub struct ServeArgs {
     /// The key-encryption key (a JWK file, kept apart from the data directory) [default: FHIRMAMENT_KEK, else <data-dir>.kek, created with a new store].
     #[arg(long = "kek-file", env = "FHIRMAMENT_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
+    /// Rotate from this key-encryption key: start with the new --kek-file and this one; every data key is re-wrapped under the new KEK, after which this one can be retired.
+    #[arg(long = "previous-kek-file", env = "FHIRMAMENT_PREVIOUS_KEK_FILE")]
+    pub previous_kek_file: Option<PathBuf>,
     /// The key-encryption key's JWK itself (e.g. from a secret).
     #[arg(
         long = "kek",
@@ -214,6 +220,7 @@ impl Config {
             },
             kek_file: args.kek_file.clone().or(file.kek_file),
             kek_inline: args.kek.clone(),
+            previous_kek_file: args.previous_kek_file.clone().or(file.previous_kek_file),
             commit_timeout: std::time::Duration::from_secs(
                 args.commit_timeout_secs
                     .or(file.commit_timeout_secs)
@@ -276,6 +283,21 @@ impl Config {
         }
         tracing::warn!(path = %path.display(), "created a new key-encryption key for a new store; keep it (and its backups) apart from the data directory's");
         Ok(kek)
+    }
+
+    /// The KEK being rotated away from, if one is configured.
+    pub fn previous_kek(&self) -> Result<Option<crate::store::envelope::Kek>, ConfigError> {
+        self.previous_kek_file
+            .as_ref()
+            .map(|path| {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::Invalid(format!("cannot read {}: {e}", path.display()))
+                })?;
+                crate::store::envelope::Kek::from_jwk(&text).map_err(|e| {
+                    ConfigError::Invalid(format!("previous KEK {}: {e}", path.display()))
+                })
+            })
+            .transpose()
     }
 
     /// `<data-dir>.kek`: beside the data directory, not in it.

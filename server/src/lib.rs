@@ -62,7 +62,10 @@ impl Service {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::Storage(format!("creating {}: {e}", config.data_dir.display())))?;
         let kek = config.kek().map_err(|e| Error::Startup(e.to_string()))?;
-        let store = Arc::new(Store::open(&config.data_dir, kek)?);
+        let previous = config
+            .previous_kek()
+            .map_err(|e| Error::Startup(e.to_string()))?;
+        let store = Arc::new(Store::open_rotating(&config.data_dir, kek, previous)?);
         let replica = ledger::replica::ReplicaSetup::resolve(&config)?;
         let auth = Arc::new(
             auth::AuthServer::open(&config.data_dir.join("auth"), &config.base_url)?

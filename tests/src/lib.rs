@@ -129,6 +129,26 @@ impl TestServer {
         s
     }
 
+    /// Another server process over `other`'s data directory (stopped first), with other flags.
+    pub fn start_over(other: &TestServer, extra_args: &[&str]) -> TestServer {
+        other.kill9();
+        let mut s = TestServer {
+            base: String::new(),
+            token: String::new(),
+            port: 0,
+            data: other.data.clone(),
+            child: std::sync::Mutex::new(None),
+            _dir: None,
+            client: Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        s.launch();
+        s
+    }
+
     /// (Re)start the process on a new port over the same data directory.
     pub fn launch(&mut self) {
         self.port = free_port();

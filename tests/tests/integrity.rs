@@ -239,3 +239,94 @@ fn records_are_sealed_at_rest_and_a_wrong_or_missing_kek_is_refused() {
     assert_eq!(status, 200);
     assert_eq!(back["name"][0]["family"], "Zyxwvutsr");
 }
+
+#[test]
+fn rotating_the_kek_rewraps_the_data_keys_and_retires_the_old_one() {
+    let mut s = TestServer::start();
+    let ids: Vec<String> = (0..5)
+        .map(|i| {
+            s.create(&patient(&format!("Rot{i}"), "Kek", "1970-01-01"))["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    s.kill9();
+    let old = s.data.with_extension("kek");
+    let new = s.data.parent().unwrap().join("new.kek");
+    let out = std::process::Command::new(binary())
+        .args(["kek", "generate", "--out"])
+        .arg(&new)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let kid = |path: &std::path::Path| -> String {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        v["kid"].as_str().unwrap().to_string()
+    };
+    let wrapped_under = |data: &std::path::Path| -> Vec<String> {
+        let db = open_store(data);
+        let keys = db.cf_handle(fhirmament::store::CF_KEYS).unwrap();
+        db.iterator_cf(keys, rocksdb::IteratorMode::Start)
+            .map(|item| {
+                let (_, v) = item.unwrap();
+                let text = String::from_utf8(v.to_vec()).unwrap();
+                let header: Value = serde_json::from_slice(
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(text.split('.').next().unwrap())
+                        .unwrap(),
+                )
+                .unwrap();
+                header["kid"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let before = wrapped_under(&s.data);
+    assert!(before.len() >= 5 && before.iter().all(|k| *k == kid(&old)));
+
+    // Start with the new KEK and the previous one: the data keys are re-wrapped (bulk data is
+    // not touched), and every record reads as before, including new writes.
+    let versions_before = {
+        let db = open_store(&s.data);
+        let cf = db.cf_handle(fhirmament::store::CF_VERSIONS).unwrap();
+        db.iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .map(|i| i.unwrap().1.to_vec())
+            .collect::<Vec<_>>()
+    };
+    let mut rotating = TestServer::start_over(
+        &s,
+        &[
+            "--kek-file",
+            new.to_str().unwrap(),
+            "--previous-kek-file",
+            old.to_str().unwrap(),
+        ],
+    );
+    for id in &ids {
+        assert_eq!(rotating.get_json(&format!("Patient/{id}")).0, 200);
+    }
+    rotating.create(&patient("After", "Rotation", "1980-01-01"));
+    rotating.kill9();
+    let after = wrapped_under(&s.data);
+    assert!(after.iter().all(|k| *k == kid(&new)), "{after:?}");
+    {
+        let db = open_store(&s.data);
+        let cf = db.cf_handle(fhirmament::store::CF_VERSIONS).unwrap();
+        let now: Vec<Vec<u8>> = db
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .map(|i| i.unwrap().1.to_vec())
+            .collect();
+        assert!(
+            versions_before.iter().all(|v| now.contains(v)),
+            "bulk data is not re-encrypted"
+        );
+    }
+    // The old KEK is retired: the new one alone opens the store; the old one alone does not.
+    let (ok, said) = refused_start(&s.data, &["--kek-file", old.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(said.contains("does not open the store"), "{said}");
+    let only_new = TestServer::start_over(&s, &["--kek-file", new.to_str().unwrap()]);
+    for id in &ids {
+        assert_eq!(only_new.get_json(&format!("Patient/{id}")).0, 200);
+    }
+}

@@ -11,7 +11,10 @@
 //! - A `kek-check` record (a JWE of a fixed text under the KEK) lets startup refuse a wrong KEK
 //!   before anything is read or written.
 //!
-//! Rotating the KEK re-wraps the DEKs only; bulk data is never re-encrypted for it.
+//! Rotating the KEK re-wraps the DEKs only; bulk data is never re-encrypted for it: start with
+//! the new KEK and the previous one (`--previous-kek-file`); the store re-wraps every data key
+//! under the new KEK, then seals its check record under it, after which the previous KEK is
+//! no longer needed (a crash in between is resumed at the next start).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -132,10 +135,11 @@ fn protected_kid(jwe_text: &str) -> Option<String> {
 #[derive(Clone)]
 pub struct Dek([u8; 32]);
 
-/// The KEK and the DEKs unwrapped so far (by the wrapped form, so a cached DEK is always one
-/// that is stored exactly so).
+/// The KEK (and, while a rotation completes, the previous one) and the DEKs unwrapped so far
+/// (by the wrapped form, so a cached DEK is always one that is stored exactly so).
 pub struct Envelope {
     kek: Kek,
+    previous: Option<Kek>,
     unwrapped: RwLock<HashMap<String, Arc<Dek>>>,
 }
 
@@ -143,12 +147,53 @@ impl Envelope {
     pub fn new(kek: Kek) -> Envelope {
         Envelope {
             kek,
+            previous: None,
             unwrapped: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// An envelope that also opens data keys wrapped under the previous KEK (a rotation).
+    pub fn rotating(kek: Kek, previous: Option<Kek>) -> Envelope {
+        Envelope {
+            previous: previous.filter(|p| p.kid != kek.kid),
+            ..Envelope::new(kek)
         }
     }
 
     pub fn kek(&self) -> &Kek {
         &self.kek
+    }
+
+    pub fn previous(&self) -> Option<&Kek> {
+        self.previous.as_ref()
+    }
+
+    /// The KEK a wrapped data key was wrapped under, if this envelope has it.
+    fn kek_for(&self, wrapped: &str) -> Option<&Kek> {
+        let kid = protected_kid(wrapped)?;
+        std::iter::once(&self.kek)
+            .chain(self.previous.iter())
+            .find(|k| k.kid == kid)
+    }
+
+    /// A data key wrapped under the previous KEK, re-wrapped under the current one; None when
+    /// it is already under the current KEK.
+    pub fn rewrap(&self, wrapped: &[u8]) -> Result<Option<Vec<u8>>> {
+        let text = std::str::from_utf8(wrapped)
+            .map_err(|_| Error::Integrity("a wrapped data key is corrupt".into()))?;
+        let kek = self.kek_for(text).ok_or_else(|| {
+            Error::Integrity(format!(
+                "a data key is wrapped under KEK {}, which was not given",
+                protected_kid(text).unwrap_or_default()
+            ))
+        })?;
+        if kek.kid == self.kek.kid {
+            return Ok(None);
+        }
+        let raw = kek
+            .unwrap(text)
+            .map_err(|e| Error::Integrity(format!("a data key does not unwrap: {e}")))?;
+        Ok(Some(self.kek.wrap(&raw)?.into_bytes()))
     }
 
     /// A new DEK and its wrapped form (to store under its scope).
@@ -179,8 +224,13 @@ impl Envelope {
         {
             return Ok(d.clone());
         }
-        let raw = self
-            .kek
+        let kek = self.kek_for(text).ok_or_else(|| {
+            Error::Integrity(format!(
+                "a data key is wrapped under KEK {}, which was not given",
+                protected_kid(text).unwrap_or_default()
+            ))
+        })?;
+        let raw = kek
             .unwrap(text)
             .map_err(|e| Error::Integrity(format!("a data key does not unwrap: {e}")))?;
         let dek = Arc::new(Dek(raw
@@ -254,6 +304,22 @@ mod tests {
         }
         let (other, _) = e.new_dek().unwrap();
         assert!(e.open(&other, &sealed).is_err());
+    }
+
+    #[test]
+    fn rotation_rewraps_data_keys_only() {
+        let (old, _) = Kek::generate().unwrap();
+        let (new, _) = Kek::generate().unwrap();
+        let before = Envelope::new(old.clone());
+        let (dek, wrapped) = before.new_dek().unwrap();
+        let sealed = before.seal("Patient/p1", &dek, b"{\"a\":1}").unwrap();
+        let during = Envelope::rotating(new.clone(), Some(old.clone()));
+        let rewrapped = during.rewrap(&wrapped).unwrap().expect("under the old KEK");
+        assert!(during.rewrap(&rewrapped).unwrap().is_none());
+        let after = Envelope::new(new);
+        let dek = after.dek(&rewrapped).unwrap();
+        assert_eq!(after.open(&dek, &sealed).unwrap(), b"{\"a\":1}");
+        assert!(after.dek(&wrapped).is_err(), "the old KEK is retired");
     }
 
     #[test]

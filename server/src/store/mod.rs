@@ -290,6 +290,16 @@ impl Store {
     /// Open (or create) the store sealed under `kek`. A store sealed under another KEK is
     /// refused before anything is read or written.
     pub fn open(path: &Path, kek: envelope::Kek) -> Result<Store> {
+        Store::open_rotating(path, kek, None)
+    }
+
+    /// `open`, completing a KEK rotation when the store is (still, or partly) sealed under
+    /// `previous`: every data key is re-wrapped under `kek`, then the check record.
+    pub fn open_rotating(
+        path: &Path,
+        kek: envelope::Kek,
+        previous: Option<envelope::Kek>,
+    ) -> Result<Store> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -306,7 +316,7 @@ impl Store {
             .map_err(|e| Error::Storage(format!("opening {}: {e}", path.display())))?;
         let store = Store {
             db,
-            envelope: envelope::Envelope::new(kek),
+            envelope: envelope::Envelope::rotating(kek, previous),
             date_widths: Default::default(),
             verified: VerifiedVersions::new(),
         };
@@ -332,13 +342,19 @@ impl Store {
     fn check_kek(&self, path: &Path) -> Result<()> {
         let kek = self.envelope.kek();
         match self.db.get_cf(self.cf(CF_META), META_KEK_CHECK)? {
-            Some(record) => kek.opens(&record).map_err(|why| {
-                Error::Startup(format!(
-                    "the key-encryption key {} does not open the store at {}: {why}; nothing was read or written",
-                    kek.kid,
-                    path.display()
-                ))
-            }),
+            Some(record) => {
+                let current = kek.opens(&record);
+                let previous = self.envelope.previous().map(|p| p.opens(&record));
+                match (current, previous) {
+                    (Ok(()), None) => Ok(()),
+                    (Ok(()), Some(_)) | (Err(_), Some(Ok(()))) => self.rotate_kek(),
+                    (Err(why), _) => Err(Error::Startup(format!(
+                        "the key-encryption key {} does not open the store at {}: {why}; nothing was read or written",
+                        kek.kid,
+                        path.display()
+                    ))),
+                }
+            }
             None => {
                 let has_records = self
                     .db
@@ -357,6 +373,37 @@ impl Store {
                 Ok(())
             }
         }
+    }
+
+    /// Re-wrap every data key still under the previous KEK, then seal the check record under
+    /// the current one. Idempotent: a rotation interrupted by a crash resumes at the next start.
+    fn rotate_kek(&self) -> Result<()> {
+        let mut batch = rocksdb::WriteBatch::default();
+        let (mut rewrapped, mut total) = (0usize, 0usize);
+        for item in self.db.iterator_cf(self.cf(CF_KEYS), IteratorMode::Start) {
+            let (scope, wrapped) = item?;
+            total += 1;
+            if let Some(new) = self.envelope.rewrap(&wrapped)? {
+                batch.put_cf(self.cf(CF_KEYS), scope, new);
+                rewrapped += 1;
+            }
+        }
+        let mut sync = rocksdb::WriteOptions::default();
+        sync.set_sync(true);
+        self.db.write_opt(batch, &sync)?;
+        self.db.put_cf_opt(
+            self.cf(CF_META),
+            META_KEK_CHECK,
+            self.envelope.kek().check_record()?,
+            &sync,
+        )?;
+        tracing::info!(
+            kek = %self.envelope.kek().kid,
+            rewrapped,
+            total,
+            "key-encryption key rotated: every data key is wrapped under it; the previous KEK can be retired"
+        );
+        Ok(())
     }
 
     /// The widest date range indexed so far for a parameter, if any date was indexed.
