@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Run the conformance suite against a freshly started Fhirmament: a new data directory, a
+# seeded patient (with a DocumentReference), a patient user, a practitioner token and the
+# public client "inferno". Usage: conformance/run-local.sh <path to the fhirmament binary> [junit.xml]
+set -euo pipefail
+bin="$(realpath "$1")"
+junit="${2:-}"
+here="$(cd "$(dirname "$0")" && pwd)"
+work="$(mktemp -d)"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+base="http://127.0.0.1:$port/fhir"
+data="$work/data"
+export FHIRMAMENT_LOG=warn
+"$bin" serve --listen "127.0.0.1:$port" --data-dir "$data" --base-url "$base" >"$work/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 1 200); do
+  curl -sf "$base/metadata" >/dev/null && break
+  sleep 0.1
+done
+curl -sf "$base/metadata" >/dev/null || { cat "$work/server.log"; exit 1; }
+
+admin=$("$bin" token --data-dir "$data" --base-url "$base" --scope 'system/*.cruds' --sub conformance-admin)
+practitioner=$("$bin" token --data-dir "$data" --base-url "$base" --scope 'user/*.rs' \
+  --fhir-user Practitioner/conformance-dr --sub conformance-dr --client-id conformance-ehr)
+post() {
+  curl -sf -X POST "$base/$1" -H "Authorization: Bearer $admin" -H 'Content-Type: application/fhir+json' -d "$2"
+}
+patient=$(post Patient '{"resourceType":"Patient","identifier":[{"system":"urn:oid:1.2.36.146.595.217.0.1","value":"CONF-12345"}],"name":[{"family":"Conformance","given":["Carol"]}],"gender":"female","birthDate":"1987-02-20"}' \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+post DocumentReference "{\"resourceType\":\"DocumentReference\",\"status\":\"current\",\"subject\":{\"reference\":\"Patient/$patient\"},\"type\":{\"coding\":[{\"system\":\"http://loinc.org\",\"code\":\"18842-5\",\"display\":\"Discharge summary\"}]},\"category\":[{\"coding\":[{\"system\":\"http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category\",\"code\":\"clinical-note\"}]}],\"date\":\"2024-03-01T10:00:00Z\",\"content\":[{\"attachment\":{\"contentType\":\"text/plain\",\"data\":\"RGlzY2hhcmdlZCBpbiBnb29kIGhlYWx0aC4=\"}}]}" >/dev/null
+password="conformance-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
+FHIRMAMENT_PASSWORD="$password" "$bin" users add --data-dir "$data" --username conformance-patient \
+  --role patient --fhir-user "Patient/$patient" >/dev/null
+"$bin" clients add --data-dir "$data" --client-id inferno --public \
+  --redirect-uri http://localhost:4567/custom/smart/redirect \
+  --scope 'launch launch/patient openid fhirUser offline_access patient/*.rs user/*.rs' >/dev/null
+
+CONFORMANCE_PASSWORD="$password" CONFORMANCE_ADMIN_TOKEN="$admin" CONFORMANCE_PRACTITIONER_TOKEN="$practitioner" \
+  python3 "$here/suite.py" --base "$base" --patient-user conformance-patient ${junit:+--junit "$junit"}
