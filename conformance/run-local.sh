@@ -36,5 +36,22 @@ FHIRMAMENT_PASSWORD="$password" "$bin" users add --data-dir "$data" --username c
   --redirect-uri http://localhost:4567/custom/smart/redirect \
   --scope 'launch launch/patient openid fhirUser offline_access patient/*.rs user/*.rs' >/dev/null
 
+# A backend-services client (private_key_jwt, ES384) with a key made here.
+python3 - "$work" <<'PY'
+import json, sys
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+import jwt
+key = ec.generate_private_key(ec.SECP384R1())
+open(f"{sys.argv[1]}/backend.pem", "wb").write(key.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+public.update({"kid": "conformance-1", "alg": "ES384", "use": "sig"})
+json.dump({"keys": [public]}, open(f"{sys.argv[1]}/backend-jwks.json", "w"))
+PY
+"$bin" clients add --data-dir "$data" --client-id conformance-backend --jwks "$work/backend-jwks.json" \
+  --scope 'system/*.rs' >/dev/null
+
 CONFORMANCE_PASSWORD="$password" CONFORMANCE_ADMIN_TOKEN="$admin" CONFORMANCE_PRACTITIONER_TOKEN="$practitioner" \
-  python3 "$here/suite.py" --base "$base" --patient-user conformance-patient ${junit:+--junit "$junit"}
+  python3 "$here/suite.py" --base "$base" --patient-user conformance-patient \
+  --backend-client-id conformance-backend --backend-key "$work/backend.pem" ${junit:+--junit "$junit"}

@@ -321,6 +321,114 @@ def introspection(s):
     expect(r.status_code == 200 and r.json().get("active") is False, "an invalid token must be inactive")
 
 
+# ---- EHR launch ----
+
+@check("smart_stu2-ehr-smart_launch_received", "EHR launch: the EHR hands the app a launch value")
+def ehr_launch(s):
+    r = s.http.post(s.url("auth/launch"), data={"patient": s.state["patient_id"]},
+                    headers={"Authorization": f"Bearer {s.admin}"})
+    expect(r.status_code == 200, f"status {r.status_code}")
+    b = r.json()
+    expect(b.get("launch") and b.get("iss") == s.base, f"launch response {b}")
+    s.state["launch"] = b["launch"]
+
+
+@check("smart_stu2-ehr-smart_token_exchange_stu2", "EHR launch: the code is exchanged and the patient is in context")
+def ehr_token(s):
+    scope = "launch openid fhirUser offline_access patient/*.rs"
+    state, verifier, q = authorize(s, scope, s.args.patient_user, s.args.password, extra={"launch": s.state["launch"]})
+    expect(q.get("state") == state and q.get("code"), f"redirect {q}")
+    r = token(s, {"grant_type": "authorization_code", "code": q["code"], "redirect_uri": REDIRECT,
+                  "client_id": s.args.client_id, "code_verifier": verifier})
+    expect(r.status_code == 200, f"status {r.status_code}: {r.text[:200]}")
+    b = r.json()
+    expect(b.get("patient") == s.state["patient_id"], f"patient in context: {b.get('patient')}")
+    expect(isinstance(b.get("expires_in"), (int, float)) and b.get("token_type", "").lower() == "bearer", "token response body")
+
+
+@check("smart_stu2-ehr-invalid_launch", "EHR launch: a made-up launch value is refused")
+def ehr_bad_launch(s):
+    _, chal = pkce()
+    r = requests.get(s.state["smart"]["authorization_endpoint"], allow_redirects=False, params={
+        "response_type": "code", "client_id": s.args.client_id, "redirect_uri": REDIRECT, "scope": "launch patient/*.rs",
+        "state": "x", "aud": s.base, "code_challenge": chal, "code_challenge_method": "S256", "launch": "forged"})
+    expect(r.status_code >= 400 or "error=" in r.headers.get("location", ""), f"status {r.status_code}")
+
+
+# ---- backend services ----
+
+def assertion(s, **override):
+    with open(s.args.backend_key) as f:
+        key = f.read()
+    now = int(time.time())
+    claims = {"iss": s.args.backend_client_id, "sub": s.args.backend_client_id,
+              "aud": s.state["smart"]["token_endpoint"], "exp": now + 240, "iat": now,
+              "jti": secrets.token_hex(16)}
+    claims.update(override)
+    return jwt.encode(claims, key, algorithm="ES384", headers={"kid": s.args.backend_kid})
+
+
+def backend_request(s, **form):
+    base = {"grant_type": "client_credentials", "scope": "system/*.rs",
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"}
+    base.update(form)
+    return s.http.post(s.state["smart"]["token_endpoint"], data=base)
+
+
+def needs_backend(s):
+    if not (s.args.backend_key and s.args.backend_client_id):
+        raise Skip("no backend client given (--backend-client-id, --backend-key)")
+
+
+@check("smart_stu2-backend_services_invalid_grant_type", "backend services: a wrong grant_type is refused")
+def backend_bad_grant(s):
+    needs_backend(s)
+    r = backend_request(s, grant_type="not_a_grant", client_assertion=assertion(s))
+    expect(r.status_code == 400, f"status {r.status_code}")
+
+
+@check("smart_stu2-backend_services_invalid_client_assertion", "backend services: a wrong client_assertion_type is refused")
+def backend_bad_assertion_type(s):
+    needs_backend(s)
+    r = backend_request(s, client_assertion_type="not_an_assertion_type", client_assertion=assertion(s))
+    expect(r.status_code in (400, 401), f"status {r.status_code}")
+
+
+@check("smart_stu2-backend_services_invalid_jwt", "backend services: an assertion for another audience is refused")
+def backend_bad_jwt(s):
+    needs_backend(s)
+    r = backend_request(s, client_assertion=assertion(s, aud="https://elsewhere.example/token"))
+    expect(r.status_code in (400, 401), f"status {r.status_code}")
+
+
+@check("smart_stu2-backend_services_auth_request_success", "backend services: a signed assertion gets a token")
+def backend_ok(s):
+    needs_backend(s)
+    jwt_assertion = assertion(s)
+    r = backend_request(s, client_assertion=jwt_assertion)
+    expect(r.status_code == 200, f"status {r.status_code}: {r.text[:200]}")
+    s.state["backend"] = (r.json(), jwt_assertion)
+
+
+@check("smart_stu2-backend_services_auth_response_body", "backend services: the token response body")
+def backend_body(s):
+    needs_backend(s)
+    b, _ = s.state["backend"]
+    expect(b.get("access_token") and b.get("token_type", "").lower() == "bearer", f"body {b}")
+    expect(isinstance(b.get("expires_in"), (int, float)) and b.get("scope"), "expires_in and scope required")
+    expect("refresh_token" not in b, "client_credentials must not issue a refresh token")
+    r = s.get(f"Patient?_id={s.state['patient_id']}", token=b["access_token"])
+    expect(r.status_code == 200, f"the backend token does not read: {r.status_code}")
+
+
+@check("fhirmament-backend_assertion_replay", "backend services: a replayed assertion (same jti) is refused")
+def backend_replay(s):
+    needs_backend(s)
+    _, used = s.state["backend"]
+    r = backend_request(s, client_assertion=used)
+    expect(r.status_code in (400, 401), f"status {r.status_code}")
+
+
 # ---- (g)(10) negatives ----
 
 @check("g10-invalid_token_response", "no token: 401")
@@ -658,6 +766,9 @@ def main():
     p.add_argument("--client-id", default="inferno", help=f"a public client registered with redirect URI {REDIRECT}")
     p.add_argument("--patient-user", required=True, help="a patient user of the authorization server")
     p.add_argument("--password", default=os.environ.get("CONFORMANCE_PASSWORD"), help="that user's password")
+    p.add_argument("--backend-client-id", help="a private_key_jwt client allowed system/*.rs")
+    p.add_argument("--backend-key", help="that client's ES384 private key (PEM)")
+    p.add_argument("--backend-kid", default="conformance-1", help="the key's kid in the client's JWKS")
     p.add_argument("--junit", help="write JUnit XML here")
     p.add_argument("--only", help="run only the checks whose id contains this")
     args = p.parse_args()
