@@ -550,3 +550,84 @@ fn the_holder_releases_a_version_only_as_the_patients_consent_permits() {
     assert_eq!(read("d1"), 200);
     assert_eq!(read("d2"), 403);
 }
+
+/// `$everything` releases the patient's compartment as scopes and Consents allow: a withheld
+/// document is not in it, and the access is audited.
+#[test]
+fn everything_returns_the_compartment_without_what_consent_withholds() {
+    let s = TestServer::start();
+    let pid = s.create(&patient("Every", "Thing", "1991-01-01"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let open = s.create(&document(&pid, "open"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let secret = s.create(&document(&pid, "secret"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = s.create(&patient("Other", "Person", "1992-02-02"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.create(&document(&other, "not theirs"));
+    s.create(&consent(
+        &pid,
+        json!({"type": "permit", "provision": [{"type": "deny", "data": [{"meaning": "instance", "reference": {"reference": format!("DocumentReference/{secret}")}}]}]}),
+    ));
+    let d1 = practitioner(&s.data, &s.base, "d1");
+    let (status, b) = get(&d1, s.url(&format!("Patient/{pid}/$everything")), None);
+    assert_eq!(status, 200, "{b}");
+    let mut got: Vec<String> = resources(&b)
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap()
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![
+        format!("Patient/{pid}"),
+        format!("DocumentReference/{open}"),
+    ];
+    want.extend(
+        resources(&s.get_json(&format!("Consent?patient={pid}")).1)
+            .iter()
+            .map(|c| format!("Consent/{}", c["id"].as_str().unwrap())),
+    );
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(b["total"], want.len());
+    // _type narrows; AuditEvents only when asked for, and only for patient/ or system/ scopes.
+    let (_, docs) = get(
+        &d1,
+        s.url(&format!(
+            "Patient/{pid}/$everything?_type=DocumentReference"
+        )),
+        None,
+    );
+    assert_eq!(match_ids(&docs).len(), 2, "the patient and one document");
+    let (_, with_audit) = s.get_json(&format!("Patient/{pid}/$everything?_type=AuditEvent"));
+    assert!(resources(&with_audit)
+        .iter()
+        .any(|r| r["resourceType"] == "AuditEvent"));
+    let (status, _) = get(
+        &d1,
+        s.url(&format!("Patient/{pid}/$everything?_cursor=1")),
+        None,
+    );
+    assert_eq!(status, 400);
+    // The access left its AuditEvent, naming the patient.
+    let events = audits(
+        &s,
+        &format!("agent=Practitioner/d1&subtype=operation&patient={pid}"),
+    );
+    assert!(!events.is_empty());
+    let (_, cap) = s.get_json("metadata");
+    assert!(cap.to_string().contains("Patient-everything"));
+}

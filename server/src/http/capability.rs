@@ -35,6 +35,15 @@ pub fn statement(svc: &Service) -> Value {
                 .iter()
                 .map(|c| json!({"code": c}))
                 .collect();
+            let mut operations = vec![
+                json!({"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}),
+                json!({"name": "verify", "definition": "https://fhirmament.dev/OperationDefinition/verify",
+                 "documentation": "GET [type]/[id](/_history/[vid])/$verify: a Parameters receipt proving the version against the consortium ledger (entry, Merkle proofs, 2f+1 signatures); check it offline with `fhirmament verify`"}),
+            ];
+            if *t == ResourceType::Patient {
+                operations.push(json!({"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+                    "documentation": "GET Patient/[id]/$everything (_type, _since): the patient and their compartment across the consortium, as scopes and Consents allow"}));
+            }
             json!({
                 "type": t.as_str(),
                 "profile": format!("http://hl7.org/fhir/StructureDefinition/{t}"),
@@ -49,11 +58,7 @@ pub fn statement(svc: &Service) -> Value {
                 "searchInclude": includes,
                 "searchRevInclude": revincludes,
                 "searchParam": params,
-                "operation": [
-                    {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"},
-                    {"name": "verify", "definition": "https://fhirmament.dev/OperationDefinition/verify",
-                     "documentation": "GET [type]/[id](/_history/[vid])/$verify: a Parameters receipt proving the version against the consortium ledger (entry, Merkle proofs, 2f+1 signatures); check it offline with `fhirmament verify`"}
-                ],
+                "operation": operations,
             })
         })
         .collect();

@@ -99,7 +99,9 @@ pub async fn handle(svc: &Service, mut req: FhirRequest) -> Result<FhirResponse>
         | Route::Patch(t, id)
         | Route::Delete(t, id)
         | Route::InstanceHistory(t, id) => svc.store.ledger_patients(*t, id).unwrap_or_default(),
-        Route::PatientCompartment(p, _) => vec![format!("Patient/{p}")],
+        Route::PatientCompartment(p, _) | Route::PatientEverything(p) => {
+            vec![format!("Patient/{p}")]
+        }
         _ => Vec::new(),
     };
     let result = authorized(svc, req, &mut gate).await;
@@ -226,9 +228,8 @@ fn audit_context(svc: &Service, req: &FhirRequest) -> audit::AuditContext {
             Body::Resource(b) if b["type"] == "transaction" => ("transaction", "E"),
             _ => ("batch", "E"),
         },
-        ValidateType(_) | ValidateInstance(..) | Verify(..) | LedgerHead | LedgerBlock(_) => {
-            ("operation", "E")
-        }
+        ValidateType(_) | ValidateInstance(..) | Verify(..) | LedgerHead | LedgerBlock(_)
+        | PatientEverything(_) => ("operation", "E"),
         Capabilities => ("capabilities", "R"),
     };
     let target = match &req.route {
@@ -236,13 +237,14 @@ fn audit_context(svc: &Service, req: &FhirRequest) -> audit::AuditContext {
             Some(format!("{t}/{id}"))
         }
         VRead(t, id, v) | NodeVersion(t, id, v) => Some(format!("{t}/{id}/_history/{v}")),
-        PatientCompartment(p, _) => Some(format!("Patient/{p}")),
+        PatientCompartment(p, _) | PatientEverything(p) => Some(format!("Patient/{p}")),
         _ => None,
     };
     let query = match &req.route {
         Search(_)
         | SearchPost(_)
         | PatientCompartment(..)
+        | PatientEverything(_)
         | ConditionalUpdate(_)
         | ConditionalPatch(_)
         | ConditionalDelete(_) => {
@@ -460,6 +462,7 @@ pub async fn permit(
         Route::Search(t) | Route::SearchPost(t) | Route::PatientCompartment(_, t) => {
             restriction(grant, *t, S).map(|_| ())
         }
+        Route::PatientEverything(_) => restriction(grant, ResourceType::Patient, R).map(|_| ()),
         Route::TypeHistory(t) => unrestricted(*t, S),
         Route::SystemHistory => require_all_types(grant, S),
         Route::Create(t) => {
@@ -526,7 +529,8 @@ fn filter_response(
         Route::InstanceHistory(..)
         | Route::Search(_)
         | Route::SearchPost(_)
-        | Route::PatientCompartment(..) => {
+        | Route::PatientCompartment(..)
+        | Route::PatientEverything(_) => {
             if let ResponseBody::Json(bundle) = &mut resp.body {
                 if let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
                     let mut keep = Vec::with_capacity(entries.len());
@@ -615,6 +619,7 @@ async fn run(svc: &Service, req: FhirRequest, gate: &mut ConsentGate<'_>) -> Res
         Route::PatientCompartment(pid, t) => {
             search(svc, t, Some(&pid), &req.query, &req, gate).await
         }
+        Route::PatientEverything(pid) => everything(svc, &pid, &req, gate).await,
         Route::InstanceHistory(t, id) => history(svc, Some((t, id)), None, &req.query, gate).await,
         Route::TypeHistory(t) => history(svc, None, Some(t), &req.query, gate).await,
         Route::SystemHistory => history(svc, None, None, &req.query, gate).await,
@@ -1427,6 +1432,112 @@ async fn search(
         bundle["entry"] = json!(entries);
     }
     Ok(FhirResponse::json(StatusCode::OK, bundle))
+}
+
+/// `Patient/{id}/$everything`: the patient and every resource in their compartment that the
+/// token's scopes reach and the patient's Consents release (consortium-wide, like a compartment
+/// search). `_type` narrows the types (AuditEvents only when asked for), `_since` the time.
+async fn everything(
+    svc: &Service,
+    pid: &str,
+    req: &FhirRequest,
+    gate: &mut ConsentGate<'_>,
+) -> Result<FhirResponse> {
+    let mut types: Vec<ResourceType> = ResourceType::ALL
+        .iter()
+        .copied()
+        .filter(|t| !matches!(t, ResourceType::Patient | ResourceType::AuditEvent))
+        .collect();
+    let mut params: Vec<(String, String)> = vec![
+        ("_count".into(), query::MAX_COUNT.to_string()),
+        ("_total".into(), "accurate".into()),
+    ];
+    for (k, v) in &req.query {
+        match k.as_str() {
+            "_type" => {
+                types = v
+                    .split(',')
+                    .map(|t| t.trim().parse::<ResourceType>())
+                    .collect::<Result<_>>()?;
+                types.retain(|t| *t != ResourceType::Patient);
+            }
+            "_since" => params.push(("_lastUpdated".into(), format!("ge{v}"))),
+            "_format" | "_pretty" => {}
+            other => {
+                return Err(Error::UnknownSearchParameter(format!(
+                    "$everything does not support the parameter '{other}'"
+                )))
+            }
+        }
+    }
+    let patient = current_version(svc, ResourceType::Patient, pid, &gate.acting()).await?;
+    let labelled = consent_release(gate, &patient)?;
+    let patient_json: Value = match labelled {
+        Some(v) => v,
+        None => {
+            serde_json::from_slice(&patient.body).map_err(|e| Error::Internal(e.to_string()))?
+        }
+    };
+    let mut entries = vec![json!({
+        "fullUrl": resource_url(svc, ResourceType::Patient, pid),
+        "resource": patient_json,
+        "search": {"mode": "match"},
+    })];
+    let mut issues = Vec::new();
+    for t in types {
+        let allowed = match &req.grant {
+            Some(g) => {
+                access::restriction(g, t, Perm::S).is_ok()
+                    && (t != ResourceType::AuditEvent || access::check_audit_reader(g).is_ok())
+            }
+            None => false,
+        };
+        if !allowed {
+            continue;
+        }
+        let resp = search(svc, t, Some(pid), &params, req, gate).await?;
+        let ResponseBody::Json(bundle) = resp.body else {
+            continue;
+        };
+        let found = bundle["entry"].as_array().cloned().unwrap_or_default();
+        let matched = found
+            .iter()
+            .filter(|e| e["search"]["mode"] == "match")
+            .count();
+        if bundle["total"]
+            .as_u64()
+            .is_some_and(|n| n as usize > matched)
+        {
+            issues.push(Issue::warning(
+                "too-costly",
+                format!(
+                    "only the first {matched} of {} {t} resources are included; page Patient/{pid}/{t} for the rest",
+                    bundle["total"]
+                ),
+            ));
+        }
+        entries.extend(found);
+    }
+    if !issues.is_empty() {
+        entries
+            .push(json!({"resource": operation_outcome(&issues), "search": {"mode": "outcome"}}));
+    }
+    let total = entries
+        .iter()
+        .filter(|e| e["search"]["mode"] == "match")
+        .count();
+    Ok(FhirResponse::json(
+        StatusCode::OK,
+        json!({
+            "resourceType": "Bundle",
+            "id": new_id(),
+            "meta": {"lastUpdated": format_instant(crate::fhir::now_ms())},
+            "type": "searchset",
+            "total": total,
+            "link": [link("self", format!("{}/Patient/{pid}/$everything", svc.config.base_url))],
+            "entry": entries,
+        }),
+    ))
 }
 
 /// `_include` targets of the page, and `_revinclude` sources pointing at it.

@@ -72,6 +72,8 @@ pub enum Route {
     NodeVersion(ResourceType, String, u64),
     /// `Patient/{id}/{type}`
     PatientCompartment(String, ResourceType),
+    /// `Patient/{id}/$everything`: the patient and their compartment, as consent allows.
+    PatientEverything(String),
 }
 
 fn not_allowed(method: Method, what: &str) -> Error {
@@ -161,6 +163,10 @@ pub fn route(method: Method, segments: &[&str]) -> Result<Route> {
         [t, id, "$validate"] if method == Post => {
             check_id(id)?;
             Route::ValidateInstance(t.parse()?, id.to_string())
+        }
+        ["Patient", id, "$everything"] if read => {
+            check_id(id)?;
+            Route::PatientEverything(id.to_string())
         }
         ["Patient", id, t] if read && !t.starts_with('_') && !t.starts_with('$') => {
             check_id(id)?;
