@@ -281,7 +281,7 @@ impl Config {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         }
-        tracing::warn!(path = %path.display(), "created a new key-encryption key for a new store; keep it (and its backups) apart from the data directory's");
+        tracing::info!(path = %path.display(), "created a new key-encryption key for a new store; keep it (and its backups) apart from the data directory's");
         Ok(kek)
     }
 

@@ -118,6 +118,10 @@ enum ClientsCommand {
         /// A JWKS file: the client authenticates with private_key_jwt (RS384/ES384).
         #[arg(long)]
         jwks: Option<std::path::PathBuf>,
+        /// Where the client publishes its JWKS (https, or http on loopback): private_key_jwt
+        /// with keys fetched from there, so the client can rotate them.
+        #[arg(long = "jwks-uri")]
+        jwks_uri: Option<String>,
         /// A JWKS file with the public key(s) responses are encrypted to when the client asks
         /// for `application/jose` (RSA for RSA-OAEP-256, EC or X25519 for ECDH-ES+A256KW).
         #[arg(long = "encryption-jwks")]
@@ -175,6 +179,7 @@ fn main() -> ExitCode {
             public,
             secret,
             jwks,
+            jwks_uri,
             encryption_jwks,
         }) => add_client(
             &config,
@@ -185,6 +190,7 @@ fn main() -> ExitCode {
             public,
             secret,
             jwks,
+            jwks_uri,
             encryption_jwks,
         ),
         Command::Token {
@@ -341,6 +347,7 @@ fn add_client(
     public: bool,
     secret: Option<String>,
     jwks: Option<std::path::PathBuf>,
+    jwks_uri: Option<String>,
     encryption_jwks: Option<std::path::PathBuf>,
 ) -> Result<(), String> {
     use fhirmament::auth::directory::{hash_secret, Client, ClientAuth};
@@ -354,15 +361,25 @@ fn add_client(
         Ok(jwks)
     };
     let encryption_jwks = encryption_jwks.as_deref().map(read_jwks).transpose()?;
-    let auth = match (public, secret, jwks) {
-        (true, None, None) => ClientAuth::Public,
-        (false, Some(s), None) => ClientAuth::Symmetric {
+    if let Some(uri) = &jwks_uri {
+        if !fhirmament::auth::jwks_url::allowed(uri) {
+            return Err(format!(
+                "--jwks-uri {uri} must be https (or http on loopback)"
+            ));
+        }
+    }
+    let auth = match (public, secret, jwks, &jwks_uri) {
+        (true, None, None, None) => ClientAuth::Public,
+        (false, Some(s), None, None) => ClientAuth::Symmetric {
             secret_hash: hash_secret(&s).map_err(|e| e.to_string())?,
         },
-        (false, None, Some(path)) => ClientAuth::Asymmetric {
+        (false, None, Some(path), _) => ClientAuth::Asymmetric {
             jwks: read_jwks(&path)?,
         },
-        _ => return Err("give exactly one of --public, --secret, --jwks".into()),
+        (false, None, None, Some(_)) => ClientAuth::Asymmetric {
+            jwks: serde_json::json!({"keys": []}),
+        },
+        _ => return Err("give exactly one of --public, --secret, --jwks (or --jwks-uri)".into()),
     };
     if redirect_uris.is_empty() && !matches!(auth, ClientAuth::Asymmetric { .. }) {
         return Err("an app that users launch needs at least one --redirect-uri".into());
@@ -380,6 +397,7 @@ fn add_client(
         redirect_uris,
         scope,
         encryption_jwks,
+        jwks_uri,
     })
     .map_err(|e| e.to_string())?;
     println!("client {client_id} saved");

@@ -1267,3 +1267,103 @@ fn browser_apps_get_cors_on_discovery_metadata_token_and_the_api() {
         .unwrap();
     assert_eq!(r.headers()["access-control-allow-origin"], origin);
 }
+
+/// A backend client that publishes its keys at a JWKS URL: the server fetches them, and fetches
+/// again when the client rotates to a key id it has not seen; a URL that is not https (or
+/// loopback) is refused at registration.
+#[test]
+fn backend_services_keys_come_from_the_clients_jwks_url_and_can_rotate() {
+    let w = world();
+    let keys = tempfile::tempdir().unwrap();
+    let dir = keys.path().to_str().unwrap().to_string();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/client_assertion.py");
+    let run = |args: &[&str]| {
+        let out = Command::new("python3")
+            .arg(&script)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    run(&["keygen", &dir, "ES384", "k1"]);
+    // The client's own web server, publishing its JWKS.
+    let port = free_port();
+    let mut web = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let jwks_url = format!("http://127.0.0.1:{port}/jwks.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Client::new().get(&jwks_url).send().is_err() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    cli(
+        &w.s,
+        &[
+            "clients",
+            "add",
+            "--client-id",
+            "remote-keys",
+            "--jwks-uri",
+            &jwks_url,
+            "--scope",
+            "system/*.rs",
+        ],
+    );
+    let token_url = w.url("auth/token");
+    let grant = |assertion: &str| {
+        w.token(&[
+            ("grant_type", "client_credentials"),
+            ("scope", "system/*.rs"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion),
+        ])
+    };
+    let (s, _, t) = grant(&run(&["sign", &dir, "remote-keys", &token_url]));
+    assert_eq!(s, 200, "{t}");
+    // The client rotates: a new key under a new kid, published at the same URL.
+    run(&["keygen", &dir, "ES384", "k2"]);
+    let (s, _, t) = grant(&run(&["sign", &dir, "remote-keys", &token_url]));
+    assert_eq!(s, 200, "the rotated key is fetched: {t}");
+    // Its web server down and a kid it never published: refused, with the reason.
+    let _ = web.kill();
+    let _ = web.wait();
+    run(&["keygen", &dir, "ES384", "k3"]);
+    let (s, _, t) = grant(&run(&["sign", &dir, "remote-keys", &token_url]));
+    assert_eq!(s, 401, "{t}");
+    assert!(t.to_string().contains("could not be fetched"), "{t}");
+    let out = Command::new(binary())
+        .args([
+            "clients",
+            "add",
+            "--client-id",
+            "plain-http",
+            "--jwks-uri",
+            "http://app.example/jwks.json",
+            "--scope",
+            "system/*.rs",
+        ])
+        .arg("--data-dir")
+        .arg(&w.s.data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

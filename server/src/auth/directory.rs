@@ -37,6 +37,9 @@ pub struct Client {
     /// Public keys responses may be encrypted to (`Accept: application/jose`; see `jwe`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption_jwks: Option<Value>,
+    /// Where the client publishes its public keys (RFC 7591 `jwks_uri`; see `jwks_url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -209,6 +212,7 @@ mod tests {
             redirect_uris: vec!["http://localhost/cb".into()],
             scope: "openid patient/*.rs".into(),
             encryption_jwks: None,
+            jwks_uri: None,
         };
         d.put_client(c.clone()).unwrap();
         d.put_client(Client {

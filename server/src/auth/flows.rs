@@ -155,6 +155,8 @@ pub struct AuthServer {
     /// Access tokens whose signature, issuer and audience were checked, by their SHA-256:
     /// (grant, expiry). Expiry and revocation are still checked on every use.
     verified: std::sync::RwLock<VerifiedTokens>,
+    /// Key sets of clients that publish them at a JWKS URL.
+    pub jwks_urls: super::jwks_url::JwksCache,
 }
 
 /// SHA-256 of an access token -> its grant and expiry.
@@ -193,6 +195,7 @@ impl AuthServer {
             persisted: std::sync::RwLock::new(persisted),
             registration: None,
             verified: Default::default(),
+            jwks_urls: Default::default(),
         })
     }
 
@@ -271,10 +274,21 @@ impl AuthServer {
             }
             "private_key_jwt" => {
                 let jwks = meta["jwks"].clone();
-                if jwks["keys"].as_array().is_none_or(|k| k.is_empty()) {
-                    return Err(bad("private_key_jwt needs jwks with at least one key"));
+                let by_url = meta["jwks_uri"]
+                    .as_str()
+                    .is_some_and(super::jwks_url::allowed);
+                if jwks["keys"].as_array().is_none_or(|k| k.is_empty()) && !by_url {
+                    return Err(bad(
+                        "private_key_jwt needs jwks with at least one key, or an https jwks_uri",
+                    ));
                 }
-                ClientAuth::Asymmetric { jwks }
+                ClientAuth::Asymmetric {
+                    jwks: if jwks.is_object() {
+                        jwks
+                    } else {
+                        json!({"keys": []})
+                    },
+                }
             }
             other => {
                 return Err(bad(&format!(
@@ -297,6 +311,10 @@ impl AuthServer {
                 auth,
                 redirect_uris: redirect_uris.clone(),
                 scope: scope.clone(),
+                jwks_uri: meta["jwks_uri"]
+                    .as_str()
+                    .filter(|u| super::jwks_url::allowed(u))
+                    .map(str::to_string),
                 encryption_jwks: meta
                     .get("jwks")
                     .filter(|j| {
@@ -764,10 +782,10 @@ impl AuthServer {
             .directory
             .client(&client_id)?
             .ok_or_else(|| bad("unknown client"))?;
-        let ClientAuth::Asymmetric { jwks } = &client.auth else {
+        let keys = self.client_keys(&client);
+        if !matches!(client.auth, ClientAuth::Asymmetric { .. }) || keys.is_empty() {
             return Err(bad("this client has no registered keys"));
-        };
-        let keys = jwks["keys"].as_array().cloned().unwrap_or_default();
+        }
         let mut claims = None;
         for k in keys
             .iter()
@@ -830,6 +848,41 @@ impl AuthServer {
         }
         seen.insert(key, exp);
         Ok(client)
+    }
+
+    /// A client's public keys: registered inline, and fetched from its JWKS URL (as cached).
+    pub fn client_keys(&self, client: &Client) -> Vec<Value> {
+        let mut keys = match &client.auth {
+            ClientAuth::Asymmetric { jwks } => jwks["keys"].as_array().cloned().unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if let Some(set) = client
+            .jwks_uri
+            .as_deref()
+            .and_then(|u| self.jwks_urls.get(u))
+        {
+            keys.extend(set["keys"].as_array().cloned().unwrap_or_default());
+        }
+        keys
+    }
+
+    /// The client a client assertion claims to come from, and the key id it names (unverified:
+    /// only to know which keys to fetch before the signature is checked).
+    pub fn assertion_client(&self, assertion: &str) -> Option<(Client, Option<String>)> {
+        let header = josekit::jwt::decode_header(assertion).ok()?;
+        let kid = header
+            .claim("kid")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let claims: Value = assertion
+            .split('.')
+            .nth(1)
+            .and_then(|p| {
+                base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok()
+            })
+            .and_then(|b| serde_json::from_slice(&b).ok())?;
+        let client = self.directory.client(claims["iss"].as_str()?).ok()??;
+        Some((client, kid))
     }
 
     pub fn token(

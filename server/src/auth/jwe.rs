@@ -11,12 +11,17 @@ use crate::error::{Error, Result};
 pub const JOSE: &str = "application/jose";
 
 /// The client's first public key meant for encryption (`use: enc`, or a key whose `alg` is a
-/// key-management algorithm this server speaks).
-pub fn encryption_key(client: &Client) -> Option<Value> {
-    let sets = client.encryption_jwks.iter().chain(match &client.auth {
-        ClientAuth::Asymmetric { jwks } => Some(jwks),
-        _ => None,
-    });
+/// key-management algorithm this server speaks), among its registered keys and those its JWKS
+/// URL published (`published`).
+pub fn encryption_key(client: &Client, published: Option<&Value>) -> Option<Value> {
+    let sets = client
+        .encryption_jwks
+        .iter()
+        .chain(match &client.auth {
+            ClientAuth::Asymmetric { jwks } => Some(jwks),
+            _ => None,
+        })
+        .chain(published);
     for set in sets {
         for k in set["keys"].as_array().into_iter().flatten() {
             let for_enc = k["use"] == "enc"
@@ -81,6 +86,7 @@ mod tests {
             redirect_uris: vec![],
             scope: String::new(),
             encryption_jwks: Some(serde_json::json!({"keys": [public]})),
+            jwks_uri: None,
         }
     }
 
@@ -92,7 +98,7 @@ mod tests {
             Jwk::generate_ec_key(josekit::jwk::alg::ec::EcCurve::P256).unwrap(),
         ] {
             let c = client_with(&private);
-            let token = encrypt_to_jwk(&encryption_key(&c).unwrap(), plaintext).unwrap();
+            let token = encrypt_to_jwk(&encryption_key(&c, None).unwrap(), plaintext).unwrap();
             assert_eq!(token.split('.').count(), 5);
             let decrypted = if private.key_type() == "RSA" {
                 let d = RSA_OAEP_256.decrypter_from_jwk(&private).unwrap();
@@ -118,8 +124,9 @@ mod tests {
             redirect_uris: vec![],
             scope: String::new(),
             encryption_jwks: None,
+            jwks_uri: None,
         };
-        assert!(encryption_key(&c).is_none());
+        assert!(encryption_key(&c, None).is_none());
         assert!(matches!(
             encrypt_to_jwk(&serde_json::json!({"kty": "oct", "k": "AAAA"}), b"{}"),
             Err(Error::NotAcceptable(_))

@@ -7,11 +7,13 @@
 //!   client credentials with private_key_jwt), introspection, revocation.
 //! - `access`: the one place scopes are enforced on FHIR interactions.
 //! - `jwe`: responses encrypted to the client's registered key (`Accept: application/jose`).
+//! - `jwks_url`: client keys published at a JWKS URL, fetched and cached.
 
 pub mod access;
 pub mod directory;
 pub mod flows;
 pub mod jwe;
+pub mod jwks_url;
 pub mod keys;
 pub mod scopes;
 

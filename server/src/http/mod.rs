@@ -406,10 +406,18 @@ async fn parse_request(
         crate::ledger::peer::claimed_replica(header.as_deref())
             .and_then(|r| crate::ledger::peer::release_key(&svc.replica, r))
     } else if asks_jose {
-        let key = grant
+        let client = grant
             .as_ref()
-            .and_then(|g| svc.auth.directory.client(&g.client_id).ok().flatten())
-            .and_then(|c| crate::auth::jwe::encryption_key(&c))
+            .and_then(|g| svc.auth.directory.client(&g.client_id).ok().flatten());
+        let mut published = None;
+        if let Some(uri) = client.as_ref().and_then(|c| c.jwks_uri.as_deref()) {
+            if let Err(e) = svc.auth.jwks_urls.refresh(&svc.peers, uri, None).await {
+                tracing::warn!(error = %e, "the client's JWKS URL could not be fetched");
+            }
+            published = svc.auth.jwks_urls.get(uri);
+        }
+        let key = client
+            .and_then(|c| crate::auth::jwe::encryption_key(&c, published.as_ref()))
             .ok_or_else(|| {
                 Error::NotAcceptable(
                     "application/jose needs an access token of a client that registered an encryption key (a JWK with \"use\": \"enc\")".into(),

@@ -247,7 +247,30 @@ pub async fn approve(body: web::Bytes, svc: web::Data<Service>) -> HttpResponse 
 pub async fn token(req: HttpRequest, body: web::Bytes, svc: web::Data<Service>) -> HttpResponse {
     let form = form_pairs(&body);
     let basic = basic_auth(&req);
-    let result = svc.auth.token(&form, basic.clone());
+    // A client that publishes its keys at a JWKS URL: make sure they are at hand (and fresh,
+    // or hold the key the assertion names) before the signature is checked.
+    let mut fetch_failed = None;
+    let asserted = crate::auth::form_value(&form, "client_assertion")
+        .and_then(|a| svc.auth.assertion_client(a));
+    if let Some((client, kid)) = asserted {
+        if let Some(uri) = &client.jwks_uri {
+            if let Err(e) = svc
+                .auth
+                .jwks_urls
+                .refresh(&svc.peers, uri, kid.as_deref())
+                .await
+            {
+                fetch_failed = Some(e);
+            }
+        }
+    }
+    let result = match fetch_failed {
+        Some(e) => Err(crate::auth::flows::OAuthError {
+            error: "invalid_client",
+            description: format!("the client's keys could not be fetched: {e}"),
+        }),
+        None => svc.auth.token(&form, basic.clone()),
+    };
     let mut ctx = crate::audit::AuditContext {
         token: true,
         interaction: "token".into(),
