@@ -599,6 +599,20 @@ def patient_family_gender(s):
     search_ok(s, f"Patient?family={urllib.parse.quote(p['name'][0]['family'])}&gender={p['gender']}", s.admin, p["id"])
 
 
+@check("us_core_v610-us_core_v610_patient_birthdate_family_search_test", "Patient search by birthdate + family")
+def patient_birthdate_family(s):
+    p = s.state["patient"]
+    search_ok(s, f"Patient?birthdate={p['birthDate']}&family={urllib.parse.quote(p['name'][0]['family'])}", s.admin, p["id"])
+
+
+@check("us_core_v610-us_core_v610_patient_death_date_family_search_test", "Patient search by death-date + family")
+def patient_death_date_family(s):
+    p = s.state["patient"]
+    if not p.get("deceasedDateTime"):
+        raise Skip("the seeded patient has no deceasedDateTime (as Inferno skips without data)")
+    search_ok(s, f"Patient?death-date={p['deceasedDateTime'][:10]}&family={urllib.parse.quote(p['name'][0]['family'])}", s.admin, p["id"])
+
+
 @check("us_core_v610-us_core_v610_document_reference_patient_search_test", "DocumentReference search by patient")
 def docref_by_patient(s):
     b = search_ok(s, f"DocumentReference?patient={s.state['patient_id']}", s.admin)
@@ -642,6 +656,30 @@ def docref_patient_date(s):
     if not date:
         raise Skip("the seeded document has no date")
     search_ok(s, f"DocumentReference?patient={s.state['patient_id']}&date=ge{date[:10]}", s.admin, s.state["doc"]["id"])
+
+
+@check("us_core_v610-us_core_v610_document_reference_patient_status_search_test", "DocumentReference search by patient + status")
+def docref_patient_status(s):
+    search_ok(s, f"DocumentReference?patient={s.state['patient_id']}&status={s.state['doc']['status']}", s.admin, s.state["doc"]["id"])
+
+
+@check("us_core_v610-us_core_v610_document_reference_patient_category_date_search_test", "DocumentReference search by patient + category + date")
+def docref_patient_category_date(s):
+    d = s.state["doc"]
+    cat = d.get("category", [{}])[0].get("coding", [{}])[0].get("code")
+    if not (cat and d.get("date")):
+        raise Skip("the seeded document has no category or date")
+    search_ok(s, f"DocumentReference?patient={s.state['patient_id']}&category={cat}&date=ge{d['date'][:10]}", s.admin, d["id"])
+
+
+@check("us_core_v610-us_core_v610_document_reference_patient_type_period_with_comparators", "DocumentReference date comparators exclude what they should")
+def docref_date_comparators(s):
+    d = s.state["doc"]
+    if not d.get("date"):
+        raise Skip("the seeded document has no date")
+    b = s.get(f"DocumentReference?patient={s.state['patient_id']}&date=lt{d['date'][:10]}", token=s.admin).json()
+    ids = [e["resource"]["id"] for e in b.get("entry", []) if e.get("search", {}).get("mode") == "match"]
+    expect(d["id"] not in ids, "date=lt<its date> still matches the document")
 
 
 # ---- what Inferno does not check ----
