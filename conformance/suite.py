@@ -782,6 +782,11 @@ def run(args):
         print(f"{outcome.upper():4}  {test_id:{width}}  {title}" + (f"\n      {reason}" if reason else ""))
     counts = {k: sum(1 for r in results if r[2] == k) for k in ("pass", "fail", "skip")}
     print(f"\n{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped; {s.emitted} responses validated as R4")
+    if args.expect_fail is not None:
+        failed = {r[0] for r in results if r[2] == "fail"}
+        wanted = set(filter(None, args.expect_fail.split(",")))
+        print(f"expected to fail: {sorted(wanted)}; failed: {sorted(failed)}")
+        return 0 if failed == wanted else 1
     if args.junit:
         suite = ET.Element("testsuite", name="fhirmament-conformance", tests=str(len(results)),
                            failures=str(counts["fail"]), skipped=str(counts["skip"]))
@@ -809,6 +814,7 @@ def main():
     p.add_argument("--backend-kid", default="conformance-1", help="the key's kid in the client's JWKS")
     p.add_argument("--junit", help="write JUnit XML here")
     p.add_argument("--only", help="run only the checks whose id contains this")
+    p.add_argument("--expect-fail", help="succeed only if exactly these check ids (comma-separated) fail (the suite's own tests)")
     args = p.parse_args()
     if not args.admin_token or not args.password:
         p.error("--admin-token and --password (or their environment variables) are required")

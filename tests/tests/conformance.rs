@@ -38,6 +38,27 @@ fn the_conformance_suite_passes_against_a_fresh_server() {
     assert!(xml.contains("smart_stu2-smart_token_exchange_stu2"));
 }
 
+/// Through a proxy that offers plain PKCE and drops `Pragma: no-cache` from token responses,
+/// exactly the two checks about those fail, and every other check still passes.
+#[test]
+fn exactly_the_checks_about_a_broken_behaviour_fail() {
+    let out = Command::new(conformance_dir().join("run-local.sh"))
+        .arg(binary())
+        .env("CONFORMANCE_MUTATE", "plain,pragma")
+        .env(
+            "CONFORMANCE_EXPECT_FAIL",
+            "smart_stu2-well_known_capabilities_stu2,smart_stu2-smart_token_response_headers",
+        )
+        .output()
+        .expect("run conformance/run-local.sh");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn the_suites_checks_fail_against_non_conformant_fakes() {
     let out = Command::new("python3")
