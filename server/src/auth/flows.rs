@@ -25,6 +25,10 @@ pub const BACKEND_TTL: Duration = Duration::from_secs(300);
 const CODE_TTL: i64 = 60;
 const PENDING_TTL: i64 = 600;
 const REFRESH_TTL: i64 = 30 * 24 * 3600;
+/// `online_access`: a refresh token lives while the user is "online" — used at least once an
+/// hour, and never past the end of the session that the login started.
+const ONLINE_IDLE: i64 = 3600;
+const ONLINE_SESSION: i64 = 12 * 3600;
 const MAX_FAILURES: u32 = 5;
 const LOCKOUT_SECS: i64 = 15 * 60;
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -122,6 +126,10 @@ struct Refresh {
     family: String,
     expires: i64,
     spent: bool,
+    /// For `online_access` (without `offline_access`): when the login session that started the
+    /// family ends; 0 for offline access.
+    #[serde(default)]
+    session_ends: i64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -1005,7 +1013,7 @@ impl AuthServer {
             r.patient,
             r.fhir_user,
             None,
-            Some(r.family),
+            Some((r.family, r.session_ends)),
         )
     }
 
@@ -1059,7 +1067,7 @@ impl AuthServer {
         patient: Option<String>,
         fhir_user: Option<String>,
         nonce: Option<String>,
-        family: Option<String>,
+        family: Option<(String, i64)>,
     ) -> std::result::Result<TokenResponse, OAuthError> {
         let granted = split(scope);
         let mut claims = Map::new();
@@ -1086,13 +1094,26 @@ impl AuthServer {
             body["patient"] = json!(p);
             body["need_patient_banner"] = json!(true);
         }
-        if granted
-            .iter()
-            .any(|s| s == "offline_access" || s == "online_access")
-        {
+        let offline = granted.iter().any(|s| s == "offline_access");
+        let online = !offline && granted.iter().any(|s| s == "online_access");
+        if offline || online {
             let token = random_token()?;
             let mut p = self.persisted.write().unwrap_or_else(|e| e.into_inner());
             let now = unix_now();
+            let (family, inherited_end) = match family {
+                Some((f, end)) => (f, end),
+                None => (random_token()?, 0),
+            };
+            let session_ends = match (online, inherited_end) {
+                (false, _) => 0,
+                (true, 0) => now + ONLINE_SESSION,
+                (true, end) => end,
+            };
+            let expires = if online {
+                (now + ONLINE_IDLE).min(session_ends)
+            } else {
+                now + REFRESH_TTL
+            };
             p.refresh.retain(|_, r| r.expires > now);
             p.revoked.retain(|_, e| *e > now);
             p.refresh.insert(
@@ -1103,9 +1124,10 @@ impl AuthServer {
                     scope: scope.to_string(),
                     fhir_user: fhir_user.clone(),
                     patient: patient.clone(),
-                    family: family.unwrap_or(random_token()?),
-                    expires: now + REFRESH_TTL,
+                    family,
+                    expires,
                     spent: false,
+                    session_ends,
                 },
             );
             self.save(&p)?;
@@ -1281,5 +1303,80 @@ impl AuthServer {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> (AuthServer, tempfile::TempDir, Client) {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = AuthServer::open(dir.path(), "http://x/fhir").unwrap();
+        let client = Client {
+            client_id: "app".into(),
+            name: String::new(),
+            auth: ClientAuth::Public,
+            redirect_uris: vec!["http://localhost/cb".into()],
+            scope: "online_access offline_access patient/*.rs".into(),
+            encryption_jwks: None,
+            jwks_uri: None,
+        };
+        auth.directory.put_client(client.clone()).unwrap();
+        (auth, dir, client)
+    }
+
+    fn refresh_record(auth: &AuthServer, token: &str) -> Refresh {
+        let p = auth.persisted.read().unwrap();
+        p.refresh.get(&sha_hex(token)).cloned().unwrap()
+    }
+
+    #[test]
+    fn online_access_lives_an_hour_at_a_time_within_its_session() {
+        let (auth, _dir, client) = server();
+        let now = unix_now();
+        let online = auth
+            .issue(
+                &client,
+                "ann",
+                "online_access patient/*.rs",
+                None,
+                None,
+                None,
+                None,
+            )
+            .unwrap();
+        let token = online.0["refresh_token"].as_str().unwrap().to_string();
+        let r = refresh_record(&auth, &token);
+        assert!(r.expires <= now + ONLINE_IDLE + 5 && r.expires >= now + ONLINE_IDLE - 5);
+        assert!(r.session_ends >= now + ONLINE_SESSION - 5);
+        // Refreshing keeps the session's end: a chain of refreshes never outlives the login.
+        let form = vec![
+            ("grant_type".to_string(), "refresh_token".to_string()),
+            ("refresh_token".to_string(), token),
+            ("client_id".to_string(), "app".to_string()),
+        ];
+        let next = auth.token(&form, None).unwrap();
+        let r2 = refresh_record(&auth, next.0["refresh_token"].as_str().unwrap());
+        assert_eq!(r2.session_ends, r.session_ends);
+        assert_eq!(r2.family, r.family);
+        let offline = auth
+            .issue(
+                &client,
+                "ann",
+                "offline_access patient/*.rs",
+                None,
+                None,
+                None,
+                None,
+            )
+            .unwrap();
+        let r3 = refresh_record(&auth, offline.0["refresh_token"].as_str().unwrap());
+        assert_eq!(r3.session_ends, 0);
+        assert!(r3.expires >= now + REFRESH_TTL - 5);
+        let none = auth
+            .issue(&client, "ann", "patient/*.rs", None, None, None, None)
+            .unwrap();
+        assert!(none.0.get("refresh_token").is_none());
     }
 }
