@@ -44,8 +44,9 @@ pub struct ConsentGate<'a> {
     /// For whom this node asks when it fetches a version another organization holds.
     acting: crate::ledger::peer::Acting,
     now: i64,
-    /// False when nothing can be denied (no Consent in force and an opt-out base).
-    active: bool,
+    /// False when nothing can be denied (no Consent in force and an opt-out base); read from
+    /// the store at the first check, so interactions that release nothing pay nothing.
+    active: Option<bool>,
     policies: HashMap<String, Vec<ConsentPolicy>>,
     summary: ConsentSummary,
 }
@@ -60,7 +61,7 @@ impl<'a> ConsentGate<'a> {
         purpose: Option<&str>,
         organization: &str,
         now: i64,
-    ) -> Result<ConsentGate<'a>> {
+    ) -> ConsentGate<'a> {
         let mut actors = vec![organization.to_string()];
         let acting = crate::ledger::peer::Acting::of(grant, purpose);
         let mut own_patient = None;
@@ -77,9 +78,7 @@ impl<'a> ConsentGate<'a> {
         }
         let purpose = purpose.unwrap_or(DEFAULT_PURPOSE).to_string();
         let may_break_glass = settings.break_glass && practitioner && purpose == EMERGENCY_PURPOSE;
-        let active = settings.base == BasePolicy::OptIn || store.any_consent()?;
-        let height = store.applied()?.0;
-        Ok(ConsentGate {
+        ConsentGate {
             store,
             settings,
             actors,
@@ -88,20 +87,28 @@ impl<'a> ConsentGate<'a> {
             may_break_glass,
             acting,
             now,
-            active,
+            active: None,
             policies: HashMap::new(),
-            summary: ConsentSummary {
-                ledger_height: height,
-                ..ConsentSummary::default()
-            },
-        })
+            summary: ConsentSummary::default(),
+        }
+    }
+
+    /// Can anything be denied? Fixes the consent state's ledger height for this interaction.
+    fn active(&mut self) -> Result<bool> {
+        if let Some(a) = self.active {
+            return Ok(a);
+        }
+        self.summary.ledger_height = self.store.applied()?.0;
+        let a = self.settings.base == BasePolicy::OptIn || self.store.any_consent()?;
+        self.active = Some(a);
+        Ok(a)
     }
 
     /// May the requester read this resource, which belongs to these patient compartments?
     pub fn check(&mut self, rtype: ResourceType, id: &str, patients: &[String]) -> Result<Verdict> {
-        if !self.active
-            || matches!(rtype, ResourceType::Consent | ResourceType::AuditEvent)
+        if matches!(rtype, ResourceType::Consent | ResourceType::AuditEvent)
             || patients.is_empty()
+            || !self.active()?
         {
             return Ok(Verdict::Permit);
         }
@@ -162,7 +169,7 @@ impl<'a> ConsentGate<'a> {
 
     /// `check` for a resource whose compartments the ledger records (its current version).
     pub fn check_current(&mut self, rtype: ResourceType, id: &str) -> Result<Verdict> {
-        if !self.active || matches!(rtype, ResourceType::Consent | ResourceType::AuditEvent) {
+        if matches!(rtype, ResourceType::Consent | ResourceType::AuditEvent) || !self.active()? {
             return Ok(Verdict::Permit);
         }
         let patients = self.store.ledger_patients(rtype, id)?;

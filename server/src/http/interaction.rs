@@ -72,7 +72,7 @@ pub async fn handle(svc: &Service, mut req: FhirRequest) -> Result<FhirResponse>
         purpose,
         &organization,
         crate::fhir::now_ms(),
-    )?;
+    );
     if carries_its_audit(&req) {
         let success = audit::AuditOutcome {
             status: 200,
