@@ -177,6 +177,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A JWT's claims, read without checking anything: only to find which keys will check it.
+fn unverified_claims(jwt: &str) -> Option<Value> {
+    let payload = jwt.split('.').nth(1)?;
+    let bytes =
+        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 fn sha_hex(s: &str) -> String {
     crate::ledger::entry::hex(&Sha256::digest(s.as_bytes()))
 }
@@ -774,14 +782,7 @@ impl AuthServer {
             .and_then(Value::as_str)
             .map(str::to_string);
         // Read iss only to find the client's keys; nothing is trusted before the signature.
-        let unverified: Value = assertion
-            .split('.')
-            .nth(1)
-            .and_then(|p| {
-                base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok()
-            })
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| bad("unreadable claims"))?;
+        let unverified = unverified_claims(assertion).ok_or_else(|| bad("unreadable claims"))?;
         let client_id = unverified["iss"]
             .as_str()
             .ok_or_else(|| bad("no iss"))?
@@ -882,13 +883,7 @@ impl AuthServer {
             .claim("kid")
             .and_then(Value::as_str)
             .map(str::to_string);
-        let claims: Value = assertion
-            .split('.')
-            .nth(1)
-            .and_then(|p| {
-                base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, p).ok()
-            })
-            .and_then(|b| serde_json::from_slice(&b).ok())?;
+        let claims = unverified_claims(assertion)?;
         let client = self.directory.client(claims["iss"].as_str()?).ok()??;
         Some((client, kid))
     }
