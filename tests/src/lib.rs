@@ -78,6 +78,28 @@ pub fn mint_token(data: &Path, base: &str, scope: &str, extra: &[&str]) -> Strin
         .to_string()
 }
 
+/// Run `python3` with these arguments; its trimmed stdout (the test fails if it fails).
+pub fn python3(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python3 {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
+/// Run a short Python snippet with arguments; its trimmed stdout.
+pub fn python(code: &str, args: &[&str]) -> String {
+    python3(&[&["-c", code], args].concat())
+}
+
 /// A blocking HTTP client that sends this bearer token with every request.
 pub fn client_with_token(token: &str) -> Client {
     let mut headers = reqwest::header::HeaderMap::new();

@@ -242,7 +242,7 @@ fn records_are_sealed_at_rest_and_a_wrong_or_missing_kek_is_refused() {
 
 #[test]
 fn rotating_the_kek_rewraps_the_data_keys_and_retires_the_old_one() {
-    let mut s = TestServer::start();
+    let s = TestServer::start();
     let ids: Vec<String> = (0..5)
         .map(|i| {
             s.create(&patient(&format!("Rot{i}"), "Kek", "1970-01-01"))["id"]
@@ -293,7 +293,7 @@ fn rotating_the_kek_rewraps_the_data_keys_and_retires_the_old_one() {
             .map(|i| i.unwrap().1.to_vec())
             .collect::<Vec<_>>()
     };
-    let mut rotating = TestServer::start_over(
+    let rotating = TestServer::start_over(
         &s,
         &[
             "--kek-file",

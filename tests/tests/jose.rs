@@ -5,21 +5,6 @@ use std::process::Command;
 
 use fhirmament_e2e::*;
 
-fn python(code: &str, args: &[&str]) -> String {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(code)
-        .args(args)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// A new key pair: the private JWK goes to `private`, the public JWKS is returned.
 const GENERATE: &str = r#"
 import json, sys

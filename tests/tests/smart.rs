@@ -722,20 +722,11 @@ fn the_authorize_and_token_endpoints_refuse_what_smart_forbids() {
     assert!(html.contains("too many failed attempts"), "{html}");
 }
 
-/// Run a short Python snippet (PyJWT/cryptography); stdout.
-fn python(code: &str, args: &[&str]) -> String {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(code)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+/// The backend-services client tool (`python/client_assertion.py`: keygen, sign); stdout.
+fn client_assertion(args: &[&str]) -> String {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/client_assertion.py");
+    python3(&[&[script.to_str().expect("utf-8 path")], args].concat())
 }
 
 #[test]
@@ -836,21 +827,7 @@ print(h + "." + p + "." + sig)
 fn backend_services_authenticate_with_a_signed_jwt_and_get_system_scopes_only() {
     let w = world();
     let keys = tempfile::tempdir().unwrap();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/client_assertion.py");
-    let run = |args: &[&str]| {
-        let out = Command::new("python3")
-            .arg(&script)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let run = client_assertion;
     let dir = keys.path().to_str().unwrap();
     run(&["keygen", dir, "ES384"]);
     cli(
@@ -1276,21 +1253,7 @@ fn backend_services_keys_come_from_the_clients_jwks_url_and_can_rotate() {
     let w = world();
     let keys = tempfile::tempdir().unwrap();
     let dir = keys.path().to_str().unwrap().to_string();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/client_assertion.py");
-    let run = |args: &[&str]| {
-        let out = Command::new("python3")
-            .arg(&script)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let run = client_assertion;
     run(&["keygen", &dir, "ES384", "k1"]);
     // The client's own web server, publishing its JWKS.
     let port = free_port();
