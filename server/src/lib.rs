@@ -66,6 +66,10 @@ impl Service {
             .previous_kek()
             .map_err(|e| Error::Startup(e.to_string()))?;
         let store = Arc::new(Store::open_rotating(&config.data_dir, kek, previous)?);
+        if store.index_is_stale()? {
+            let n = store::txlog::reindex(&store, &registry, &config.base_url)?;
+            tracing::info!(resources = n, "search index rebuilt with blinded terms");
+        }
         let replica = ledger::replica::ReplicaSetup::resolve(&config)?;
         let auth = Arc::new(
             auth::AuthServer::open(&config.data_dir.join("auth"), &config.base_url)?

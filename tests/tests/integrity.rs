@@ -330,3 +330,150 @@ fn rotating_the_kek_rewraps_the_data_keys_and_retires_the_old_one() {
         assert_eq!(only_new.get_json(&format!("Patient/{id}")).0, 200);
     }
 }
+
+/// Every RocksDB under `dir` (the record store, the ledger, the authorization server), read
+/// through RocksDB so compressed blocks are searched decompressed, plus the raw bytes of every
+/// file (write-ahead logs, manifests): the first of `needles` found, and where.
+fn find_in_data_dir(dir: &std::path::Path, needles: &[&str]) -> Option<String> {
+    let hit = |bytes: &[u8]| -> Option<&str> {
+        let lower = bytes.to_ascii_lowercase();
+        needles.iter().copied().find(|n| {
+            let n = n.to_ascii_lowercase();
+            lower.windows(n.len()).any(|w| w == n.as_bytes())
+        })
+    };
+    let mut found = None;
+    let mut stack = vec![dir.to_path_buf()];
+    let mut databases = 0;
+    while let Some(d) = stack.pop() {
+        if d.join("CURRENT").exists() {
+            databases += 1;
+            let opts = rocksdb::Options::default();
+            let cfs = rocksdb::DB::list_cf(&opts, &d).unwrap();
+            let db = rocksdb::DB::open_cf_for_read_only(&opts, &d, &cfs, false).unwrap();
+            for name in &cfs {
+                let cf = db.cf_handle(name).unwrap();
+                for item in db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+                    let (k, v) = item.unwrap();
+                    for part in [&k[..], &v[..]] {
+                        if let Some(n) = hit(part) {
+                            found.get_or_insert(format!("{n} in {} family {name}", d.display()));
+                        }
+                    }
+                }
+            }
+        }
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Some(n) = hit(&std::fs::read(&path).unwrap()) {
+                found.get_or_insert(format!("{n} in the file {}", path.display()));
+            }
+        }
+    }
+    assert!(databases >= 2, "the record store and the ledger store");
+    found
+}
+
+#[test]
+fn no_name_identifier_telecom_or_address_is_readable_in_the_data_dir_and_search_still_works() {
+    let mut s = TestServer::start();
+    let mut p = patient("Quixotically", "Wolfgangina", "1951-03-04");
+    p["name"][0]["given"] = json!(["Wolfgangina", "Bartholomewsky"]);
+    p["identifier"] = json!([{"system": "urn:mrn", "value": "MRN-55501234"}]);
+    p["telecom"] = json!([
+        {"system": "phone", "value": "+1-555-867-5309"},
+        {"system": "email", "value": "wolfgangina@example.org"}
+    ]);
+    p["address"] = json!([{"line": ["742 Evergreenterrace"], "city": "Springfieldia",
+                           "postalCode": "49007"}]);
+    let id = s.create(&p)["id"].as_str().unwrap().to_string();
+    let other = s.create(&patient("Quixote", "Wolf", "1960-01-01"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fn search(s: &TestServer, q: &str) -> Vec<String> {
+        let (status, bundle) = s.get_json(&format!("Patient?{q}"));
+        assert_eq!(status, 200, "{q}: {bundle}");
+        let mut v = match_ids(&bundle);
+        v.sort();
+        v
+    }
+    let ids = |q: &str| search(&s, q);
+    let both = {
+        let mut v = vec![id.clone(), other.clone()];
+        v.sort();
+        v
+    };
+    // Search answers exactly as before through the blinded terms: prefixes of every length
+    // (indexed or not, longer than the longest indexed prefix), case and accents folded.
+    assert_eq!(ids("family=Q"), both);
+    assert_eq!(ids("family=quixot"), both);
+    assert_eq!(ids("family=QUIXOTI"), vec![id.clone()]);
+    assert_eq!(ids("family=Quixotically"), vec![id.clone()]);
+    assert_eq!(ids("family=Quixoticallyy"), Vec::<String>::new());
+    assert_eq!(ids("given=bartholomewsk"), vec![id.clone()]);
+    assert_eq!(ids("name=Bartholomewsky"), vec![id.clone()]);
+    assert_eq!(ids("family:exact=Quixote"), vec![other.clone()]);
+    assert_eq!(ids("family:exact=quixote"), Vec::<String>::new());
+    assert_eq!(ids("family:contains=xotic"), vec![id.clone()]);
+    assert_eq!(ids("family:contains=xot"), both);
+    assert_eq!(ids("address-city=springf"), vec![id.clone()]);
+    assert_eq!(ids("address=742%20evergreen"), vec![id.clone()]);
+    assert_eq!(
+        ids("address=evergreen"),
+        Vec::<String>::new(),
+        "starts-with, not any word"
+    );
+    assert_eq!(ids("address-postalcode=49007"), vec![id.clone()]);
+    assert_eq!(ids("identifier=MRN-55501234"), vec![id.clone()]);
+    assert_eq!(ids("identifier=urn:mrn|MRN-55501234"), vec![id.clone()]);
+    assert_eq!(
+        ids("identifier=urn:other|MRN-55501234"),
+        Vec::<String>::new()
+    );
+    assert_eq!(ids("identifier=MRN-5550123"), Vec::<String>::new());
+    assert_eq!(ids("phone=%2B1-555-867-5309"), vec![id.clone()]);
+    assert_eq!(ids("email=wolfgangina@example.org"), vec![id.clone()]);
+    assert_eq!(ids("telecom=phone|%2B1-555-867-5309"), vec![id.clone()]);
+    assert_eq!(ids("telecom=email|%2B1-555-867-5309"), Vec::<String>::new());
+    assert_eq!(ids("family:missing=false&given=wolf"), both);
+    assert_eq!(
+        ids("identifier:not=urn:mrn|MRN-55501234&given=wolf"),
+        vec![other.clone()]
+    );
+    let (_, sorted) = s.get_json("Patient?given=wolf&_sort=-family");
+    let order: Vec<Value> = resources(&sorted).iter().map(|r| r["id"].clone()).collect();
+    assert_eq!(
+        order,
+        [json!(id), json!(other)],
+        "Quixotically before Quixote"
+    );
+
+    // An update moves its entries: the old family name finds nothing, the new one finds it.
+    let mut renamed = s.get_json(&format!("Patient/{id}")).1;
+    renamed["name"][0]["family"] = json!("Zanzibarian");
+    let r = s.put(&format!("Patient/{id}"), &renamed);
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(ids("family=quixoti"), Vec::<String>::new());
+    assert_eq!(ids("family=zanzibar"), vec![id.clone()]);
+
+    s.kill9();
+    let needles = [
+        "Quixotically",
+        "Zanzibarian",
+        "Wolfgangina",
+        "Bartholomewsky",
+        "MRN-55501234",
+        "867-5309",
+        "wolfgangina@example",
+        "Evergreenterrace",
+        "Springfieldia",
+    ];
+    assert_eq!(find_in_data_dir(&s.data, &needles), None);
+    // And the same search has the same answers after a restart.
+    s.launch();
+    assert_eq!(search(&s, "family=zanzibar"), vec![id.clone()]);
+    assert_eq!(search(&s, "identifier=urn:mrn|MRN-55501234"), vec![id]);
+}

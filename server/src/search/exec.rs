@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 
+use super::blind::probe_prefix;
 use super::keys::{from_ord_i64, id_of_key, local_reference, ord_i64, param_prefix, FIELD, SEP};
 use super::query::{Clause, ClauseValue, Modifier, Prefix, SearchQuery, SortKey};
 use super::registry::SearchParameter;
@@ -182,7 +183,10 @@ impl Collector<'_> {
     }
 }
 
-/// Ids whose values for `param` positively match `q` (ignoring :not / :missing).
+/// Ids whose values for `param` positively match `q` (ignoring :not / :missing). Returns
+/// whether the ids are only candidates, to be rechecked against their stored values (a
+/// blinded lookup narrower than the query, or a scan that cannot test the value at all).
+#[allow(clippy::too_many_arguments)]
 fn scan_value(
     store: &Store,
     rtype: ResourceType,
@@ -192,51 +196,78 @@ fn scan_value(
     base: &str,
     now: i64,
     c: &mut Collector,
-) -> Result<()> {
+) -> Result<bool> {
     let prefix = param_prefix(rtype, &param.code);
     let plen = prefix.len();
+    let blinding = store.blinding();
     let by_prefix = |start: Vec<u8>, c: &mut Collector| -> Result<()> {
         store.scan_index_prefix(&start, |k, _| {
             id_of_key(plen, k).map_or(true, |id| c.add(id))
         })
     };
+    // A blinded term's entries end in SEP + id.
+    let by_term = |mut term: Vec<u8>, c: &mut Collector| -> Result<()> {
+        term.push(SEP);
+        by_prefix(term, c)
+    };
+    // Normalised text looked up through its longest indexed prefix.
+    let by_text_prefix = |tag: u8, text: &str, c: &mut Collector| -> Result<bool> {
+        if text.is_empty() {
+            // Every text starts with "": every resource with a value.
+            store.scan_values_prefix(&prefix, |id| c.add(id))?;
+            return Ok(false);
+        }
+        let (len, whole) = probe_prefix(text);
+        by_term(blinding.term_key(&prefix, tag, &text[..len]), c)?;
+        Ok(!whole)
+    };
     match (q, modifier) {
-        // Candidates whose normalised text equals; `scan_clause` rechecks the exact text.
-        (ClauseValue::Str(s), Modifier::Exact) => {
-            by_prefix(key(&prefix, b'S', &[&normalize(s)], true), c)
+        // Candidates whose normalised text starts alike; `scan_clause` rechecks the exact text.
+        (ClauseValue::Str(s), Modifier::Exact) => by_text_prefix(b'S', &normalize(s), c),
+        // No term finds a substring: every resource with a value is a candidate.
+        (ClauseValue::Str(_), Modifier::Contains) => {
+            store.scan_values_prefix(&prefix, |id| c.add(id))?;
+            Ok(true)
         }
-        (ClauseValue::Str(s), Modifier::Contains) => {
-            store.scan_index_prefix(&key(&prefix, b'S', &[], false), |k, _| {
-                let text_end = k.iter().rposition(|b| *b == SEP).unwrap_or(k.len());
-                let text = std::str::from_utf8(&k[plen + 1..text_end]).unwrap_or("");
-                if text.contains(s.as_str()) {
-                    id_of_key(plen, k).map_or(true, |id| c.add(id))
-                } else {
-                    true
-                }
-            })
-        }
-        (ClauseValue::Str(s), _) => by_prefix(key(&prefix, b'S', &[s], false), c),
+        (ClauseValue::Str(s), _) => by_text_prefix(b'S', s, c),
         (ClauseValue::Token { system, code }, _) => match (system.as_deref(), code.as_deref()) {
-            (None, Some(code)) => by_prefix(key(&prefix, b'T', &[code, ""], false), c),
-            (Some(system), Some(code)) => by_prefix(key(&prefix, b'T', &[code, system], true), c),
-            (Some(system), None) => by_prefix(key(&prefix, b'Y', &[system], true), c),
-            (None, None) => Ok(()),
+            (None, Some(code)) => {
+                by_prefix(key(&prefix, b'T', &[code, ""], false), c)?;
+                by_term(blinding.term_key(&prefix, b'P', code), c)?;
+                Ok(false)
+            }
+            (Some(system), Some(code)) => {
+                let before = c.ids.len();
+                by_prefix(key(&prefix, b'T', &[code, system], true), c)?;
+                let clear = c.ids.len() - before;
+                by_term(blinding.term_key(&prefix, b'P', code), c)?;
+                // Personal values are found by value alone; their system is rechecked.
+                Ok(c.ids.len() - before > clear)
+            }
+            (Some(system), None) => {
+                by_prefix(key(&prefix, b'Y', &[system], true), c)?;
+                Ok(false)
+            }
+            (None, None) => Ok(false),
         },
-        (ClauseValue::Text(t), _) => by_prefix(key(&prefix, b'X', &[t], false), c),
+        (ClauseValue::Text(t), _) => by_text_prefix(b'X', t, c),
         (ClauseValue::Reference(r), _) => {
             let local = local_reference(r, base);
             if local.contains('/') {
-                by_prefix(key(&prefix, b'R', &[&local], true), c)
+                by_prefix(key(&prefix, b'R', &[&local], true), c)?;
             } else {
-                by_prefix(key(&prefix, b'D', &[&local], true), c)
+                by_prefix(key(&prefix, b'D', &[&local], true), c)?;
             }
+            Ok(false)
         }
-        (ClauseValue::ReferenceIdentifier { system, value }, _) => match system {
-            Some(s) => by_prefix(key(&prefix, b'I', &[value, s], true), c),
-            None => by_prefix(key(&prefix, b'I', &[value, ""], false), c),
-        },
-        (ClauseValue::Uri(u), Modifier::Below) => by_prefix(key(&prefix, b'U', &[u], false), c),
+        (ClauseValue::ReferenceIdentifier { system, value }, _) => {
+            by_term(blinding.term_key(&prefix, b'I', value), c)?;
+            Ok(system.is_some())
+        }
+        (ClauseValue::Uri(u), Modifier::Below) => {
+            by_prefix(key(&prefix, b'U', &[u], false), c)?;
+            Ok(false)
+        }
         (ClauseValue::Uri(u), Modifier::Above) => {
             store.scan_index_prefix(&key(&prefix, b'U', &[], false), |k, _| {
                 let text_end = k.iter().rposition(|b| *b == SEP).unwrap_or(k.len());
@@ -246,9 +277,13 @@ fn scan_value(
                 } else {
                     true
                 }
-            })
+            })?;
+            Ok(false)
         }
-        (ClauseValue::Uri(u), _) => by_prefix(key(&prefix, b'U', &[u], true), c),
+        (ClauseValue::Uri(u), _) => {
+            by_prefix(key(&prefix, b'U', &[u], true), c)?;
+            Ok(false)
+        }
         (ClauseValue::Date { prefix: p, lo, hi }, _) => {
             // Scan the ordering (by start 'L' or by end 'H') that bounds the answer, and test the
             // other bound from the entry's value.
@@ -286,9 +321,13 @@ fn scan_value(
                 } else {
                     true
                 }
-            })
+            })?;
+            Ok(false)
         }
-        (ClauseValue::Flag, _) => store.scan_values_prefix(&prefix, |id| c.add(id)),
+        (ClauseValue::Flag, _) => {
+            store.scan_values_prefix(&prefix, |id| c.add(id))?;
+            Ok(false)
+        }
     }
 }
 
@@ -320,16 +359,21 @@ fn scan_clause(
         Modifier::Not => Modifier::None,
         m => m.clone(),
     };
+    let mut recheck = clause.modifier == Modifier::Exact;
     for param in &clause.params {
         for q in &clause.values {
-            scan_value(store, rtype, param, &inner_modifier, q, base, now, &mut c)?;
+            recheck |= scan_value(store, rtype, param, &inner_modifier, q, base, now, &mut c)?;
             if c.overflow {
                 return Ok(Scan::TooLarge);
             }
         }
     }
-    if clause.modifier == Modifier::Exact && !positive.is_empty() {
-        positive = filter_by_values(store, rtype, clause, &positive, base, now)?;
+    if recheck && !positive.is_empty() {
+        let positive_clause = Clause {
+            modifier: inner_modifier,
+            ..clause.clone()
+        };
+        positive = filter_by_values(store, rtype, &positive_clause, &positive, base, now)?;
     }
     if complemented {
         if cap != usize::MAX {

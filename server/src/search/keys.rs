@@ -4,21 +4,30 @@
 //! resource type byte and the first 4 bytes of SHA-256 of the parameter code (short keys keep
 //! RocksDB's memtable comparisons cheap; `Registry` checks at start that no two codes collide).
 //! Presence (for `:missing`) needs no entry: the `values` family has one key per (resource,
-//! parameter) present. `:exact` scans `S` and rechecks the stored values.
+//! parameter) present, its value list sealed (see `blind`).
 //!
-//! | tag | payload                 | used by                                   |
-//! |-----|-------------------------|-------------------------------------------|
-//! | S   | normalised text \0 id   | string (starts-with, :exact, :contains)   |
-//! | T   | code \x01 system \0 id  | token `code`, `system|code`, `|code`      |
-//! | Y   | system \0 id            | token `system|`                           |
-//! | X   | normalised text \0 id   | token :text                               |
-//! | R   | Type/id or URL \0 id    | reference                                 |
-//! | D   | target id \0 id         | reference by bare id                      |
-//! | I   | value \x01 system \0 id | reference :identifier                     |
-//! | U   | uri \0 id               | uri                                       |
-//! | L   | lo(8) id  -> hi(8)      | date, ordered by start                    |
-//! | H   | hi(8) id  -> lo(8)      | date, ordered by end                      |
+//! Personal text is never in a key: `term(..)` is a blinded term (`blind::BlindingKey`), and
+//! lookups through one recheck the candidates' stored values where the term is not exact.
+//!
+//! | tag | payload                        | used by                                        |
+//! |-----|--------------------------------|------------------------------------------------|
+//! | S   | term(text prefix) \0 id        | string: starts-with, `:exact`; one per prefix  |
+//! | P   | term(value) \0 id              | token from an Identifier or ContactPoint       |
+//! | T   | code \x01 system \0 id         | other tokens `code`, `system|code`, `|code`    |
+//! | Y   | system \0 id                   | token `system|`                                |
+//! | X   | term(text prefix) \0 id        | token `:text`; one per prefix                  |
+//! | R   | Type/id or URL \0 id           | reference                                      |
+//! | D   | target id \0 id                | reference by bare id                           |
+//! | I   | term(identifier value) \0 id   | reference `:identifier`                        |
+//! | U   | uri \0 id                      | uri                                            |
+//! | L   | lo(8) id  -> hi(8)             | date, ordered by start                         |
+//! | H   | hi(8) id  -> lo(8)             | date, ordered by end                           |
+//!
+//! In clear stay what search must compare by order or exact structure and what is not
+//! personal text: codes and systems from terminologies, references (opaque ids), URIs, and
+//! dates (ranges need their order). ARCHITECTURE.md says why that is acceptable.
 
+use super::blind::BlindingKey;
 use super::value::{normalize, IndexValue};
 use crate::fhir::ResourceType;
 
@@ -90,8 +99,15 @@ fn text_key(prefix: &[u8], tag: u8, parts: &[&str], id: &str) -> Vec<u8> {
     k
 }
 
+fn ending_in(mut key: Vec<u8>, id: &str) -> (Vec<u8>, Vec<u8>) {
+    key.push(SEP);
+    key.extend_from_slice(id.as_bytes());
+    (key, vec![])
+}
+
 /// Every index entry (key, value) for the values of one parameter of one resource.
 pub fn index_entries(
+    blinding: &BlindingKey,
     prefix: &[u8],
     id: &str,
     values: &[IndexValue],
@@ -100,19 +116,38 @@ pub fn index_entries(
     let mut out = Vec::new();
     for v in values {
         match v {
-            IndexValue::Str(s) => out.push((text_key(prefix, b'S', &[&normalize(s)], id), vec![])),
-            IndexValue::Token { system, code, text } => {
+            IndexValue::Str(s) => out.extend(
+                blinding
+                    .prefix_term_keys(prefix, b'S', &normalize(s))
+                    .into_iter()
+                    .map(|k| ending_in(k, id)),
+            ),
+            IndexValue::Token {
+                system,
+                code,
+                text,
+                personal,
+            } => {
                 if let Some(c) = code {
-                    out.push((
-                        text_key(prefix, b'T', &[c, system.as_deref().unwrap_or("")], id),
-                        vec![],
-                    ));
+                    out.push(if *personal {
+                        ending_in(blinding.term_key(prefix, b'P', c), id)
+                    } else {
+                        (
+                            text_key(prefix, b'T', &[c, system.as_deref().unwrap_or("")], id),
+                            vec![],
+                        )
+                    });
                 }
                 if let Some(s) = system {
                     out.push((text_key(prefix, b'Y', &[s], id), vec![]));
                 }
                 if let Some(t) = text {
-                    out.push((text_key(prefix, b'X', &[&normalize(t)], id), vec![]));
+                    out.extend(
+                        blinding
+                            .prefix_term_keys(prefix, b'X', &normalize(t))
+                            .into_iter()
+                            .map(|k| ending_in(k, id)),
+                    );
                 }
             }
             IndexValue::Reference { target, identifier } => {
@@ -125,11 +160,8 @@ pub fn index_entries(
                     }
                     out.push((text_key(prefix, b'R', &[&local], id), vec![]));
                 }
-                if let Some((system, value)) = identifier {
-                    out.push((
-                        text_key(prefix, b'I', &[value, system.as_deref().unwrap_or("")], id),
-                        vec![],
-                    ));
+                if let Some((_, value)) = identifier {
+                    out.push(ending_in(blinding.term_key(prefix, b'I', value), id));
                 }
             }
             IndexValue::Uri(u) => out.push((text_key(prefix, b'U', &[u], id), vec![])),
@@ -173,18 +205,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_come_back_out_of_every_kind_of_key() {
+    fn ids_come_back_out_of_every_kind_of_key_and_no_personal_text_is_in_one() {
+        let blinding = BlindingKey::derive(&[3; 32]);
         let prefix = param_prefix(ResourceType::Patient, "x");
         let values = vec![
             IndexValue::Str("Éva".into()),
             IndexValue::Token {
                 system: Some("s".into()),
                 code: Some("c".into()),
-                text: Some("T".into()),
+                text: Some("Tx".into()),
+                personal: false,
+            },
+            IndexValue::Token {
+                system: Some("urn:mrn".into()),
+                code: Some("MRN-4711".into()),
+                text: None,
+                personal: true,
             },
             IndexValue::Reference {
                 target: Some("http://base/fhir/Patient/9".into()),
-                identifier: Some((None, "v".into())),
+                identifier: Some((None, "SSN-555".into())),
             },
             IndexValue::Uri("http://u".into()),
             IndexValue::Date {
@@ -192,16 +232,25 @@ mod tests {
                 hi: 0x0000_0100_0000_0000,
             },
         ];
-        let entries = index_entries(&prefix, "pat-1", &values, "http://base/fhir");
-        assert_eq!(entries.len(), 10);
+        let entries = index_entries(&blinding, &prefix, "pat-1", &values, "http://base/fhir");
+        // S: 3 prefixes; T, Y; X: 2 prefixes; P, Y; R, D, I; U; L, H.
+        assert_eq!(entries.len(), 15);
         assert_eq!(prefix.len(), PARAM_PREFIX_LEN);
         for (k, _) in &entries {
             assert_eq!(id_of_key(prefix.len(), k), Some("pat-1"), "{k:?}");
+            for clear in ["eva", "va", "MRN", "4711", "SSN", "tx"] {
+                assert!(
+                    !k.windows(clear.len()).any(|w| w == clear.as_bytes()),
+                    "{clear} in {k:?}"
+                );
+            }
         }
         assert!(entries
             .iter()
             .any(|(k, _)| k.ends_with(b"RPatient/9\0pat-1")));
-        assert!(entries.iter().any(|(k, _)| k.ends_with(b"Seva\0pat-1")));
+        let mut eva = blinding.term_key(&prefix, b'S', "eva");
+        eva.extend_from_slice(b"\0pat-1");
+        assert!(entries.iter().any(|(k, _)| *k == eva));
     }
 
     #[test]

@@ -274,6 +274,7 @@ pub fn extract(param: &SearchParameter, rtype: ResourceType, resource: &Value) -
                         system: None,
                         code: Some(b.to_string()),
                         text: None,
+                        personal: false,
                     });
                 }
             }
@@ -339,11 +340,13 @@ fn values_of(param: &SearchParameter, v: &Value, out: &mut Vec<IndexValue>) {
                 system: None,
                 code: Some(clean(s)),
                 text: None,
+                personal: false,
             }),
             Value::Bool(b) => out.push(IndexValue::Token {
                 system: None,
                 code: Some(b.to_string()),
                 text: None,
+                personal: false,
             }),
             Value::Object(o)
                 if o.contains_key("coding")
@@ -360,6 +363,7 @@ fn values_of(param: &SearchParameter, v: &Value, out: &mut Vec<IndexValue>) {
                         system: opt(coding, "system"),
                         code: opt(coding, "code"),
                         text: opt(coding, "display"),
+                        personal: false,
                     });
                 }
                 if cc_text.is_some() {
@@ -367,6 +371,7 @@ fn values_of(param: &SearchParameter, v: &Value, out: &mut Vec<IndexValue>) {
                         system: None,
                         code: None,
                         text: cc_text,
+                        personal: false,
                     });
                 }
             }
@@ -378,6 +383,7 @@ fn values_of(param: &SearchParameter, v: &Value, out: &mut Vec<IndexValue>) {
                     system: opt(v, "system"),
                     code: opt(v, "code"),
                     text: opt(v, "display"),
+                    personal: false,
                 });
             }
             // Identifier and ContactPoint: system|value, with Identifier.type.text as text.
@@ -387,6 +393,7 @@ fn values_of(param: &SearchParameter, v: &Value, out: &mut Vec<IndexValue>) {
                     system: opt(v, "system"),
                     code: opt(v, "value"),
                     text,
+                    personal: true,
                 });
             }
             _ => {}
@@ -544,7 +551,8 @@ mod tests {
             vec![IndexValue::Token {
                 system: Some("urn:oid:1.2".into()),
                 code: Some("12345".into()),
-                text: Some("MRN".into())
+                text: Some("MRN".into()),
+                personal: true,
             }]
         );
         assert_eq!(
@@ -552,7 +560,8 @@ mod tests {
             vec![IndexValue::Token {
                 system: Some("phone".into()),
                 code: Some("555".into()),
-                text: None
+                text: None,
+                personal: true,
             }]
         );
         assert_eq!(ex("email"), vec![]);
@@ -561,7 +570,8 @@ mod tests {
             vec![IndexValue::Token {
                 system: None,
                 code: Some("false".into()),
-                text: None
+                text: None,
+                personal: false,
             }]
         );
         assert!(matches!(ex("birthdate")[0], IndexValue::Date { .. }));

@@ -11,6 +11,8 @@ pub enum IndexValue {
         system: Option<String>,
         code: Option<String>,
         text: Option<String>,
+        /// The code is personal: an Identifier's or a ContactPoint's value (indexed blind).
+        personal: bool,
     },
     Reference {
         target: Option<String>,
@@ -215,8 +217,13 @@ pub fn encode_values(values: &[IndexValue]) -> Vec<u8> {
                 out.push(b's');
                 put_str(&mut out, Some(s));
             }
-            IndexValue::Token { system, code, text } => {
-                out.push(b't');
+            IndexValue::Token {
+                system,
+                code,
+                text,
+                personal,
+            } => {
+                out.push(if *personal { b'p' } else { b't' });
                 put_str(&mut out, system.as_deref());
                 put_str(&mut out, code.as_deref());
                 put_str(&mut out, text.as_deref());
@@ -250,10 +257,11 @@ pub fn decode_values(mut input: &[u8]) -> Option<Vec<IndexValue>> {
         input = rest;
         let v = match tag {
             b's' => IndexValue::Str(get_str(&mut input)??),
-            b't' => IndexValue::Token {
+            b't' | b'p' => IndexValue::Token {
                 system: get_str(&mut input)?,
                 code: get_str(&mut input)?,
                 text: get_str(&mut input)?,
+                personal: tag == b'p',
             },
             b'r' => {
                 let target = get_str(&mut input)?;
@@ -329,7 +337,8 @@ mod tests {
         fn value_encoding_round_trips(s in ".*", code in proptest::option::of(".*"), lo in any::<i64>(), hi in any::<i64>()) {
             let values = vec![
                 IndexValue::Str(s.clone()),
-                IndexValue::Token { system: Some(s.clone()), code: code.clone(), text: None },
+                IndexValue::Token { system: Some(s.clone()), code: code.clone(), text: None, personal: false },
+                IndexValue::Token { system: None, code: code.clone(), text: Some(s.clone()), personal: true },
                 IndexValue::Reference { target: code.clone(), identifier: Some((None, s.clone())) },
                 IndexValue::Uri(s),
                 IndexValue::Date { lo, hi },

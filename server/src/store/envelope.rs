@@ -135,6 +135,12 @@ fn protected_kid(jwe_text: &str) -> Option<String> {
 #[derive(Clone)]
 pub struct Dek([u8; 32]);
 
+impl Dek {
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
 /// The KEK (and, while a rotation completes, the previous one) and the DEKs unwrapped so far
 /// (by the wrapped form, so a cached DEK is always one that is stored exactly so).
 pub struct Envelope {

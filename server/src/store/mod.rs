@@ -9,9 +9,10 @@
 //! | `history`     | tx(8) entry(4)                        | type \0 id \0 version(8)               |
 //! | `type_history`| type \0 tx(8) entry(4)                | version(8) id                          |
 //! | `index`       | see `search::keys`                    | date bounds or empty                   |
-//! | `values`      | param prefix(5) id                    | encoded `IndexValue` list              |
+//! | `values`      | param prefix(5) id                    | `IndexValue` list, sealed (`blind`)    |
 //! | `meta`        | name                                  | counters (last tx, last timestamp)     |
 //! | `keys`        | scope (`Patient/id`, `Type/id`)       | its data key, wrapped under the KEK    |
+//! |               | `index`                               | the blinding key, wrapped under the KEK|
 //! | `ledger`      | `b` seq(8)                            | `BlockInfo`: header, entries, commits  |
 //! |               | `l` seq(8)                            | the block's leaf in the ledger's tree  |
 //! |               | `c` type \0 id                        | `LedgerHead`: version, deleted, holder |
@@ -41,6 +42,7 @@ use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOpti
 
 use crate::error::{Error, Result};
 use crate::fhir::ResourceType;
+use crate::search::blind::BlindingKey;
 use crate::search::value::{decode_values, IndexValue};
 
 pub const CF_VERSIONS: &str = "versions";
@@ -63,6 +65,10 @@ pub const COLUMN_FAMILIES: [&str; 9] = [
     CF_LEDGER,
     CF_KEYS,
 ];
+/// The blinding key's scope in `keys` (no resource scope lacks a '/').
+const KEYS_BLINDING: &[u8] = b"index";
+/// Present (in `meta`) while the derived families need a `reindex` to be blind and whole.
+pub const META_INDEX_STALE: &[u8] = b"index-stale";
 /// The proof (in `meta`) that this store was sealed under the configured KEK.
 const META_KEK_CHECK: &[u8] = b"kek-check";
 /// The derived families that `reindex` rebuilds.
@@ -230,6 +236,8 @@ pub struct Store {
     db: DB,
     /// The KEK and the data keys: every stored version is sealed (see `envelope`).
     envelope: envelope::Envelope,
+    /// Blinds index terms and seals stored index values (see `search::blind`).
+    blinding: BlindingKey,
     /// Widest indexed date range per parameter prefix. Only ever grows (deletions do not
     /// shrink it), so a scan window derived from it never misses a value.
     date_widths: std::sync::RwLock<std::collections::HashMap<Vec<u8>, i64>>,
@@ -286,6 +294,102 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// Refuse a KEK that did not seal this store; seal a new (empty) store under it.
+fn check_kek(db: &DB, envelope: &envelope::Envelope, path: &Path) -> Result<()> {
+    let kek = envelope.kek();
+    match db.get_cf(cf(db, CF_META), META_KEK_CHECK)? {
+        Some(record) => {
+            let current = kek.opens(&record);
+            let previous = envelope.previous().map(|p| p.opens(&record));
+            match (current, previous) {
+                (Ok(()), None) => Ok(()),
+                (Ok(()), Some(_)) | (Err(_), Some(Ok(()))) => rotate_kek(db, envelope),
+                (Err(why), _) => Err(Error::Startup(format!(
+                    "the key-encryption key {} does not open the store at {}: {why}; nothing was read or written",
+                    kek.kid,
+                    path.display()
+                ))),
+            }
+        }
+        None => {
+            let has_records = db
+                .iterator_cf(cf(db, CF_VERSIONS), IteratorMode::Start)
+                .next()
+                .is_some();
+            if has_records {
+                return Err(Error::Startup(format!(
+                    "the store at {} holds records but no key-encryption key check; it was not written by this version",
+                    path.display()
+                )));
+            }
+            db.put_cf(cf(db, CF_META), META_KEK_CHECK, kek.check_record()?)?;
+            db.flush_wal(true)?;
+            Ok(())
+        }
+    }
+}
+
+/// Re-wrap every data key still under the previous KEK, then seal the check record under
+/// the current one. Idempotent: a rotation interrupted by a crash resumes at the next start.
+fn rotate_kek(db: &DB, envelope: &envelope::Envelope) -> Result<()> {
+    let mut batch = rocksdb::WriteBatch::default();
+    let (mut rewrapped, mut total) = (0usize, 0usize);
+    for item in db.iterator_cf(cf(db, CF_KEYS), IteratorMode::Start) {
+        let (scope, wrapped) = item?;
+        total += 1;
+        if let Some(new) = envelope.rewrap(&wrapped)? {
+            batch.put_cf(cf(db, CF_KEYS), scope, new);
+            rewrapped += 1;
+        }
+    }
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    db.write_opt(batch, &sync)?;
+    db.put_cf_opt(
+        cf(db, CF_META),
+        META_KEK_CHECK,
+        envelope.kek().check_record()?,
+        &sync,
+    )?;
+    tracing::info!(
+        kek = %envelope.kek().kid,
+        rewrapped,
+        total,
+        "key-encryption key rotated: every data key is wrapped under it; the previous KEK can be retired"
+    );
+    Ok(())
+}
+
+/// The store's blinding key: unwrapped from the `keys` family, or made (and stored wrapped
+/// under the KEK) for a store that has none. A store that already has index entries without
+/// a blinding key was indexed in clear by an earlier version: it is marked stale
+/// (`META_INDEX_STALE`), and opening the service rebuilds the index blind before serving.
+fn blinding_key(db: &DB, envelope: &envelope::Envelope) -> Result<BlindingKey> {
+    if let Some(wrapped) = db.get_cf(cf(db, CF_KEYS), KEYS_BLINDING)? {
+        let key = envelope.dek(&wrapped)?;
+        return Ok(BlindingKey::derive(key.bytes()));
+    }
+    let indexed_in_clear = DERIVED_FAMILIES.iter().any(|family| {
+        db.iterator_cf(cf(db, family), IteratorMode::Start)
+            .next()
+            .is_some()
+    });
+    let (key, wrapped) = envelope.new_dek()?;
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.put_cf(cf(db, CF_KEYS), KEYS_BLINDING, wrapped);
+    if indexed_in_clear {
+        batch.put_cf(cf(db, CF_META), META_INDEX_STALE, b"");
+    }
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    db.write_opt(batch, &sync)?;
+    Ok(BlindingKey::derive(key.bytes()))
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).expect("declared column family")
+}
+
 impl Store {
     /// Open (or create) the store sealed under `kek`. A store sealed under another KEK is
     /// refused before anything is read or written.
@@ -314,13 +418,16 @@ impl Store {
         });
         let db = DB::open_cf_descriptors(&opts, path, cfs)
             .map_err(|e| Error::Storage(format!("opening {}: {e}", path.display())))?;
+        let envelope = envelope::Envelope::rotating(kek, previous);
+        check_kek(&db, &envelope, path)?;
+        let blinding = blinding_key(&db, &envelope)?;
         let store = Store {
             db,
-            envelope: envelope::Envelope::rotating(kek, previous),
+            envelope,
+            blinding,
             date_widths: Default::default(),
             verified: VerifiedVersions::new(),
         };
-        store.check_kek(path)?;
         let mut widths = std::collections::HashMap::new();
         for item in store.db.iterator_cf(
             store.cf(CF_META),
@@ -336,74 +443,6 @@ impl Store {
         }
         *store.date_widths.write().unwrap_or_else(|p| p.into_inner()) = widths;
         Ok(store)
-    }
-
-    /// Refuse a KEK that did not seal this store; seal a new (empty) store under it.
-    fn check_kek(&self, path: &Path) -> Result<()> {
-        let kek = self.envelope.kek();
-        match self.db.get_cf(self.cf(CF_META), META_KEK_CHECK)? {
-            Some(record) => {
-                let current = kek.opens(&record);
-                let previous = self.envelope.previous().map(|p| p.opens(&record));
-                match (current, previous) {
-                    (Ok(()), None) => Ok(()),
-                    (Ok(()), Some(_)) | (Err(_), Some(Ok(()))) => self.rotate_kek(),
-                    (Err(why), _) => Err(Error::Startup(format!(
-                        "the key-encryption key {} does not open the store at {}: {why}; nothing was read or written",
-                        kek.kid,
-                        path.display()
-                    ))),
-                }
-            }
-            None => {
-                let has_records = self
-                    .db
-                    .iterator_cf(self.cf(CF_VERSIONS), IteratorMode::Start)
-                    .next()
-                    .is_some();
-                if has_records {
-                    return Err(Error::Startup(format!(
-                        "the store at {} holds records but no key-encryption key check; it was not written by this version",
-                        path.display()
-                    )));
-                }
-                self.db
-                    .put_cf(self.cf(CF_META), META_KEK_CHECK, kek.check_record()?)?;
-                self.db.flush_wal(true)?;
-                Ok(())
-            }
-        }
-    }
-
-    /// Re-wrap every data key still under the previous KEK, then seal the check record under
-    /// the current one. Idempotent: a rotation interrupted by a crash resumes at the next start.
-    fn rotate_kek(&self) -> Result<()> {
-        let mut batch = rocksdb::WriteBatch::default();
-        let (mut rewrapped, mut total) = (0usize, 0usize);
-        for item in self.db.iterator_cf(self.cf(CF_KEYS), IteratorMode::Start) {
-            let (scope, wrapped) = item?;
-            total += 1;
-            if let Some(new) = self.envelope.rewrap(&wrapped)? {
-                batch.put_cf(self.cf(CF_KEYS), scope, new);
-                rewrapped += 1;
-            }
-        }
-        let mut sync = rocksdb::WriteOptions::default();
-        sync.set_sync(true);
-        self.db.write_opt(batch, &sync)?;
-        self.db.put_cf_opt(
-            self.cf(CF_META),
-            META_KEK_CHECK,
-            self.envelope.kek().check_record()?,
-            &sync,
-        )?;
-        tracing::info!(
-            kek = %self.envelope.kek().kid,
-            rewrapped,
-            total,
-            "key-encryption key rotated: every data key is wrapped under it; the previous KEK can be retired"
-        );
-        Ok(())
     }
 
     /// The widest date range indexed so far for a parameter, if any date was indexed.
@@ -510,6 +549,19 @@ impl Store {
 
     pub fn envelope(&self) -> &envelope::Envelope {
         &self.envelope
+    }
+
+    /// Does the search index need a `reindex` (it was made before blind indexing)?
+    pub fn index_is_stale(&self) -> Result<bool> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_META), META_INDEX_STALE)?
+            .is_some())
+    }
+
+    /// The key that blinds this store's index terms and seals its index values.
+    pub fn blinding(&self) -> &BlindingKey {
+        &self.blinding
     }
 
     /// The plaintext of a raw `versions` value (tests that play the attacker).
@@ -865,13 +917,16 @@ impl Store {
             .iter()
             .map(|id| (cf, crate::search::keys::values_key(rtype, code, id)))
             .collect();
-        self.db
-            .multi_get_cf(keys)
-            .into_iter()
-            .map(|r| {
-                Ok(r?
-                    .map(|b| decode_values(&b).unwrap_or_default())
-                    .unwrap_or_default())
+        let opened = self.db.multi_get_cf(keys.iter().map(|(cf, k)| (*cf, k)));
+        keys.iter()
+            .zip(opened)
+            .map(|((_, key), r)| {
+                Ok(match r? {
+                    Some(sealed) => {
+                        decode_values(&self.blinding.open_values(key, &sealed)?).unwrap_or_default()
+                    }
+                    None => Vec::new(),
+                })
             })
             .collect()
     }

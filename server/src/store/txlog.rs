@@ -852,8 +852,9 @@ impl Committer {
             let vkey = values_key(rtype, &p.code, id);
             if let Some(old) = self.store.db().get_cf(self.store.cf(CF_VALUES), &vkey)? {
                 let prefix = param_prefix(rtype, &p.code);
-                let old = decode_values(&old).unwrap_or_default();
-                for (k, _) in index_entries(&prefix, id, &old, &self.base) {
+                let blinding = self.store.blinding();
+                let old = decode_values(&blinding.open_values(&vkey, &old)?).unwrap_or_default();
+                for (k, _) in index_entries(blinding, &prefix, id, &old, &self.base) {
                     wb.delete(CF_INDEX, k);
                 }
                 wb.delete(CF_VALUES, vkey);
@@ -1372,18 +1373,23 @@ impl Committer {
         new_values: &[(String, Vec<u8>)],
         is_new: bool,
     ) -> Result<()> {
+        let blinding = self.store.blinding();
         for (code, encoded) in new_values {
             let vkey = values_key(rtype, code, id);
             let old = if is_new {
                 Vec::new()
             } else {
-                self.get(group, own, CF_VALUES, &vkey)?.unwrap_or_default()
+                match self.get(group, own, CF_VALUES, &vkey)? {
+                    Some(sealed) => blinding.open_values(&vkey, &sealed)?,
+                    None => Vec::new(),
+                }
             };
             if old == *encoded {
                 continue;
             }
             let prefix = param_prefix(rtype, code);
             for (k, _) in index_entries(
+                blinding,
                 &prefix,
                 id,
                 &decode_values(&old).unwrap_or_default(),
@@ -1393,18 +1399,11 @@ impl Committer {
             }
             let new = decode_values(encoded).unwrap_or_default();
             self.record_date_widths(own, &prefix, &new);
-            for (k, v) in index_entries(&prefix, id, &new, &self.base) {
+            for (k, v) in index_entries(blinding, &prefix, id, &new, &self.base) {
                 own.put(CF_INDEX, k, Some(v));
             }
-            own.put(
-                CF_VALUES,
-                vkey,
-                if encoded.is_empty() {
-                    None
-                } else {
-                    Some(encoded.clone())
-                },
-            );
+            let sealed = (!encoded.is_empty()).then(|| blinding.seal_values(&vkey, encoded));
+            own.put(CF_VALUES, vkey, sealed);
         }
         Ok(())
     }
@@ -1511,14 +1510,12 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
                             }
                         }
                     }
-                    for (k, val) in index_entries(&prefix, id, &values, base) {
+                    for (k, val) in index_entries(store.blinding(), &prefix, id, &values, base) {
                         batch.put_cf(store.cf(CF_INDEX), k, val);
                     }
-                    batch.put_cf(
-                        store.cf(CF_VALUES),
-                        values_key(rtype, &p.code, id),
-                        encode_values(&values),
-                    );
+                    let vkey = values_key(rtype, &p.code, id);
+                    let sealed = store.blinding().seal_values(&vkey, &encode_values(&values));
+                    batch.put_cf(store.cf(CF_VALUES), vkey, sealed);
                 }
                 count += 1;
             }
@@ -1527,6 +1524,11 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
             store.db().write_opt(batch, &wo)?;
         }
     }
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    store
+        .db()
+        .delete_cf_opt(store.cf(CF_META), super::META_INDEX_STALE, &wo)?;
     Ok(count)
 }
 
@@ -1616,6 +1618,42 @@ mod tests {
             .map(|cf| store.dump(cf).unwrap())
             .collect();
         assert_eq!(before, after);
+    }
+
+    #[test]
+    fn an_index_made_in_clear_by_an_earlier_version_is_rebuilt_blind() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = crate::store::envelope::Kek::generate().unwrap().0;
+        {
+            let store = Store::open(dir.path(), kek.clone()).unwrap();
+            assert!(!store.index_is_stale().unwrap());
+            // What an earlier version left: a clear term and value, and no blinding key.
+            let db = store.db();
+            db.put_cf(store.cf(CF_INDEX), b"\x01abcdeSchalmers\0p1", b"")
+                .unwrap();
+            db.put_cf(store.cf(CF_VALUES), b"\x01abcdep1", b"s\0\0\0\x08Chalmers")
+                .unwrap();
+            db.delete_cf(store.cf(CF_KEYS), b"index").unwrap();
+        }
+        let store = Store::open(dir.path(), kek.clone()).unwrap();
+        assert!(store.index_is_stale().unwrap());
+        let registry = Registry::from_profiles(&Profiles::embedded().unwrap());
+        assert_eq!(
+            reindex(&store, &registry, "http://localhost/fhir").unwrap(),
+            0
+        );
+        assert!(!store.index_is_stale().unwrap());
+        for cf in DERIVED_FAMILIES {
+            assert!(
+                store.dump(cf).unwrap().is_empty(),
+                "{cf} holds nothing in clear"
+            );
+        }
+        drop(store);
+        assert!(!Store::open(dir.path(), kek)
+            .unwrap()
+            .index_is_stale()
+            .unwrap());
     }
 
     #[test]
