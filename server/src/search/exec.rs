@@ -211,25 +211,30 @@ fn scan_value(
         by_prefix(term, c)
     };
     // Normalised text looked up through its longest indexed prefix.
-    let by_text_prefix = |tag: u8, text: &str, c: &mut Collector| -> Result<bool> {
+    let by_string_prefix = |text: &str, c: &mut Collector| -> Result<bool> {
         if text.is_empty() {
             // Every text starts with "": every resource with a value.
             store.scan_values_prefix(&prefix, |id| c.add(id))?;
             return Ok(false);
         }
         let (len, whole) = probe_prefix(text);
-        by_term(blinding.term_key(&prefix, tag, &text[..len]), c)?;
+        if len == 0 {
+            // Shorter than every indexed prefix: every value is a candidate.
+            store.scan_values_prefix(&prefix, |id| c.add(id))?;
+            return Ok(true);
+        }
+        by_term(blinding.term_key(&prefix, b'S', &text[..len]), c)?;
         Ok(!whole)
     };
     match (q, modifier) {
         // Candidates whose normalised text starts alike; `scan_clause` rechecks the exact text.
-        (ClauseValue::Str(s), Modifier::Exact) => by_text_prefix(b'S', &normalize(s), c),
+        (ClauseValue::Str(s), Modifier::Exact) => by_string_prefix(&normalize(s), c),
         // No term finds a substring: every resource with a value is a candidate.
         (ClauseValue::Str(_), Modifier::Contains) => {
             store.scan_values_prefix(&prefix, |id| c.add(id))?;
             Ok(true)
         }
-        (ClauseValue::Str(s), _) => by_text_prefix(b'S', s, c),
+        (ClauseValue::Str(s), _) => by_string_prefix(s, c),
         (ClauseValue::Token { system, code }, _) => match (system.as_deref(), code.as_deref()) {
             (None, Some(code)) => {
                 by_prefix(key(&prefix, b'T', &[code, ""], false), c)?;
@@ -250,7 +255,10 @@ fn scan_value(
             }
             (None, None) => Ok(false),
         },
-        (ClauseValue::Text(t), _) => by_text_prefix(b'X', t, c),
+        (ClauseValue::Text(t), _) => {
+            by_prefix(key(&prefix, b'X', &[t], false), c)?;
+            Ok(false)
+        }
         (ClauseValue::Reference(r), _) => {
             let local = local_reference(r, base);
             if local.contains('/') {
