@@ -33,6 +33,8 @@ pub struct Config {
     pub kek_inline: Option<String>,
     /// The KEK being rotated away from (its data keys are re-wrapped at start).
     pub previous_kek_file: Option<PathBuf>,
+    /// Where sealed versions live: `None` (embedded RocksDB) or `s3://bucket[/prefix]`.
+    pub object_store: Option<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -60,6 +62,7 @@ pub struct FileConfig {
     pub commit_timeout_secs: Option<u64>,
     pub kek_file: Option<PathBuf>,
     pub previous_kek_file: Option<PathBuf>,
+    pub object_store: Option<String>,
 }
 
 /// What the command line and environment may set (clap fills these).
@@ -123,6 +126,9 @@ pub struct ServeArgs {
     /// Rotate from this key-encryption key: start with the new --kek-file and this one; every data key is re-wrapped under the new KEK, after which this one can be retired.
     #[arg(long = "previous-kek-file", env = "FHIRMAMENT_PREVIOUS_KEK_FILE")]
     pub previous_kek_file: Option<PathBuf>,
+    /// Where sealed versions live: `rocksdb` (embedded, in the data directory) or `s3://bucket[/prefix]` on an S3-compatible store, with endpoint and credentials from AWS_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ALLOW_HTTP [default: rocksdb].
+    #[arg(long = "object-store", env = "FHIRMAMENT_OBJECT_STORE")]
+    pub object_store: Option<String>,
     /// The key-encryption key's JWK itself (e.g. from a secret).
     #[arg(
         long = "kek",
@@ -221,6 +227,11 @@ impl Config {
             kek_file: args.kek_file.clone().or(file.kek_file),
             kek_inline: args.kek.clone(),
             previous_kek_file: args.previous_kek_file.clone().or(file.previous_kek_file),
+            object_store: args
+                .object_store
+                .clone()
+                .or(file.object_store)
+                .filter(|u| u != "rocksdb"),
             commit_timeout: std::time::Duration::from_secs(
                 args.commit_timeout_secs
                     .or(file.commit_timeout_secs)

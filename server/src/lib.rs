@@ -65,7 +65,11 @@ impl Service {
         let previous = config
             .previous_kek()
             .map_err(|e| Error::Startup(e.to_string()))?;
-        let store = Arc::new(Store::open_rotating(&config.data_dir, kek, previous)?);
+        let mut store = Store::open_rotating(&config.data_dir, kek, previous)?;
+        store.set_objects(store::objects::Objects::open(
+            config.object_store.as_deref(),
+        )?);
+        let store = Arc::new(store);
         if store.index_is_stale()? {
             let n = store::txlog::reindex(&store, &registry, &config.base_url)?;
             tracing::info!(resources = n, "search index rebuilt with blinded terms");

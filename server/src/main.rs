@@ -236,7 +236,12 @@ fn run_reindex(args: &ServeArgs) -> Result<(), String> {
     let profiles = fhirmament::load_profiles(&config).map_err(|e| e.to_string())?;
     let registry = fhirmament::search::Registry::from_profiles(&profiles);
     let kek = config.kek().map_err(|e| e.to_string())?;
-    let store = fhirmament::store::Store::open(&config.data_dir, kek).map_err(|e| e.to_string())?;
+    let mut store =
+        fhirmament::store::Store::open(&config.data_dir, kek).map_err(|e| e.to_string())?;
+    store.set_objects(
+        fhirmament::store::objects::Objects::open(config.object_store.as_deref())
+            .map_err(|e| e.to_string())?,
+    );
     let n = fhirmament::store::txlog::reindex(&store, &registry, &config.base_url)
         .map_err(|e| e.to_string())?;
     println!("reindexed {n} resources");

@@ -20,24 +20,30 @@ fn open_store(data: &std::path::Path) -> rocksdb::DB {
     DB::open_cf_descriptors(&Options::default(), data, cfs).expect("open the store")
 }
 
+/// The name (SHA-256) of the object holding a version's sealed bytes.
+fn object_of(db: &rocksdb::DB, rtype: &str, id: &str, version: u64) -> Vec<u8> {
+    let cf = db.cf_handle(fhirmament::store::CF_VERSIONS).unwrap();
+    let mut key = format!("{rtype}\0{id}\0").into_bytes();
+    key.extend_from_slice(&version.to_be_bytes());
+    let entry = db.get_cf(cf, &key).unwrap().expect("stored version");
+    assert_eq!(entry.len(), 17 + 32, "the entry names its sealed bytes");
+    entry[17..].to_vec()
+}
+
 /// Flip one byte of the stored (encrypted) bytes of a version, with the server stopped, as an
 /// attacker with access to the disk would. Checks first that the text `clear` is not there.
 fn tamper(data: &std::path::Path, rtype: &str, id: &str, version: u64, clear: &str) {
     let db = open_store(data);
-    let cf = db.cf_handle(fhirmament::store::CF_VERSIONS).unwrap();
-    let key = {
-        let mut k = format!("{rtype}\0{id}\0").into_bytes();
-        k.extend_from_slice(&version.to_be_bytes());
-        k
-    };
-    let mut raw = db.get_cf(cf, &key).unwrap().expect("stored version");
+    let name = object_of(&db, rtype, id, version);
+    let cf = db.cf_handle(fhirmament::store::CF_OBJECTS).unwrap();
+    let mut raw = db.get_cf(cf, &name).unwrap().expect("stored object");
     assert!(
         !raw.windows(clear.len()).any(|w| w == clear.as_bytes()),
         "the record is sealed at rest"
     );
     let at = raw.len() - 4;
     raw[at] = if raw[at] == b'A' { b'B' } else { b'A' };
-    db.put_cf(cf, &key, &raw).unwrap();
+    db.put_cf(cf, &name, &raw).unwrap();
     db.flush_wal(true).unwrap();
 }
 
@@ -171,15 +177,19 @@ fn records_are_sealed_at_rest_and_a_wrong_or_missing_kek_is_refused() {
     let id = s.create(&p)["id"].as_str().unwrap().to_string();
     s.kill9();
 
-    // Every stored version is a JWE naming only its data key; no name, identifier or phone
-    // number of the record is in the `versions` family, and the data keys are wrapped.
+    // Every stored version is an object named by its SHA-256: a JWE naming only its data
+    // key; no name, identifier or phone number of the record is in it, and the data keys are
+    // wrapped.
     {
         let db = open_store(&s.data);
-        let cf = db.cf_handle(fhirmament::store::CF_VERSIONS).unwrap();
+        let named = object_of(&db, "Patient", &id, 1);
+        let cf = db.cf_handle(fhirmament::store::CF_OBJECTS).unwrap();
         let mut count = 0;
         for item in db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (_, v) = item.unwrap();
-            let text = String::from_utf8_lossy(&v[17..]).into_owned();
+            let (name, v) = item.unwrap();
+            use sha2::Digest as _;
+            assert_eq!(&name[..], &sha2::Sha256::digest(&v)[..], "named by its hash");
+            let text = String::from_utf8(v.to_vec()).unwrap();
             assert_eq!(text.split('.').count(), 5, "a compact JWE");
             for clear in [
                 "Zyxwvutsr",
@@ -193,6 +203,7 @@ fn records_are_sealed_at_rest_and_a_wrong_or_missing_kek_is_refused() {
             count += 1;
         }
         assert!(count >= 2, "the Patient and the AuditEvent of its create");
+        assert!(db.get_cf(cf, &named).unwrap().is_some());
         let keys = db.cf_handle(fhirmament::store::CF_KEYS).unwrap();
         let wrapped = db.get_cf(keys, format!("Patient/{id}")).unwrap().unwrap();
         let header = String::from_utf8(wrapped).unwrap();

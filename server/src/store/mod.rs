@@ -4,7 +4,8 @@
 //!
 //! | family        | key                                   | value                                  |
 //! |---------------|---------------------------------------|----------------------------------------|
-//! | `versions`    | type \0 id \0 version(8)              | tx(8) lastUpdated(8) flags(1) JWE(JSON)|
+//! | `versions`    | type \0 id \0 version(8)              | tx(8) lastUpdated(8) flags(1) object(32)|
+//! | `objects`     | SHA-256 of the bytes (32)             | a sealed version: compact JWE (embedded)|
 //! | `current`     | type \0 id                            | version(8) deleted(1) tx(8) lastUpd(8) |
 //! | `history`     | tx(8) entry(4)                        | type \0 id \0 version(8)               |
 //! | `type_history`| type \0 tx(8) entry(4)                | version(8) id                          |
@@ -33,6 +34,7 @@
 //! ledger blocks (durability comes from the ledger replica's store; see ARCHITECTURE.md).
 
 pub mod envelope;
+pub mod objects;
 pub mod txlog;
 
 use std::path::Path;
@@ -44,6 +46,7 @@ use crate::error::{Error, Result};
 use crate::fhir::ResourceType;
 use crate::search::blind::BlindingKey;
 use crate::search::value::{decode_values, IndexValue};
+use objects::ObjectName;
 
 pub const CF_VERSIONS: &str = "versions";
 pub const CF_CURRENT: &str = "current";
@@ -54,7 +57,9 @@ pub const CF_VALUES: &str = "values";
 pub const CF_META: &str = "meta";
 pub const CF_LEDGER: &str = "ledger";
 pub const CF_KEYS: &str = "keys";
-pub const COLUMN_FAMILIES: [&str; 9] = [
+pub const CF_OBJECTS: &str = "objects";
+/// Families are named by their position here in sidecars: append only.
+pub const COLUMN_FAMILIES: [&str; 10] = [
     CF_VERSIONS,
     CF_CURRENT,
     CF_HISTORY,
@@ -64,6 +69,7 @@ pub const COLUMN_FAMILIES: [&str; 9] = [
     CF_META,
     CF_LEDGER,
     CF_KEYS,
+    CF_OBJECTS,
 ];
 /// The blinding key's scope in `keys` (no resource scope lacks a '/').
 const KEYS_BLINDING: &[u8] = b"index";
@@ -238,6 +244,8 @@ pub struct Store {
     envelope: envelope::Envelope,
     /// Blinds index terms and seals stored index values (see `search::blind`).
     blinding: BlindingKey,
+    /// Where sealed versions live (see `objects`).
+    objects: objects::Objects,
     /// Widest indexed date range per parameter prefix. Only ever grows (deletions do not
     /// shrink it), so a scan window derived from it never misses a value.
     date_widths: std::sync::RwLock<std::collections::HashMap<Vec<u8>, i64>>,
@@ -425,6 +433,7 @@ impl Store {
             db,
             envelope,
             blinding,
+            objects: objects::Objects::Embedded,
             date_widths: Default::default(),
             verified: VerifiedVersions::new(),
         };
@@ -535,16 +544,84 @@ impl Store {
                 "{rtype}/{id}/_history/{version} does not decrypt: {why}"
             ))
         };
-        let scope = envelope::Envelope::scope_of(&v.body)
+        // The entry names its sealed bytes (earlier stores kept them inline).
+        let sealed: Vec<u8> = match <ObjectName>::try_from(&v.body[..]) {
+            Ok(name) => {
+                let bytes = self.raw_object(&name)?.ok_or_else(|| {
+                    refuse("its sealed bytes are missing from the object store".into())
+                })?;
+                if objects::object_name(&bytes) != name {
+                    return Err(refuse(
+                        "its sealed bytes do not match their SHA-256 name: they were changed"
+                            .into(),
+                    ));
+                }
+                bytes
+            }
+            Err(_) => v.body.to_vec(),
+        };
+        let scope = envelope::Envelope::scope_of(&sealed)
             .ok_or_else(|| refuse("it is not a JWE naming its data key".into()))?;
         let wrapped = self
             .db
             .get_pinned_cf(self.cf(CF_KEYS), scope.as_bytes())?
             .ok_or_else(|| refuse(format!("no data key for {scope}")))?;
         let dek = self.envelope.dek(&wrapped)?;
-        let plain = self.envelope.open(&dek, &v.body).map_err(refuse)?;
+        let plain = self.envelope.open(&dek, &sealed).map_err(refuse)?;
         v.body = plain.into();
         Ok(Some(v))
+    }
+
+    fn raw_object(&self, name: &ObjectName) -> Result<Option<Vec<u8>>> {
+        if self.objects.is_embedded() {
+            Ok(self.db.get_cf(self.cf(CF_OBJECTS), name)?)
+        } else {
+            self.objects.get_remote(name)
+        }
+    }
+
+    /// Keep sealed versions in `objects` from now on (set before the store is shared).
+    pub fn set_objects(&mut self, objects: objects::Objects) {
+        self.objects = objects;
+    }
+
+    pub fn objects(&self) -> &objects::Objects {
+        &self.objects
+    }
+
+    /// Store objects durably, each under its name.
+    pub fn put_objects(&self, objects: Vec<(ObjectName, Vec<u8>)>) -> Result<()> {
+        if self.objects.is_embedded() {
+            let mut batch = rocksdb::WriteBatch::default();
+            for (name, bytes) in objects {
+                batch.put_cf(self.cf(CF_OBJECTS), name, bytes);
+            }
+            let mut sync = rocksdb::WriteOptions::default();
+            sync.set_sync(true);
+            Ok(self.db.write_opt(batch, &sync)?)
+        } else {
+            self.objects.put_remote(objects)
+        }
+    }
+
+    /// An object's bytes, checked against its name: bytes that do not hash to their name are
+    /// refused (integrity failure, with an alert), wherever they are kept.
+    pub fn object(&self, name: &ObjectName) -> Result<Option<Vec<u8>>> {
+        match self.raw_object(name)? {
+            Some(b) if objects::object_name(&b) != *name => {
+                let name = crate::ledger::entry::hex(name);
+                tracing::error!(
+                    target: "fhirmament::integrity",
+                    object = %name,
+                    store = %self.objects.describe(),
+                    "ALERT: a stored object does not match its name"
+                );
+                Err(Error::Integrity(format!(
+                    "the stored object {name} does not match its name: its bytes were changed"
+                )))
+            }
+            other => Ok(other),
+        }
     }
 
     pub fn envelope(&self) -> &envelope::Envelope {

@@ -23,10 +23,12 @@ use rocksdb::{WriteBatch, WriteOptions};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
+use super::objects::{object_name, ObjectName};
 use super::{ledger_key, resource_key, version_key, Current, Method, Store, Version};
 use super::{
-    CF_CURRENT, CF_HISTORY, CF_INDEX, CF_KEYS, CF_LEDGER, CF_META, CF_TYPE_HISTORY, CF_VALUES,
-    CF_VERSIONS, COLUMN_FAMILIES, META_APPLIED_SEQ, META_LAST_TS, META_LAST_TX, META_LEDGER_ROOT,
+    CF_CURRENT, CF_HISTORY, CF_INDEX, CF_KEYS, CF_LEDGER, CF_META, CF_OBJECTS, CF_TYPE_HISTORY,
+    CF_VALUES, CF_VERSIONS, COLUMN_FAMILIES, META_APPLIED_SEQ, META_LAST_TS, META_LAST_TX,
+    META_LEDGER_ROOT,
 };
 use crate::consent::ConsentPolicy;
 use crate::error::{Error, Result};
@@ -328,6 +330,22 @@ impl SortedBatch {
     fn get(&self, cf: &'static str, key: &[u8]) -> Option<Option<&Vec<u8>>> {
         self.writes.get(&(cf, key.to_vec())).map(Option::as_ref)
     }
+    /// Take this round's new objects out of the batch (for an object store of their own).
+    fn take_objects(&mut self) -> Vec<(ObjectName, Vec<u8>)> {
+        let names: Vec<_> = self
+            .writes
+            .range((CF_OBJECTS, Vec::new())..)
+            .take_while(|((cf, _), _)| *cf == CF_OBJECTS)
+            .map(|(k, _)| k.clone())
+            .collect();
+        names
+            .into_iter()
+            .filter_map(|k| {
+                let bytes = self.writes.remove(&k)??;
+                Some((k.1.try_into().ok()?, bytes))
+            })
+            .collect()
+    }
     fn into_write_batch(self, store: &Store) -> WriteBatch {
         let mut wb = WriteBatch::default();
         for ((cf, key), value) in self.writes {
@@ -475,6 +493,17 @@ impl Committer {
                 Vec::new()
             };
             if !round.batch.is_empty() {
+                // An object store of its own holds the sealed versions before any entry names
+                // them (a failure here is like a failed batch: the sidecars replay them).
+                if !self.store.objects().is_embedded() {
+                    let objects = round.batch.take_objects();
+                    if !objects.is_empty() {
+                        if let Err(e) = self.store.put_objects(objects) {
+                            tracing::error!(error = %e, "cannot store sealed versions; stopping");
+                            std::process::exit(70);
+                        }
+                    }
+                }
                 // Not synced: the ledger's store already holds these blocks and the sidecars
                 // of this node's entries durably, and replays them after a crash.
                 let batch = std::mem::take(&mut round.batch).into_write_batch(&self.store);
@@ -1298,10 +1327,18 @@ impl Committer {
             }
             None => Vec::new(),
         };
+        // The entry names the sealed bytes; they are an object of their own (`objects`).
+        let name: Vec<u8> = if sealed.is_empty() {
+            Vec::new()
+        } else {
+            let name = object_name(&sealed);
+            own.put(CF_OBJECTS, name.to_vec(), Some(sealed));
+            name.to_vec()
+        };
         own.put(
             CF_VERSIONS,
             version_key(rtype, id, version),
-            Some(Version::encode_value(tx, ts, deleted, method, &sealed)),
+            Some(Version::encode_value(tx, ts, deleted, method, &name)),
         );
         own.put(
             CF_CURRENT,
@@ -1845,17 +1882,20 @@ mod tests {
             .get_cf(store.cf(CF_VERSIONS), &key)
             .unwrap()
             .unwrap();
+        let name: ObjectName = raw[17..].try_into().expect("the entry names an object");
+        let object = store.object(&name).unwrap().expect("the sealed version");
         assert!(
-            raw.windows(8).all(|w| w != b"Original"),
+            object.windows(8).all(|w| w != b"Original"),
             "nothing in clear at rest"
         );
-        // One flipped ciphertext byte: the version does not decrypt, and is not served.
-        let mut flipped = raw.clone();
+        // One flipped ciphertext byte: the object no longer matches its name, and the version
+        // is not served.
+        let mut flipped = object.clone();
         let last = flipped.len() - 5;
         flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
         store
             .db()
-            .put_cf(store.cf(CF_VERSIONS), &key, &flipped)
+            .put_cf(store.cf(CF_OBJECTS), name, &flipped)
             .unwrap();
         let err = store.read(ResourceType::Patient, "t").unwrap_err();
         assert!(matches!(err, Error::Integrity(_)), "{err:?}");
@@ -1868,9 +1908,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r["parameter"][0]["valueBoolean"], false);
-        // Someone holding the data key re-seals different content: it decrypts, but does not
-        // match the ledger commitment, and is not served either.
-        let scope = crate::store::envelope::Envelope::scope_of(&raw[17..]).unwrap();
+        store
+            .db()
+            .put_cf(store.cf(CF_OBJECTS), name, &object)
+            .unwrap();
+        // Someone holding the data key re-seals different content as a new object and points
+        // the version at it: it decrypts, but does not match the ledger commitment, and is not
+        // served either.
+        let scope = crate::store::envelope::Envelope::scope_of(&object).unwrap();
         let wrapped = store
             .db()
             .get_cf(store.cf(CF_KEYS), scope.as_bytes())
@@ -1885,8 +1930,10 @@ mod tests {
             .envelope()
             .seal(&scope, &dek, tampered.as_bytes())
             .unwrap();
+        let forged_name = object_name(&sealed);
+        store.put_objects(vec![(forged_name, sealed)]).unwrap();
         let mut forged = raw[..17].to_vec();
-        forged.extend_from_slice(&sealed);
+        forged.extend_from_slice(&forged_name);
         store
             .db()
             .put_cf(store.cf(CF_VERSIONS), &key, &forged)
