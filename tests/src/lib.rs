@@ -124,6 +124,8 @@ pub struct TestServer {
     _dir: Option<tempfile::TempDir>,
     pub client: Client,
     extra_args: Vec<String>,
+    /// Environment the process gets beyond the test's own.
+    envs: Vec<(String, String)>,
 }
 
 impl TestServer {
@@ -132,6 +134,10 @@ impl TestServer {
     }
 
     pub fn start_with(extra_args: &[&str]) -> TestServer {
+        Self::start_with_env(extra_args, &[])
+    }
+
+    pub fn start_with_env(extra_args: &[&str], envs: &[(&str, String)]) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let mut s = TestServer {
@@ -146,6 +152,10 @@ impl TestServer {
                 .build()
                 .expect("client"),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
         };
         s.launch();
         s
@@ -166,6 +176,7 @@ impl TestServer {
                 .build()
                 .expect("client"),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            envs: other.envs.clone(),
         };
         s.launch();
         s
@@ -181,6 +192,7 @@ impl TestServer {
             .arg("--data-dir")
             .arg(&self.data)
             .args(&self.extra_args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("FHIRMAMENT_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -510,5 +522,141 @@ impl Drop for Consortium {
             .arg("--dir")
             .arg(self.dir.path())
             .output();
+    }
+}
+
+/// A single-node Garage (an S3-compatible object store) on free loopback ports, with one
+/// bucket and one access key; stopped when dropped. The binary comes from `GARAGE_BIN`, else
+/// `$HOME/.cache/garage/bin/garage` (where `.ci/run` installs it).
+pub struct Garage {
+    pub endpoint: String,
+    pub bucket: String,
+    pub key_id: String,
+    pub secret: String,
+    pub data: PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Garage {
+    pub fn binary() -> PathBuf {
+        std::env::var_os("GARAGE_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                    .join(".cache/garage/bin/garage")
+            })
+    }
+
+    pub fn start() -> Garage {
+        let bin = Self::binary();
+        assert!(
+            bin.exists(),
+            "no Garage at {} (set GARAGE_BIN, or run .ci/run once to install it)",
+            bin.display()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s3, rpc) = (free_port(), free_port());
+        let config = dir.path().join("garage.toml");
+        let secret: String = (0..64)
+            .map(|i| char::from_digit((i * 7 % 16) as u32, 16).unwrap())
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                "metadata_dir = \"{meta}\"\ndata_dir = \"{data}\"\ndb_engine = \"lmdb\"\n\
+                 replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+                 rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
+                 [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
+                 root_domain = \".s3.garage.localhost\"\n",
+                meta = dir.path().join("meta").display(),
+                data = dir.path().join("blocks").display(),
+            ),
+        )
+        .expect("write garage.toml");
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&config)
+            .arg("server")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn garage");
+        let cli = |args: &[&str]| -> String {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let out = Command::new(&bin)
+                    .arg("-c")
+                    .arg(&config)
+                    .args(args)
+                    .output()
+                    .expect("run garage");
+                if out.status.success() {
+                    return String::from_utf8_lossy(&out.stdout).into_owned();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "garage {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        };
+        let node = cli(&["node", "id", "-q"]);
+        let node = node.trim().split('@').next().expect("node id").to_string();
+        cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+        cli(&["layout", "apply", "--version", "1"]);
+        let (key_id, secret) = (
+            "GK0123456789abcdef01234567".to_string(),
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".to_string(),
+        );
+        cli(&[
+            "key",
+            "import",
+            "--yes",
+            "-n",
+            "fhirmament",
+            &key_id,
+            &secret,
+        ]);
+        cli(&["bucket", "create", "fhirmament"]);
+        cli(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            "fhirmament",
+            "--key",
+            "fhirmament",
+        ]);
+        Garage {
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            bucket: "fhirmament".into(),
+            key_id,
+            secret,
+            data: dir.path().to_path_buf(),
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// The environment `--object-store s3://…` reads its endpoint and credentials from.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_REGION", "garage".into()),
+            ("AWS_ACCESS_KEY_ID", self.key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

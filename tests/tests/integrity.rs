@@ -188,7 +188,11 @@ fn records_are_sealed_at_rest_and_a_wrong_or_missing_kek_is_refused() {
         for item in db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (name, v) = item.unwrap();
             use sha2::Digest as _;
-            assert_eq!(&name[..], &sha2::Sha256::digest(&v)[..], "named by its hash");
+            assert_eq!(
+                &name[..],
+                &sha2::Sha256::digest(&v)[..],
+                "named by its hash"
+            );
             let text = String::from_utf8(v.to_vec()).unwrap();
             assert_eq!(text.split('.').count(), 5, "a compact JWE");
             for clear in [

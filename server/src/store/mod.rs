@@ -580,6 +580,14 @@ impl Store {
         }
     }
 
+    /// Replace an object's bytes behind the store's back (tests of tamper detection only).
+    pub fn overwrite_object_for_test(&self, name: &ObjectName, bytes: Vec<u8>) -> Result<()> {
+        match &self.objects {
+            objects::Objects::Embedded => Ok(self.db.put_cf(self.cf(CF_OBJECTS), name, bytes)?),
+            objects::Objects::S3(s3) => s3.overwrite_for_test(name, bytes),
+        }
+    }
+
     /// Keep sealed versions in `objects` from now on (set before the store is shared).
     pub fn set_objects(&mut self, objects: objects::Objects) {
         self.objects = objects;

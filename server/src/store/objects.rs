@@ -48,12 +48,23 @@ impl S3Objects {
     /// the standard environment (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`). Checks at once that the bucket answers.
     pub fn open(url: &str) -> Result<S3Objects> {
+        S3Objects::open_with(url, &[])
+    }
+
+    /// `open`, with settings (`aws_endpoint`, `aws_access_key_id`, …) over the environment's.
+    pub fn open_with(url: &str, settings: &[(&str, &str)]) -> Result<S3Objects> {
         let startup = |e: String| Error::Startup(format!("object store {url}: {e}"));
         let parsed = url::Url::parse(url).map_err(|e| startup(e.to_string()))?;
         if parsed.scheme() != "s3" {
             return Err(startup("only s3:// object stores are supported".into()));
         }
-        let builder = object_store::aws::AmazonS3Builder::from_env().with_url(url);
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url);
+        for (key, value) in settings {
+            let key: object_store::aws::AmazonS3ConfigKey = key
+                .parse()
+                .map_err(|e: object_store::Error| startup(e.to_string()))?;
+            builder = builder.with_config(key, *value);
+        }
         let bucket = builder.build().map_err(|e| startup(e.to_string()))?;
         let prefix = object_store::path::Path::from(parsed.path().trim_matches('/'));
         let bucket: Arc<dyn object_store::ObjectStore> = if prefix.as_ref().is_empty() {
@@ -72,10 +83,20 @@ impl S3Objects {
             runtime,
             describe: url.to_string(),
         };
-        // Fail at start, not at the first write: the bucket must exist and let us in.
-        objects
-            .get(&object_name(b"fhirmament/probe"))
+        // Fail at start, not at the first write: the bucket must exist and let us write and
+        // read (a read alone cannot tell a missing bucket from a missing object). The probe
+        // lives beside the `versions/` objects, never among them.
+        let bucket = objects.bucket.clone();
+        let probe = objects
+            .wait(async move {
+                let path = object_store::path::Path::from("probe");
+                bucket.put(&path, b"fhirmament".to_vec().into()).await?;
+                bucket.get(&path).await?.bytes().await
+            })?
             .map_err(|e| startup(e.to_string()))?;
+        if &probe[..] != b"fhirmament" {
+            return Err(startup("an object written was not read back".into()));
+        }
         Ok(objects)
     }
 
@@ -125,6 +146,29 @@ impl S3Objects {
             }
         })?
         .map_err(s3_error)
+    }
+
+    /// The names of every object in the bucket (under this store's prefix).
+    pub fn names(&self) -> Result<Vec<ObjectName>> {
+        use futures_util::StreamExt as _;
+        let bucket = self.bucket.clone();
+        let listed = self.wait(async move {
+            let mut names = Vec::new();
+            let mut list = bucket.list(Some(&object_store::path::Path::from("versions")));
+            while let Some(item) = list.next().await {
+                names.push(item.map(|m| m.location.filename().unwrap_or("").to_string()));
+            }
+            names
+        })?;
+        listed
+            .into_iter()
+            .map(|n| {
+                let n = n.map_err(s3_error)?;
+                crate::ledger::entry::unhex(&n)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| Error::Storage(format!("object store: a stray object {n}")))
+            })
+            .collect()
     }
 
     /// Replace an object's bytes behind the server's back (tests of tamper detection only).
