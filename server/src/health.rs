@@ -21,6 +21,8 @@ pub struct Health {
     pub commit_heartbeat_ms: AtomicI64,
     /// When the oldest write still waiting for the ledger was submitted (0: none waiting).
     pub oldest_waiting_ms: AtomicI64,
+    /// The KEK in use, and the one an online rotation is moving away from.
+    pub kek: std::sync::Mutex<(String, Option<String>)>,
 }
 
 impl Health {
@@ -29,6 +31,7 @@ impl Health {
             node,
             commit_heartbeat_ms: AtomicI64::new(now_ms()),
             oldest_waiting_ms: AtomicI64::new(0),
+            kek: Default::default(),
         }
     }
 
@@ -41,6 +44,7 @@ impl Health {
         let waiting_ms = if oldest == 0 { 0 } else { now - oldest };
         let view_active = self.node.view_active.load(Ordering::Relaxed);
         let live = commit_age < STALL_MS && replica_age < STALL_MS;
+        let (kek, rotating_from) = self.kek.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let ready = live && view_active && waiting_ms < STALL_MS;
         (
             live,
@@ -54,6 +58,7 @@ impl Health {
                 "oldestWriteWaitingMs": waiting_ms,
                 "commitThreadAgeMs": commit_age,
                 "replicaAgeMs": replica_age,
+                "kek": {"kid": kek, "rotatingFrom": rotating_from},
             }),
         )
     }

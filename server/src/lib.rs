@@ -103,12 +103,46 @@ impl Service {
     }
 }
 
+/// SIGHUP: read the key-encryption key again (from `--kek-file`, or `<data-dir>.kek`); when an
+/// operator has put a new one there, re-wrap every data key under it while serving.
+fn rotate_kek_on_hangup(svc: Arc<Service>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: online KEK rotation is unavailable");
+            return;
+        }
+    };
+    actix_web::rt::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let kek = match svc.config.kek() {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: the key-encryption key cannot be read; nothing changed");
+                    continue;
+                }
+            };
+            if kek.kid == svc.store.envelope().kek().kid {
+                tracing::info!(kek = %kek.kid, "SIGHUP: the key-encryption key is unchanged");
+                continue;
+            }
+            match svc.txlog.rotate_kek(kek).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "SIGHUP: the KEK rotation did not start"),
+                Err(_) => tracing::error!("SIGHUP: the commit thread has stopped"),
+            }
+        }
+    });
+}
+
 /// Serve until the process is stopped.
 pub async fn serve(svc: Service) -> std::io::Result<()> {
     let listen = svc.config.listen;
     let workers = svc.config.workers;
     let base_path = svc.config.base_path();
     let data = web::Data::new(svc);
+    rotate_kek_on_hangup(data.clone().into_inner());
     tracing::info!(%listen, base = %data.config.base_url, "fhirmament listening");
     HttpServer::new(move || {
         let scope = if base_path.is_empty() {

@@ -492,3 +492,147 @@ fn no_name_identifier_telecom_or_address_is_readable_in_the_data_dir_and_search_
     assert_eq!(search(&s, "family=zanzibar"), vec![id.clone()]);
     assert_eq!(search(&s, "identifier=urn:mrn|MRN-55501234"), vec![id]);
 }
+
+#[test]
+fn the_kek_rotates_online_under_concurrent_writes_and_nothing_is_lost() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut s = TestServer::start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let writers: Vec<_> = (0..3)
+        .map(|t| {
+            let (client, url) = (s.client.clone(), s.url("Patient"));
+            let (stop, acknowledged, failures) =
+                (stop.clone(), acknowledged.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let family = format!("Rotation{t}x{n}");
+                    let r = client
+                        .post(&url)
+                        .header("Content-Type", FHIR_JSON)
+                        .json(&patient(&family, "Online", "1980-01-01"))
+                        .send();
+                    match r {
+                        Ok(r) if r.status().as_u16() == 201 => {
+                            let id = r.json::<Value>().unwrap()["id"]
+                                .as_str()
+                                .unwrap()
+                                .to_string();
+                            acknowledged.lock().unwrap().push((id, family));
+                        }
+                        Ok(r) => failures.lock().unwrap().push(format!("{}", r.status())),
+                        Err(e) => failures.lock().unwrap().push(e.to_string()),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+
+    // The operator puts a new KEK where the server reads it and sends SIGHUP.
+    let kek_path = s.data.with_extension("kek");
+    let old_kek = std::fs::read_to_string(&kek_path).unwrap();
+    let staged = s.data.parent().unwrap().join("staged.kek");
+    let out = std::process::Command::new(binary())
+        .args(["kek", "generate", "--out"])
+        .arg(&staged)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let new_kid = serde_json::from_str::<Value>(&std::fs::read_to_string(&staged).unwrap())
+        .unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::rename(&staged, &kek_path).unwrap();
+    let before_rotation = acknowledged.lock().unwrap().len();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &s.pid().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let health = format!("http://127.0.0.1:{}/health/live", s.port);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let report: Value = s.client.get(&health).send().unwrap().json().unwrap();
+        if report["kek"]["kid"] == new_kid.as_str() && report["kek"]["rotatingFrom"].is_null() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotation did not complete: {report}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert_eq!(
+        *failures.lock().unwrap(),
+        Vec::<String>::new(),
+        "writes went on"
+    );
+    assert!(
+        before_rotation >= 5 && acknowledged.len() > before_rotation + 5,
+        "writes before ({before_rotation}) and during/after ({}) the rotation",
+        acknowledged.len()
+    );
+
+    // The old KEK is retired: every data key is under the new one, and the old KEK no longer
+    // opens the store.
+    s.kill9();
+    {
+        let db = open_store(&s.data);
+        let keys = db.cf_handle(fhirmament::store::CF_KEYS).unwrap();
+        let mut count = 0;
+        for item in db.iterator_cf(keys, rocksdb::IteratorMode::Start) {
+            let (scope, wrapped) = item.unwrap();
+            let header: Value = serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(
+                        String::from_utf8(wrapped.to_vec())
+                            .unwrap()
+                            .split('.')
+                            .next()
+                            .unwrap(),
+                    )
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(
+                header["kid"],
+                new_kid.as_str(),
+                "{}",
+                String::from_utf8_lossy(&scope)
+            );
+            count += 1;
+        }
+        assert!(
+            count > acknowledged.len(),
+            "a data key per patient, and the blinding key"
+        );
+    }
+    let old_file = s.data.parent().unwrap().join("old.kek");
+    std::fs::write(&old_file, old_kek).unwrap();
+    let (ok, said) = refused_start(&s.data, &["--kek-file", old_file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(said.contains("does not open the store"), "{said}");
+    std::fs::remove_file(&old_file).unwrap();
+
+    // With the new KEK alone, every acknowledged write reads back.
+    s.launch();
+    for (id, family) in &acknowledged {
+        let (status, p) = s.get_json(&format!("Patient/{id}"));
+        assert_eq!(status, 200, "{id}");
+        assert_eq!(p["name"][0]["family"], family.as_str());
+    }
+    let (_, found) = s.get_json("Patient?family=rotation0x1&_count=1");
+    assert!(!match_ids(&found).is_empty(), "the blind index opens too");
+}

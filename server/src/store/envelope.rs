@@ -144,42 +144,80 @@ impl Dek {
 /// The KEK (and, while a rotation completes, the previous one) and the DEKs unwrapped so far
 /// (by the wrapped form, so a cached DEK is always one that is stored exactly so).
 pub struct Envelope {
-    kek: Kek,
-    previous: Option<Kek>,
+    keks: RwLock<Keks>,
     unwrapped: RwLock<HashMap<String, Arc<Dek>>>,
+}
+
+#[derive(Clone)]
+struct Keks {
+    current: Kek,
+    previous: Option<Kek>,
 }
 
 impl Envelope {
     pub fn new(kek: Kek) -> Envelope {
-        Envelope {
-            kek,
-            previous: None,
-            unwrapped: RwLock::new(HashMap::new()),
-        }
+        Envelope::rotating(kek, None)
     }
 
     /// An envelope that also opens data keys wrapped under the previous KEK (a rotation).
     pub fn rotating(kek: Kek, previous: Option<Kek>) -> Envelope {
         Envelope {
-            previous: previous.filter(|p| p.kid != kek.kid),
-            ..Envelope::new(kek)
+            keks: RwLock::new(Keks {
+                previous: previous.filter(|p| p.kid != kek.kid),
+                current: kek,
+            }),
+            unwrapped: RwLock::new(HashMap::new()),
         }
     }
 
-    pub fn kek(&self) -> &Kek {
-        &self.kek
+    fn keks(&self) -> std::sync::RwLockReadGuard<'_, Keks> {
+        self.keks.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn previous(&self) -> Option<&Kek> {
-        self.previous.as_ref()
+    /// The KEK new data keys are wrapped under.
+    pub fn kek(&self) -> Kek {
+        self.keks().current.clone()
+    }
+
+    /// The KEK being rotated away from, while a rotation is under way.
+    pub fn previous(&self) -> Option<Kek> {
+        self.keks().previous.clone()
+    }
+
+    /// Start a rotation in a running process: new data keys are wrapped under `new` from now
+    /// on, and keys under the current KEK still open until `finish_rotation`.
+    pub fn begin_rotation(&self, new: Kek) -> std::result::Result<(), String> {
+        let mut keks = self.keks.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = &keks.previous {
+            return Err(format!(
+                "a rotation from KEK {} to {} is still under way",
+                p.kid, keks.current.kid
+            ));
+        }
+        if new.kid == keks.current.kid {
+            return Err(format!("KEK {} is already the current one", new.kid));
+        }
+        let old = std::mem::replace(&mut keks.current, new);
+        keks.previous = Some(old);
+        Ok(())
+    }
+
+    /// Every data key is wrapped under the current KEK: forget the previous one.
+    pub fn finish_rotation(&self) {
+        self.keks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .previous = None;
     }
 
     /// The KEK a wrapped data key was wrapped under, if this envelope has it.
-    fn kek_for(&self, wrapped: &str) -> Option<&Kek> {
+    fn kek_for(&self, wrapped: &str) -> Option<Kek> {
         let kid = protected_kid(wrapped)?;
-        std::iter::once(&self.kek)
-            .chain(self.previous.iter())
+        let keks = self.keks();
+        std::iter::once(&keks.current)
+            .chain(keks.previous.iter())
             .find(|k| k.kid == kid)
+            .cloned()
     }
 
     /// A data key wrapped under the previous KEK, re-wrapped under the current one; None when
@@ -193,19 +231,20 @@ impl Envelope {
                 protected_kid(text).unwrap_or_default()
             ))
         })?;
-        if kek.kid == self.kek.kid {
+        let current = self.kek();
+        if kek.kid == current.kid {
             return Ok(None);
         }
         let raw = kek
             .unwrap(text)
             .map_err(|e| Error::Integrity(format!("a data key does not unwrap: {e}")))?;
-        Ok(Some(self.kek.wrap(&raw)?.into_bytes()))
+        Ok(Some(current.wrap(&raw)?.into_bytes()))
     }
 
     /// A new DEK and its wrapped form (to store under its scope).
     pub fn new_dek(&self) -> Result<(Arc<Dek>, Vec<u8>)> {
         let dek = Arc::new(Dek(crate::ledger::entry::new_salt()?));
-        let wrapped = self.kek.wrap(&dek.0)?;
+        let wrapped = self.kek().wrap(&dek.0)?;
         self.remember(&wrapped, dek.clone());
         Ok((dek, wrapped.into_bytes()))
     }

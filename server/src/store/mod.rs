@@ -76,7 +76,7 @@ const KEYS_BLINDING: &[u8] = b"index";
 /// Present (in `meta`) while the derived families need a `reindex` to be blind and whole.
 pub const META_INDEX_STALE: &[u8] = b"index-stale";
 /// The proof (in `meta`) that this store was sealed under the configured KEK.
-const META_KEK_CHECK: &[u8] = b"kek-check";
+pub(crate) const META_KEK_CHECK: &[u8] = b"kek-check";
 /// The derived families that `reindex` rebuilds.
 pub const DERIVED_FAMILIES: [&str; 2] = [CF_INDEX, CF_VALUES];
 

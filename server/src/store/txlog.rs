@@ -168,6 +168,9 @@ impl Submission {
 
 pub trait TxLog: Send + Sync {
     fn submit(&self, submission: Submission) -> oneshot::Receiver<Result<Committed>>;
+    /// Start re-wrapping every data key under `kek`, online (see `Rotation`). Returns once the
+    /// rotation has started; `Health` reports when it is complete.
+    fn rotate_kek(&self, kek: super::envelope::Kek) -> oneshot::Receiver<Result<()>>;
 }
 
 struct Job {
@@ -178,7 +181,31 @@ struct Job {
 enum Input {
     Job(Job),
     Ledger(Event),
+    RotateKek(super::envelope::Kek, oneshot::Sender<Result<()>>),
 }
+
+/// A KEK rotation in a running node, driven by the commit thread (the only writer of data
+/// keys), so writes go on throughout:
+///
+/// 1. the envelope wraps new data keys under the new KEK from now on; keys under the old one
+///    still open;
+/// 2. each round re-wraps a slice of the `keys` family (applied entries' new keys are re-wrapped
+///    as they are applied, so a key sealed before the switch never lands under the old KEK);
+/// 3. once the scan is done and every entry sealed before the switch has been applied, the store
+///    is synced and those entries' sidecars released (a replay can no longer bring an old-KEK
+///    key back); a last scan finds no key under the old KEK; the check record is sealed under
+///    the new KEK, and the old one is no longer needed.
+///
+/// A crash before the end is finished at the next start with both KEKs (`--previous-kek-file`).
+struct Rotation {
+    /// Entries sealed before the switch, not yet applied.
+    before: std::collections::HashSet<[u8; 32]>,
+    /// Where the next slice of the scan starts; None once the scan is done.
+    cursor: Option<Vec<u8>>,
+}
+
+/// Data keys re-wrapped per round during an online rotation.
+const REWRAP_PER_ROUND: usize = 2_000;
 
 /// How long a write waits for the ledger, by default, before its client is told the outcome
 /// is unknown.
@@ -223,6 +250,17 @@ impl LedgerTxLog {
 }
 
 impl TxLog for LedgerTxLog {
+    fn rotate_kek(&self, kek: super::envelope::Kek) -> oneshot::Receiver<Result<()>> {
+        let (reply, rx) = oneshot::channel();
+        let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(mpsc::SendError(Input::RotateKek(_, reply))) =
+            sender.send(Input::RotateKek(kek, reply))
+        {
+            let _ = reply.send(Err(Error::Storage("the commit thread has stopped".into())));
+        }
+        rx
+    }
+
     fn submit(&self, submission: Submission) -> oneshot::Receiver<Result<Committed>> {
         let (reply, rx) = oneshot::channel();
         let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
@@ -409,6 +447,7 @@ struct Committer {
     ledger_root: [u8; 32],
     health: Arc<Health>,
     timeout: Duration,
+    rotation: Option<Rotation>,
 }
 
 fn read_counter(store: &Store, key: &[u8]) -> Result<u64> {
@@ -453,6 +492,7 @@ impl Committer {
             ledger_root,
             health,
             timeout: LEDGER_TIMEOUT,
+            rotation: None,
         })
     }
 
@@ -460,6 +500,7 @@ impl Committer {
     /// submissions, make all of it durable with one synced WriteBatch, then answer the clients
     /// whose entries were applied and hand the new entries to the replica.
     fn run(&mut self, receiver: mpsc::Receiver<Input>) {
+        self.report_kek();
         loop {
             self.report_health();
             let first = if !self.can_submit() {
@@ -484,6 +525,9 @@ impl Committer {
                 match input {
                     Input::Job(j) => self.queued.push_back(j),
                     Input::Ledger(ev) => self.on_ledger_event(&mut round, ev),
+                    Input::RotateKek(kek, reply) => {
+                        let _ = reply.send(self.begin_rotation(kek));
+                    }
                 }
             }
             self.expire();
@@ -516,7 +560,112 @@ impl Committer {
             }
             self.finish(round, sealed);
             self.release_durable();
+            if let Err(e) = self.advance_rotation() {
+                tracing::error!(error = %e, "the key-encryption key rotation could not proceed; it is retried");
+            }
         }
+    }
+
+    fn begin_rotation(&mut self, kek: super::envelope::Kek) -> Result<()> {
+        let envelope = self.store.envelope();
+        envelope
+            .begin_rotation(kek)
+            .map_err(Error::VersionConflict)?;
+        self.rotation = Some(Rotation {
+            before: self.pending.keys().copied().collect(),
+            cursor: Some(Vec::new()),
+        });
+        self.report_kek();
+        tracing::info!(
+            kek = %envelope.kek().kid,
+            previous = %envelope.previous().map(|k| k.kid).unwrap_or_default(),
+            "key-encryption key rotation started: re-wrapping every data key while serving"
+        );
+        Ok(())
+    }
+
+    fn report_kek(&self) {
+        let envelope = self.store.envelope();
+        *self.health.kek.lock().unwrap_or_else(|p| p.into_inner()) =
+            (envelope.kek().kid, envelope.previous().map(|k| k.kid));
+    }
+
+    /// One step of an online rotation (see `Rotation`), after this round's batch was written.
+    fn advance_rotation(&mut self) -> Result<()> {
+        let Some(rotation) = &mut self.rotation else {
+            return Ok(());
+        };
+        let store = self.store.clone();
+        let envelope = store.envelope();
+        if let Some(from) = rotation.cursor.take() {
+            let mut batch = WriteBatch::default();
+            let mut seen = 0;
+            let mut next = None;
+            for item in store.db().iterator_cf(
+                store.cf(CF_KEYS),
+                rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+            ) {
+                let (scope, wrapped) = item?;
+                if seen == REWRAP_PER_ROUND {
+                    next = Some(scope.to_vec());
+                    break;
+                }
+                seen += 1;
+                if let Some(new) = envelope.rewrap(&wrapped)? {
+                    batch.put_cf(store.cf(CF_KEYS), scope, new);
+                }
+            }
+            // A re-wrapped key opens exactly as before, so its write needs no ordering with
+            // the round's own (which only ever add keys for new scopes).
+            store.db().write(batch)?;
+            rotation.cursor = next;
+            return Ok(());
+        }
+        rotation.before.retain(|h| self.pending.contains_key(h));
+        if !rotation.before.is_empty() {
+            return Ok(());
+        }
+        // Everything sealed before the switch is applied: make it durable and let its sidecars
+        // go, so no replay can bring back a key wrapped under the old KEK.
+        store.db().flush_wal(true)?;
+        self.last_sync = Instant::now();
+        self.replica.release(std::mem::take(&mut self.unreleased));
+        let mut left = 0;
+        for item in store
+            .db()
+            .iterator_cf(store.cf(CF_KEYS), rocksdb::IteratorMode::Start)
+        {
+            let (_, wrapped) = item?;
+            if envelope.rewrap(&wrapped)?.is_some() {
+                left += 1;
+            }
+        }
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "data keys still under the previous KEK; scanning again"
+            );
+            rotation.cursor = Some(Vec::new());
+            return Ok(());
+        }
+        let mut sync = rocksdb::WriteOptions::default();
+        sync.set_sync(true);
+        store.db().put_cf_opt(
+            store.cf(CF_META),
+            super::META_KEK_CHECK,
+            envelope.kek().check_record()?,
+            &sync,
+        )?;
+        let previous = envelope.previous().map(|k| k.kid).unwrap_or_default();
+        envelope.finish_rotation();
+        self.rotation = None;
+        self.report_kek();
+        tracing::info!(
+            kek = %envelope.kek().kid,
+            previous = %previous,
+            "key-encryption key rotated online: every data key is wrapped under it; the previous KEK can be retired"
+        );
+        Ok(())
     }
 
     /// Every so often make the applied state durable, then let the replica drop the sidecars
@@ -821,6 +970,17 @@ impl Committer {
                 (true, Some((tx, ts, own))) => {
                     for (cf, key) in &own.order {
                         match own.writes.get(&(*cf, key.clone())).expect("ordered key") {
+                            // A data key sealed before a KEK rotation lands re-wrapped.
+                            Some(v) if *cf == CF_KEYS => {
+                                match self.store.envelope().rewrap(v) {
+                                    Ok(Some(new)) => wb.put(cf, key, new),
+                                    Ok(None) => wb.put(cf, key, v),
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "ALERT: a data key to apply does not unwrap");
+                                        wb.put(cf, key, v)
+                                    }
+                                }
+                            }
                             Some(v) => wb.put(cf, key, v),
                             None => wb.delete(cf, key),
                         }
