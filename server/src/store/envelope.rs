@@ -11,10 +11,11 @@
 //! - A `kek-check` record (a JWE of a fixed text under the KEK) lets startup refuse a wrong KEK
 //!   before anything is read or written.
 //!
-//! Rotating the KEK re-wraps the DEKs only; bulk data is never re-encrypted for it: start with
+//! Rotating the KEK re-wraps the DEKs only; bulk data is never re-encrypted for it. At start:
 //! the new KEK and the previous one (`--previous-kek-file`); the store re-wraps every data key
 //! under the new KEK, then seals its check record under it, after which the previous KEK is
-//! no longer needed (a crash in between is resumed at the next start).
+//! no longer needed (a crash in between is resumed at the next start). Online: SIGHUP makes
+//! the commit thread `begin_rotation` and drive it to the end (`txlog::Rotation`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
