@@ -47,6 +47,37 @@ fn tamper(data: &std::path::Path, rtype: &str, id: &str, version: u64, clear: &s
     db.flush_wal(true).unwrap();
 }
 
+/// The `kid` of the KEK each stored data key (and the blinding key) is wrapped under.
+fn data_key_kids(data: &std::path::Path) -> Vec<String> {
+    let db = open_store(data);
+    let keys = db.cf_handle(fhirmament::store::CF_KEYS).unwrap();
+    db.iterator_cf(keys, rocksdb::IteratorMode::Start)
+        .map(|item| {
+            let (_, v) = item.unwrap();
+            let text = String::from_utf8(v.to_vec()).unwrap();
+            let header: Value = serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(text.split('.').next().unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+            header["kid"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// A new KEK from `fhirmament kek generate`, written to `path`; its `kid`.
+fn generate_kek(path: &std::path::Path) -> String {
+    let out = std::process::Command::new(binary())
+        .args(["kek", "generate", "--out"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let jwk: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    jwk["kid"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn a_tampered_record_fails_closed_and_verify_reports_it() {
     let mut s = TestServer::start();
@@ -232,12 +263,7 @@ fn records_are_sealed_at_rest_and_a_wrong_or_missing_kek_is_refused() {
 
     // A wrong KEK: a clear refusal, nothing touched.
     let other = s.data.parent().unwrap().join("other.kek");
-    let out = std::process::Command::new(binary())
-        .args(["kek", "generate", "--out"])
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    generate_kek(&other);
     let (ok, said) = refused_start(&s.data, &["--kek-file", other.to_str().unwrap()]);
     assert!(!ok);
     assert!(said.contains("does not open the store"), "{said}");
@@ -269,33 +295,13 @@ fn rotating_the_kek_rewraps_the_data_keys_and_retires_the_old_one() {
     s.kill9();
     let old = s.data.with_extension("kek");
     let new = s.data.parent().unwrap().join("new.kek");
-    let out = std::process::Command::new(binary())
-        .args(["kek", "generate", "--out"])
-        .arg(&new)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let new_kid = generate_kek(&new);
     let kid = |path: &std::path::Path| -> String {
         let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         v["kid"].as_str().unwrap().to_string()
     };
-    let wrapped_under = |data: &std::path::Path| -> Vec<String> {
-        let db = open_store(data);
-        let keys = db.cf_handle(fhirmament::store::CF_KEYS).unwrap();
-        db.iterator_cf(keys, rocksdb::IteratorMode::Start)
-            .map(|item| {
-                let (_, v) = item.unwrap();
-                let text = String::from_utf8(v.to_vec()).unwrap();
-                let header: Value = serde_json::from_slice(
-                    &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                        .decode(text.split('.').next().unwrap())
-                        .unwrap(),
-                )
-                .unwrap();
-                header["kid"].as_str().unwrap().to_string()
-            })
-            .collect()
-    };
+    assert_eq!(kid(&new), new_kid);
+    let wrapped_under = data_key_kids;
     let before = wrapped_under(&s.data);
     assert!(before.len() >= 5 && before.iter().all(|k| *k == kid(&old)));
 
@@ -537,17 +543,7 @@ fn the_kek_rotates_online_under_concurrent_writes_and_nothing_is_lost() {
     let kek_path = s.data.with_extension("kek");
     let old_kek = std::fs::read_to_string(&kek_path).unwrap();
     let staged = s.data.parent().unwrap().join("staged.kek");
-    let out = std::process::Command::new(binary())
-        .args(["kek", "generate", "--out"])
-        .arg(&staged)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let new_kid = serde_json::from_str::<Value>(&std::fs::read_to_string(&staged).unwrap())
-        .unwrap()["kid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let new_kid = generate_kek(&staged);
     std::fs::rename(&staged, &kek_path).unwrap();
     let before_rotation = acknowledged.lock().unwrap().len();
     let hup = std::process::Command::new("kill")
@@ -588,37 +584,12 @@ fn the_kek_rotates_online_under_concurrent_writes_and_nothing_is_lost() {
     // The old KEK is retired: every data key is under the new one, and the old KEK no longer
     // opens the store.
     s.kill9();
-    {
-        let db = open_store(&s.data);
-        let keys = db.cf_handle(fhirmament::store::CF_KEYS).unwrap();
-        let mut count = 0;
-        for item in db.iterator_cf(keys, rocksdb::IteratorMode::Start) {
-            let (scope, wrapped) = item.unwrap();
-            let header: Value = serde_json::from_slice(
-                &base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .decode(
-                        String::from_utf8(wrapped.to_vec())
-                            .unwrap()
-                            .split('.')
-                            .next()
-                            .unwrap(),
-                    )
-                    .unwrap(),
-            )
-            .unwrap();
-            assert_eq!(
-                header["kid"],
-                new_kid.as_str(),
-                "{}",
-                String::from_utf8_lossy(&scope)
-            );
-            count += 1;
-        }
-        assert!(
-            count > acknowledged.len(),
-            "a data key per patient, and the blinding key"
-        );
-    }
+    let kids = data_key_kids(&s.data);
+    assert!(kids.iter().all(|k| *k == new_kid), "{kids:?}");
+    assert!(
+        kids.len() > acknowledged.len(),
+        "a data key per patient, and the blinding key"
+    );
     let old_file = s.data.parent().unwrap().join("old.kek");
     std::fs::write(&old_file, old_kek).unwrap();
     let (ok, said) = refused_start(&s.data, &["--kek-file", old_file.to_str().unwrap()]);

@@ -7,19 +7,20 @@ use fhirmament::store::objects::{object_name, ObjectName, Objects, S3Objects};
 use fhirmament::store::Store;
 use fhirmament_e2e::*;
 
-fn s3_settings(g: &Garage) -> Vec<(&'static str, String)> {
-    vec![
-        ("aws_endpoint", g.endpoint.clone()),
-        ("aws_region", "garage".into()),
-        ("aws_access_key_id", g.key_id.clone()),
-        ("aws_secret_access_key", g.secret.clone()),
-        ("aws_allow_http", "true".into()),
-    ]
+/// The server's S3 environment, as `object_store` settings.
+fn s3_settings(g: &Garage) -> Vec<(String, String)> {
+    g.env()
+        .into_iter()
+        .map(|(k, v)| (k.to_lowercase(), v))
+        .collect()
 }
 
 fn open_s3(g: &Garage, url: &str) -> S3Objects {
     let settings = s3_settings(g);
-    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let settings: Vec<(&str, &str)> = settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     S3Objects::open_with(url, &settings).expect("the bucket answers")
 }
 
@@ -80,7 +81,10 @@ fn rocksdb_and_s3_hold_the_same_storage_contract() {
 
     // A bucket that does not exist is a clear startup error.
     let settings = s3_settings(&garage);
-    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let settings: Vec<(&str, &str)> = settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     match S3Objects::open_with("s3://no-such-bucket", &settings) {
         Err(Error::Startup(m)) => assert!(m.contains("no-such-bucket"), "{m}"),
         Err(e) => panic!("not a startup error: {e:?}"),

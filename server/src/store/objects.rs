@@ -13,6 +13,8 @@
 //!
 //! Names are content hashes, so objects are immutable and deduplicated, and a read checks the
 //! bytes against their name before it decrypts them: changed bytes fail closed either way.
+//! Immutability also makes caching trivially safe: the S3 store keeps recently read objects in
+//! memory.
 
 use std::sync::Arc;
 
@@ -33,6 +35,31 @@ pub struct S3Objects {
     bucket: Arc<dyn object_store::ObjectStore>,
     runtime: tokio::runtime::Runtime,
     describe: String,
+    /// Objects never change, so recently read ones are kept in memory (sealed, as stored): a
+    /// cached object is exactly the one its name promises.
+    cache: std::sync::Mutex<ObjectCache>,
+}
+
+/// Bytes of sealed objects kept in memory; a full cache starts over.
+const CACHE_BYTES: usize = 64 << 20;
+
+#[derive(Default)]
+struct ObjectCache {
+    objects: std::collections::HashMap<ObjectName, Arc<Vec<u8>>>,
+    bytes: usize,
+}
+
+impl ObjectCache {
+    fn insert(&mut self, name: ObjectName, bytes: Arc<Vec<u8>>) {
+        if self.bytes + bytes.len() > CACHE_BYTES {
+            self.objects.clear();
+            self.bytes = 0;
+        }
+        self.bytes += bytes.len();
+        if let Some(old) = self.objects.insert(name, bytes) {
+            self.bytes -= old.len();
+        }
+    }
 }
 
 fn s3_error(e: impl std::fmt::Display) -> Error {
@@ -82,6 +109,7 @@ impl S3Objects {
             bucket,
             runtime,
             describe: url.to_string(),
+            cache: Default::default(),
         };
         // Fail at start, not at the first write: the bucket must exist and let us write and
         // read (a read alone cannot tell a missing bucket from a missing object). The probe
@@ -113,6 +141,11 @@ impl S3Objects {
             .map_err(|_| Error::Storage("object store: the request was dropped".into()))
     }
 
+    fn cache(&self) -> std::sync::MutexGuard<'_, ObjectCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Written objects are not cached: most are AuditEvents, rarely read back.
     fn put(&self, objects: Vec<(ObjectName, Vec<u8>)>) -> Result<()> {
         let bucket = self.bucket.clone();
         let results = self.wait(async move {
@@ -136,16 +169,25 @@ impl S3Objects {
     }
 
     fn get(&self, name: &ObjectName) -> Result<Option<Vec<u8>>> {
+        if let Some(b) = self.cache().objects.get(name) {
+            return Ok(Some(b.to_vec()));
+        }
         let bucket = self.bucket.clone();
         let path = path_of(name);
-        self.wait(async move {
-            match bucket.get(&path).await {
-                Ok(r) => r.bytes().await.map(|b| Some(b.to_vec())),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        })?
-        .map_err(s3_error)
+        let fetched = self
+            .wait(async move {
+                match bucket.get(&path).await {
+                    Ok(r) => r.bytes().await.map(|b| Some(b.to_vec())),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })?
+            .map_err(s3_error)?;
+        // Only bytes that are what their name says are worth keeping.
+        if let Some(b) = fetched.as_ref().filter(|b| object_name(b) == *name) {
+            self.cache().insert(*name, Arc::new(b.clone()));
+        }
+        Ok(fetched)
     }
 
     /// The names of every object in the bucket (under this store's prefix).
@@ -173,6 +215,11 @@ impl S3Objects {
 
     /// Replace an object's bytes behind the server's back (tests of tamper detection only).
     pub fn overwrite_for_test(&self, name: &ObjectName, bytes: Vec<u8>) -> Result<()> {
+        let mut cache = self.cache();
+        if let Some(old) = cache.objects.remove(name) {
+            cache.bytes -= old.len();
+        }
+        drop(cache);
         let bucket = self.bucket.clone();
         let path = path_of(name);
         self.wait(async move { bucket.put(&path, bytes.into()).await })?

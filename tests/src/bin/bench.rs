@@ -4,6 +4,7 @@
 //!
 //! cargo run --release -p fhirmament-e2e --bin bench -- --patients 100000 --concurrency 32 --seconds 10
 //!
+//! `--s3` keeps sealed versions in a local Garage (S3) instead of RocksDB.
 //! `--replicas 4` runs the same workloads against a local 4-replica consortium (`fhirmament
 //! cluster up`): every write is committed by PBFT across the four processes before it is
 //! acknowledged. Requests go to replica 0, or round-robin over all replicas with `--spread`.
@@ -22,6 +23,8 @@ struct Args {
     seconds: u64,
     replicas: usize,
     spread: bool,
+    /// Keep sealed versions in a local Garage (S3) instead of RocksDB.
+    s3: bool,
 }
 
 fn args() -> Args {
@@ -31,6 +34,7 @@ fn args() -> Args {
         seconds: 10,
         replicas: 1,
         spread: false,
+        s3: false,
     };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -46,8 +50,13 @@ fn args() -> Args {
                 i += 1;
                 continue;
             }
+            "--s3" => {
+                a.s3 = true;
+                i += 1;
+                continue;
+            }
             other => {
-                panic!("unknown argument {other}; use --patients N --concurrency N --seconds N --replicas N --spread")
+                panic!("unknown argument {other}; use --patients N --concurrency N --seconds N --replicas N --spread --s3")
             }
         }
         i += 2;
@@ -231,11 +240,23 @@ fn measure(
 
 fn main() {
     let a = args();
+    let garage = a.s3.then(Garage::start);
     let (single, cluster) = if a.replicas > 1 {
+        assert!(garage.is_none(), "--s3 runs one node");
         (None, Some(Consortium::up(a.replicas)))
+    } else if let Some(g) = &garage {
+        let url = format!("s3://{}/bench", g.bucket);
+        let env = g.env();
+        (
+            Some(TestServer::start_with_env(&["--object-store", &url], &env)),
+            None,
+        )
     } else {
         (Some(TestServer::start()), None)
     };
+    if garage.is_some() {
+        println!("sealed versions in S3 (a local Garage), not in RocksDB");
+    }
     let (bases, pids, data): (Vec<String>, Vec<u32>, Vec<std::path::PathBuf>) =
         match (&single, &cluster) {
             (Some(s), _) => (
