@@ -35,6 +35,10 @@ pub struct Config {
     pub previous_kek_file: Option<PathBuf>,
     /// Where sealed versions live: `None` (embedded RocksDB) or `s3://bucket[/prefix]`.
     pub object_store: Option<String>,
+    /// An external OpenID Connect issuer whose access tokens are accepted too.
+    pub oidc_issuer: Option<String>,
+    /// The claim of its tokens that names the user as a FHIR reference.
+    pub oidc_fhir_user_claim: String,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -63,6 +67,8 @@ pub struct FileConfig {
     pub kek_file: Option<PathBuf>,
     pub previous_kek_file: Option<PathBuf>,
     pub object_store: Option<String>,
+    pub oidc_issuer: Option<String>,
+    pub oidc_fhir_user_claim: Option<String>,
 }
 
 /// What the command line and environment may set (clap fills these).
@@ -129,6 +135,12 @@ pub struct ServeArgs {
     /// Where sealed versions live: `rocksdb` (embedded, in the data directory) or `s3://bucket[/prefix]` on an S3-compatible store, with endpoint and credentials from AWS_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_ALLOW_HTTP [default: rocksdb].
     #[arg(long = "object-store", env = "FHIRMAMENT_OBJECT_STORE")]
     pub object_store: Option<String>,
+    /// Also accept access tokens from this OpenID Connect issuer (discovered at start; JWT access tokens with aud = the FHIR base).
+    #[arg(long = "oidc-issuer", env = "FHIRMAMENT_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+    /// The claim of the external issuer's tokens naming the user as a FHIR reference [default: fhirUser].
+    #[arg(long = "oidc-fhir-user-claim", env = "FHIRMAMENT_OIDC_FHIR_USER_CLAIM")]
+    pub oidc_fhir_user_claim: Option<String>,
     /// The key-encryption key's JWK itself (e.g. from a secret).
     #[arg(
         long = "kek",
@@ -227,6 +239,16 @@ impl Config {
             kek_file: args.kek_file.clone().or(file.kek_file),
             kek_inline: args.kek.clone(),
             previous_kek_file: args.previous_kek_file.clone().or(file.previous_kek_file),
+            oidc_issuer: args
+                .oidc_issuer
+                .clone()
+                .or(file.oidc_issuer)
+                .filter(|i| !i.is_empty()),
+            oidc_fhir_user_claim: args
+                .oidc_fhir_user_claim
+                .clone()
+                .or(file.oidc_fhir_user_claim)
+                .unwrap_or_else(|| "fhirUser".into()),
             object_store: args
                 .object_store
                 .clone()

@@ -75,10 +75,15 @@ impl Service {
             tracing::info!(resources = n, "search index rebuilt with blinded terms");
         }
         let replica = ledger::replica::ReplicaSetup::resolve(&config)?;
-        let auth = Arc::new(
-            auth::AuthServer::open(&config.data_dir.join("auth"), &config.base_url)?
-                .with_registration_token(config.registration_token.clone()),
-        );
+        let mut auth = auth::AuthServer::open(&config.data_dir.join("auth"), &config.base_url)?
+            .with_registration_token(config.registration_token.clone());
+        if let Some(issuer) = &config.oidc_issuer {
+            let (issuer, keys) =
+                auth::oidc::ExternalIssuer::discover(issuer, &config.oidc_fhir_user_claim)?;
+            tracing::info!(issuer = %issuer.issuer, "accepting access tokens of an external OpenID Connect issuer");
+            auth = auth.with_external_issuer(issuer, keys);
+        }
+        let auth = Arc::new(auth);
         let log = LedgerTxLog::start(
             store.clone(),
             registry.clone(),

@@ -165,6 +165,8 @@ pub struct AuthServer {
     verified: std::sync::RwLock<VerifiedTokens>,
     /// Key sets of clients that publish them at a JWKS URL.
     pub jwks_urls: super::jwks_url::JwksCache,
+    /// An external OpenID Connect provider whose access tokens are accepted too.
+    external: Option<super::oidc::ExternalIssuer>,
 }
 
 /// SHA-256 of an access token -> its grant and expiry.
@@ -212,7 +214,44 @@ impl AuthServer {
             registration: None,
             verified: Default::default(),
             jwks_urls: Default::default(),
+            external: None,
         })
+    }
+
+    /// Accept the access tokens of an external OpenID Connect provider too (see `oidc`).
+    pub fn with_external_issuer(
+        mut self,
+        issuer: super::oidc::ExternalIssuer,
+        keys: Value,
+    ) -> AuthServer {
+        self.jwks_urls.seed(&issuer.jwks_uri, keys);
+        self.external = Some(issuer);
+        self
+    }
+
+    /// The external issuer a token claims to come from, if it is the configured one.
+    fn external_issuer_of(&self, token: &str) -> Option<&super::oidc::ExternalIssuer> {
+        let ext = self.external.as_ref()?;
+        let claims = unverified_claims(token)?;
+        (claims["iss"].as_str() == Some(ext.issuer.as_str())).then_some(ext)
+    }
+
+    /// Before `grant`: when a token of the external issuer names a key not yet fetched (or the
+    /// fetched set is stale), fetch the issuer's keys again.
+    pub async fn refresh_issuer_keys(&self, http: &reqwest::Client, token: &str) {
+        let Some(ext) = self.external_issuer_of(token) else {
+            return;
+        };
+        let kid = josekit::jwt::decode_header(token)
+            .ok()
+            .and_then(|h| h.claim("kid").and_then(Value::as_str).map(str::to_string));
+        if let Err(e) = self
+            .jwks_urls
+            .refresh(http, &ext.jwks_uri, kid.as_deref())
+            .await
+        {
+            tracing::warn!(issuer = %ext.issuer, error = %e, "the external issuer's keys could not be fetched");
+        }
     }
 
     pub fn with_registration_token(mut self, token: Option<String>) -> AuthServer {
@@ -771,16 +810,6 @@ impl AuthServer {
     /// the next five minutes, a jti never seen before.
     fn verify_assertion(&self, assertion: &str) -> std::result::Result<Client, OAuthError> {
         let bad = |m: &str| oauth("invalid_client", format!("client assertion: {m}"));
-        let header = josekit::jwt::decode_header(assertion).map_err(|_| bad("not a JWT"))?;
-        let alg = header
-            .claim("alg")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let kid = header
-            .claim("kid")
-            .and_then(Value::as_str)
-            .map(str::to_string);
         // Read iss only to find the client's keys; nothing is trusted before the signature.
         let unverified = unverified_claims(assertion).ok_or_else(|| bad("unreadable claims"))?;
         let client_id = unverified["iss"]
@@ -795,33 +824,8 @@ impl AuthServer {
         if !matches!(client.auth, ClientAuth::Asymmetric { .. }) || keys.is_empty() {
             return Err(bad("this client has no registered keys"));
         }
-        let mut claims = None;
-        for k in keys
-            .iter()
-            .filter(|k| kid.is_none() || k["kid"].as_str() == kid.as_deref())
-        {
-            let Ok(jwk) = josekit::jwk::Jwk::from_map(k.as_object().cloned().unwrap_or_default())
-            else {
-                continue;
-            };
-            let verified = match alg.as_str() {
-                "RS384" => josekit::jws::RS384
-                    .verifier_from_jwk(&jwk)
-                    .ok()
-                    .and_then(|v| josekit::jwt::decode_with_verifier(assertion, &v).ok()),
-                "ES384" => josekit::jws::ES384
-                    .verifier_from_jwk(&jwk)
-                    .ok()
-                    .and_then(|v| josekit::jwt::decode_with_verifier(assertion, &v).ok()),
-                _ => return Err(bad("alg must be RS384 or ES384")),
-            };
-            if let Some((payload, _)) = verified {
-                claims = Some(payload.claims_set().clone());
-                break;
-            }
-        }
-        let claims =
-            claims.ok_or_else(|| bad("the signature does not verify with the client's keys"))?;
+        let claims = super::keys::verify_with_keys(assertion, &keys, &["RS384", "ES384"])
+            .map_err(|e| bad(&e))?;
         if claims.get("sub").and_then(Value::as_str) != Some(client_id.as_str()) {
             return Err(bad("sub must equal iss (the client_id)"));
         }
@@ -1188,6 +1192,13 @@ impl AuthServer {
 
     /// Signature, expiry, issuer and audience of an access token; its grant and expiry.
     fn verify_access_token(&self, token: &str) -> std::result::Result<(Grant, i64), String> {
+        if let Some(ext) = self.external_issuer_of(token) {
+            let keys = self
+                .jwks_urls
+                .get(&ext.jwks_uri)
+                .unwrap_or_else(|| json!({"keys": []}));
+            return ext.verify(token, &keys, &self.base);
+        }
         let claims = self.key.verify(token)?;
         let exp = claims
             .get("exp")

@@ -41,6 +41,14 @@ impl JwksCache {
             .map(|(v, _)| v.clone())
     }
 
+    /// Remember a key set fetched by other means (an issuer's, at discovery).
+    pub fn seed(&self, url: &str, set: Value) {
+        self.sets
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(url.to_string(), (set, Instant::now()));
+    }
+
     /// Make sure the key set of `url` is fresh and, if `kid` is given, holds that key (fetching
     /// again once when it does not). Errors are the client's problem: they are returned as
     /// text and the token request fails with `invalid_client`.

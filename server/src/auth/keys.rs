@@ -112,6 +112,54 @@ impl SigningKey {
     }
 }
 
+/// The claims of a JWT signed by one of `keys` (JWKs), with its `alg` in `allowed` (never
+/// `none`, never an HMAC). The key is chosen by `kid` when the token names one. Expiry and the
+/// rest are the caller's to check.
+pub fn verify_with_keys(
+    token: &str,
+    keys: &[Value],
+    allowed: &[&str],
+) -> std::result::Result<Map<String, Value>, String> {
+    let header = jwt::decode_header(token).map_err(|_| "not a JWT".to_string())?;
+    let alg = header.claim("alg").and_then(Value::as_str).unwrap_or("");
+    if !allowed.contains(&alg) {
+        return Err(format!("alg must be one of {}", allowed.join(", ")));
+    }
+    let kid = header.claim("kid").and_then(Value::as_str);
+    for k in keys
+        .iter()
+        .filter(|k| kid.is_none() || k["kid"].as_str() == kid)
+    {
+        let Ok(jwk) = josekit::jwk::Jwk::from_map(k.as_object().cloned().unwrap_or_default())
+        else {
+            continue;
+        };
+        let verified = match alg {
+            "RS256" => josekit::jws::RS256
+                .verifier_from_jwk(&jwk)
+                .ok()
+                .and_then(|v| jwt::decode_with_verifier(token, &v).ok()),
+            "RS384" => josekit::jws::RS384
+                .verifier_from_jwk(&jwk)
+                .ok()
+                .and_then(|v| jwt::decode_with_verifier(token, &v).ok()),
+            "ES256" => josekit::jws::ES256
+                .verifier_from_jwk(&jwk)
+                .ok()
+                .and_then(|v| jwt::decode_with_verifier(token, &v).ok()),
+            "ES384" => josekit::jws::ES384
+                .verifier_from_jwk(&jwk)
+                .ok()
+                .and_then(|v| jwt::decode_with_verifier(token, &v).ok()),
+            _ => None,
+        };
+        if let Some((payload, _)) = verified {
+            return Ok(payload.claims_set().clone());
+        }
+    }
+    Err("the signature does not verify with the issuer's keys".into())
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

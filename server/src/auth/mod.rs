@@ -15,6 +15,7 @@ pub mod flows;
 pub mod jwe;
 pub mod jwks_url;
 pub mod keys;
+pub mod oidc;
 pub mod scopes;
 
 use base64::Engine as _;

@@ -333,7 +333,10 @@ pub async fn dispatch(
 ) -> Result<HttpResponse> {
     let (grant, token_error) = match bearer(&req) {
         None => (None, None),
-        Some(t) => match svc.auth.grant(&t) {
+        Some(t) => match {
+            svc.auth.refresh_issuer_keys(&svc.peers, &t).await;
+            svc.auth.grant(&t)
+        } {
             Ok(g) => (Some(g), None),
             Err(e) => (None, Some(e)),
         },
