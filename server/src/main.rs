@@ -4,6 +4,11 @@ use clap::{Parser, Subcommand};
 use fhirmament::config::{Config, ServeArgs};
 use fhirmament::Service;
 
+/// The commit thread allocates and frees many small buffers per write; mimalloc keeps that
+/// off glibc's slow paths (measured in the benchmark, not assumed).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Fhirmament: a FHIR R4 (4.0.1) server for Patient, Consent, DocumentReference and AuditEvent.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]

@@ -11,6 +11,8 @@
 //! many writers share each round trip and each fsync.
 
 use std::collections::{HashMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -275,23 +277,30 @@ impl TxLog for LedgerTxLog {
     }
 }
 
+/// A pending write's value, shared (not copied) between the overlays, the unapplied map and
+/// the round's batch that all hold it until it is written.
+type Shared = Option<Arc<Vec<u8>>>;
+
 /// Pending writes of one group, readable before they are durable.
 #[derive(Default, Clone)]
 struct Overlay {
-    writes: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+    writes: FxHashMap<(&'static str, Vec<u8>), Shared>,
     order: Vec<(&'static str, Vec<u8>)>,
 }
 
 impl Overlay {
     fn put(&mut self, cf: &'static str, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.put_shared(cf, key, value.map(Arc::new));
+    }
+    fn put_shared(&mut self, cf: &'static str, key: Vec<u8>, value: Shared) {
         if self.writes.insert((cf, key.clone()), value).is_none() {
             self.order.push((cf, key));
         }
     }
-    fn merge(&mut self, other: Overlay) {
-        for k in other.order {
-            let v = other.writes.get(&k).cloned().expect("ordered key present");
-            self.put(k.0, k.1, v);
+    fn merge(&mut self, other: &Overlay) {
+        for k in &other.order {
+            let v = other.writes.get(k).cloned().expect("ordered key present");
+            self.put_shared(k.0, k.1.clone(), v);
         }
     }
     /// `tx(8) ts(8)` then, per write: family index(1), key length(4), key, present(1),
@@ -350,13 +359,18 @@ impl Overlay {
 /// earlier one, as in a WriteBatch.
 #[derive(Default)]
 struct SortedBatch {
-    writes: std::collections::BTreeMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+    writes: std::collections::BTreeMap<(&'static str, Vec<u8>), Shared>,
 }
 
 impl SortedBatch {
     fn put(&mut self, cf: &'static str, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        self.writes
-            .insert((cf, key.as_ref().to_vec()), Some(value.as_ref().to_vec()));
+        self.writes.insert(
+            (cf, key.as_ref().to_vec()),
+            Some(Arc::new(value.as_ref().to_vec())),
+        );
+    }
+    fn put_shared(&mut self, cf: &'static str, key: &[u8], value: Arc<Vec<u8>>) {
+        self.writes.insert((cf, key.to_vec()), Some(value));
     }
     fn delete(&mut self, cf: &'static str, key: impl AsRef<[u8]>) {
         self.writes.insert((cf, key.as_ref().to_vec()), None);
@@ -366,7 +380,7 @@ impl SortedBatch {
     }
     /// A write of this round to the key: Some(None) for a delete, None when it has none.
     fn get(&self, cf: &'static str, key: &[u8]) -> Option<Option<&Vec<u8>>> {
-        self.writes.get(&(cf, key.to_vec())).map(Option::as_ref)
+        self.writes.get(&(cf, key.to_vec())).map(Option::as_deref)
     }
     /// Take this round's new objects out of the batch (for an object store of their own).
     fn take_objects(&mut self) -> Vec<(ObjectName, Vec<u8>)> {
@@ -380,6 +394,7 @@ impl SortedBatch {
             .into_iter()
             .filter_map(|k| {
                 let bytes = self.writes.remove(&k)??;
+                let bytes = Arc::try_unwrap(bytes).unwrap_or_else(|shared| (*shared).clone());
                 Some((k.1.try_into().ok()?, bytes))
             })
             .collect()
@@ -388,7 +403,7 @@ impl SortedBatch {
         let mut wb = WriteBatch::default();
         for ((cf, key), value) in self.writes {
             match value {
-                Some(v) => wb.put_cf(store.cf(cf), key, v),
+                Some(v) => wb.put_cf(store.cf(cf), key, &**v),
                 None => wb.delete_cf(store.cf(cf), key),
             }
         }
@@ -442,7 +457,7 @@ struct Committer {
     last_sync: Instant,
     /// Writes of submitted entries not yet applied, with the entry that wrote each last:
     /// later submissions are evaluated on top of them (pipelining).
-    unapplied: HashMap<(&'static str, Vec<u8>), (Option<Vec<u8>>, [u8; 32])>,
+    unapplied: FxHashMap<(&'static str, Vec<u8>), (Shared, [u8; 32])>,
     applied_seq: u64,
     ledger_root: [u8; 32],
     health: Arc<Health>,
@@ -485,7 +500,7 @@ impl Committer {
             inflight: HashMap::new(),
             pending: HashMap::new(),
             queued: VecDeque::new(),
-            unapplied: HashMap::new(),
+            unapplied: FxHashMap::default(),
             unreleased: Vec::new(),
             last_sync: Instant::now(),
             applied_seq,
@@ -806,7 +821,7 @@ impl Committer {
                 .and_then(|c| Ok((self.seal(&c, &actor)?, c)));
             match result {
                 Ok((Some(bytes), c)) => {
-                    group.merge(own.clone());
+                    group.merge(&own);
                     let hash: [u8; 32] = Sha256::digest(&bytes).into();
                     let f = InFlight {
                         reply: job.reply,
@@ -974,14 +989,14 @@ impl Committer {
                             Some(v) if *cf == CF_KEYS => {
                                 match self.store.envelope().rewrap(v) {
                                     Ok(Some(new)) => wb.put(cf, key, new),
-                                    Ok(None) => wb.put(cf, key, v),
+                                    Ok(None) => wb.put_shared(cf, key, v.clone()),
                                     Err(e) => {
                                         tracing::error!(error = %e, "ALERT: a data key to apply does not unwrap");
-                                        wb.put(cf, key, v)
+                                        wb.put_shared(cf, key, v.clone())
                                     }
                                 }
                             }
-                            Some(v) => wb.put(cf, key, v),
+                            Some(v) => wb.put_shared(cf, key, v.clone()),
                             None => wb.delete(cf, key),
                         }
                     }
@@ -1172,13 +1187,13 @@ impl Committer {
     ) -> Result<Option<Vec<u8>>> {
         let k = (cf, key.to_vec());
         if let Some(v) = own.writes.get(&k) {
-            return Ok(v.clone());
+            return Ok(v.as_deref().cloned());
         }
         if let Some(v) = group.writes.get(&k) {
-            return Ok(v.clone());
+            return Ok(v.as_deref().cloned());
         }
         if let Some((v, _)) = self.unapplied.get(&k) {
-            return Ok(v.clone());
+            return Ok(v.as_deref().cloned());
         }
         Ok(self.store.db().get_cf(self.store.cf(cf), key)?)
     }
