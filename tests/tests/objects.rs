@@ -7,21 +7,22 @@ use fhirmament::store::objects::{object_name, ObjectName, Objects, S3Objects};
 use fhirmament::store::Store;
 use fhirmament_e2e::*;
 
-/// The server's S3 environment, as `object_store` settings.
-fn s3_settings(g: &Garage) -> Vec<(String, String)> {
-    g.env()
+/// A bucket opened with the server's S3 environment, as `object_store` settings.
+fn try_open_s3(g: &Garage, url: &str) -> Result<S3Objects, Error> {
+    let settings: Vec<(String, String)> = g
+        .env()
         .into_iter()
         .map(|(k, v)| (k.to_lowercase(), v))
-        .collect()
-}
-
-fn open_s3(g: &Garage, url: &str) -> S3Objects {
-    let settings = s3_settings(g);
+        .collect();
     let settings: Vec<(&str, &str)> = settings
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    S3Objects::open_with(url, &settings).expect("the bucket answers")
+    S3Objects::open_with(url, &settings)
+}
+
+fn open_s3(g: &Garage, url: &str) -> S3Objects {
+    try_open_s3(g, url).expect("the bucket answers")
 }
 
 /// What every object store must do, whoever implements it. `tamper` replaces an object's bytes
@@ -80,12 +81,7 @@ fn rocksdb_and_s3_hold_the_same_storage_contract() {
     );
 
     // A bucket that does not exist is a clear startup error.
-    let settings = s3_settings(&garage);
-    let settings: Vec<(&str, &str)> = settings
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    match S3Objects::open_with("s3://no-such-bucket", &settings) {
+    match try_open_s3(&garage, "s3://no-such-bucket") {
         Err(Error::Startup(m)) => assert!(m.contains("no-such-bucket"), "{m}"),
         Err(e) => panic!("not a startup error: {e:?}"),
         Ok(_) => panic!("a missing bucket was accepted"),

@@ -187,7 +187,7 @@ fn unverified_claims(jwt: &str) -> Option<Value> {
     serde_json::from_slice(&bytes).ok()
 }
 
-fn sha_hex(s: &str) -> String {
+pub(super) fn sha_hex(s: &str) -> String {
     crate::ledger::entry::hex(&Sha256::digest(s.as_bytes()))
 }
 

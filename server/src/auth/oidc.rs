@@ -103,9 +103,7 @@ impl ExternalIssuer {
         // Revocation and the token cache key on jti: a token without one gets its digest.
         let jti = match s("jti") {
             Some(j) => format!("{}#{j}", self.issuer),
-            None => {
-                crate::ledger::entry::hex(&<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()))
-            }
+            None => super::flows::sha_hex(token),
         };
         let grant = Grant::new(
             s("client_id").or(s("azp")).unwrap_or(""),

@@ -41,7 +41,8 @@ pub struct BlindingKey {
     /// HMAC keyed with the terms subkey, ready to clone (saves hashing the key per term).
     terms: Hmac<Sha256>,
     values: [u8; 32],
-    nonces: [u8; 32],
+    /// HMAC keyed with the nonces subkey, ready to clone.
+    nonces: Hmac<Sha256>,
 }
 
 impl std::fmt::Debug for BlindingKey {
@@ -50,12 +51,21 @@ impl std::fmt::Debug for BlindingKey {
     }
 }
 
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+fn keyed(key: &[u8]) -> Hmac<Sha256> {
+    <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length")
+}
+
+/// HMAC of `parts` under a keyed state (cloned, so the key is hashed once).
+fn mac_of(keyed: &Hmac<Sha256>, parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = keyed.clone();
     for p in parts {
         mac.update(p);
     }
     mac.finalize().into_bytes().into()
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    mac_of(&keyed(key), parts)
 }
 
 /// The longest indexed prefix of a normalised query text: its byte length, and whether it
@@ -81,23 +91,15 @@ impl BlindingKey {
     /// The subkeys of a 256-bit blinding key.
     pub fn derive(key: &[u8; 32]) -> BlindingKey {
         BlindingKey {
-            terms: <Hmac<Sha256> as Mac>::new_from_slice(&hmac(
-                key,
-                &[b"fhirmament/blind-index/terms"],
-            ))
-            .expect("HMAC takes any key length"),
+            terms: keyed(&hmac(key, &[b"fhirmament/blind-index/terms"])),
             values: hmac(key, &[b"fhirmament/blind-index/values"]),
-            nonces: hmac(key, &[b"fhirmament/blind-index/nonces"]),
+            nonces: keyed(&hmac(key, &[b"fhirmament/blind-index/nonces"])),
         }
     }
 
     /// `prefix ‖ tag ‖ term(text)`: the start of every index key for this text.
     pub fn term_key(&self, prefix: &[u8], tag: u8, text: &str) -> Vec<u8> {
-        let mut mac = self.terms.clone();
-        mac.update(prefix);
-        mac.update(&[tag]);
-        mac.update(text.as_bytes());
-        let mac: [u8; 32] = mac.finalize().into_bytes().into();
+        let mac = mac_of(&self.terms, &[prefix, &[tag], text.as_bytes()]);
         let mut k = Vec::with_capacity(prefix.len() + 1 + TERM_LEN + 1 + 40);
         k.extend_from_slice(prefix);
         k.push(tag);
@@ -117,7 +119,7 @@ impl BlindingKey {
 
     /// Seal an encoded value list stored under `key` in the `values` family.
     pub fn seal_values(&self, key: &[u8], plain: &[u8]) -> Vec<u8> {
-        let nonce = &hmac(
+        let nonce = &mac_of(
             &self.nonces,
             &[&(key.len() as u32).to_be_bytes(), key, plain],
         )[..NONCE_LEN];

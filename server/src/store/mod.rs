@@ -573,10 +573,9 @@ impl Store {
     }
 
     fn raw_object(&self, name: &ObjectName) -> Result<Option<Vec<u8>>> {
-        if self.objects.is_embedded() {
-            Ok(self.db.get_cf(self.cf(CF_OBJECTS), name)?)
-        } else {
-            self.objects.get_remote(name)
+        match &self.objects {
+            objects::Objects::Embedded => Ok(self.db.get_cf(self.cf(CF_OBJECTS), name)?),
+            objects::Objects::S3(s3) => s3.get(name),
         }
     }
 
@@ -599,16 +598,17 @@ impl Store {
 
     /// Store objects durably, each under its name.
     pub fn put_objects(&self, objects: Vec<(ObjectName, Vec<u8>)>) -> Result<()> {
-        if self.objects.is_embedded() {
-            let mut batch = rocksdb::WriteBatch::default();
-            for (name, bytes) in objects {
-                batch.put_cf(self.cf(CF_OBJECTS), name, bytes);
+        match &self.objects {
+            objects::Objects::Embedded => {
+                let mut batch = rocksdb::WriteBatch::default();
+                for (name, bytes) in objects {
+                    batch.put_cf(self.cf(CF_OBJECTS), name, bytes);
+                }
+                let mut sync = rocksdb::WriteOptions::default();
+                sync.set_sync(true);
+                Ok(self.db.write_opt(batch, &sync)?)
             }
-            let mut sync = rocksdb::WriteOptions::default();
-            sync.set_sync(true);
-            Ok(self.db.write_opt(batch, &sync)?)
-        } else {
-            self.objects.put_remote(objects)
+            objects::Objects::S3(s3) => s3.put(objects),
         }
     }
 

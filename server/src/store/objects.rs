@@ -146,7 +146,7 @@ impl S3Objects {
     }
 
     /// Written objects are not cached: most are AuditEvents, rarely read back.
-    fn put(&self, objects: Vec<(ObjectName, Vec<u8>)>) -> Result<()> {
+    pub(super) fn put(&self, objects: Vec<(ObjectName, Vec<u8>)>) -> Result<()> {
         let bucket = self.bucket.clone();
         let results = self.wait(async move {
             let puts: Vec<_> = objects
@@ -168,7 +168,7 @@ impl S3Objects {
         results.into_iter().collect()
     }
 
-    fn get(&self, name: &ObjectName) -> Result<Option<Vec<u8>>> {
+    pub(super) fn get(&self, name: &ObjectName) -> Result<Option<Vec<u8>>> {
         if let Some(b) = self.cache().objects.get(name) {
             return Ok(Some(b.to_vec()));
         }
@@ -247,21 +247,6 @@ impl Objects {
         match self {
             Objects::Embedded => "rocksdb",
             Objects::S3(s) => &s.describe,
-        }
-    }
-
-    /// Upload objects (S3 only; embedded objects travel in the commit's own batch).
-    pub(super) fn put_remote(&self, objects: Vec<(ObjectName, Vec<u8>)>) -> Result<()> {
-        match self {
-            Objects::Embedded => Ok(()),
-            Objects::S3(s) => s.put(objects),
-        }
-    }
-
-    pub(super) fn get_remote(&self, name: &ObjectName) -> Result<Option<Vec<u8>>> {
-        match self {
-            Objects::Embedded => Ok(None),
-            Objects::S3(s) => s.get(name),
         }
     }
 

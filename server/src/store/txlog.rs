@@ -2068,10 +2068,7 @@ mod tests {
         let mut flipped = object.clone();
         let last = flipped.len() - 5;
         flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
-        store
-            .db()
-            .put_cf(store.cf(CF_OBJECTS), name, &flipped)
-            .unwrap();
+        store.overwrite_object_for_test(&name, flipped).unwrap();
         let err = store.read(ResourceType::Patient, "t").unwrap_err();
         assert!(matches!(err, Error::Integrity(_)), "{err:?}");
         let r = crate::ledger::receipt::build(
@@ -2084,8 +2081,7 @@ mod tests {
         .unwrap();
         assert_eq!(r["parameter"][0]["valueBoolean"], false);
         store
-            .db()
-            .put_cf(store.cf(CF_OBJECTS), name, &object)
+            .overwrite_object_for_test(&name, object.clone())
             .unwrap();
         // Someone holding the data key re-seals different content as a new object and points
         // the version at it: it decrypts, but does not match the ledger commitment, and is not
