@@ -71,6 +71,8 @@ pub struct Scenario {
     pub partition_per_mille: u64,
     pub byzantine: Option<(ReplicaId, Byzantine)>,
     pub slow: Option<ReplicaId>,
+    /// A link that loses everything sent over it (from, to) while faults last.
+    pub cut: Option<(ReplicaId, ReplicaId)>,
     pub config: Config,
 }
 
@@ -114,6 +116,7 @@ impl Scenario {
             } else {
                 None
             },
+            cut: None,
             config,
         }
     }
@@ -142,6 +145,8 @@ pub struct Report {
     pub trace_hash: Digest,
     pub committed: Seq,
     pub views: View,
+    /// Each replica's view at the end, and whether it was active (not changing views).
+    pub final_views: Vec<(View, bool)>,
     pub faults_reported: BTreeMap<FaultKind, usize>,
     pub max_log_len: usize,
     pub messages: u64,
@@ -234,6 +239,9 @@ impl Sim {
             return;
         }
         if faulty_network {
+            if self.sc.cut == Some((from, to)) {
+                return;
+            }
             if let Some((side, until, one_way)) = &self.partition {
                 if self.now < *until
                     && (side.contains(&from) != side.contains(&to))
@@ -603,6 +611,10 @@ impl Sim {
                         prepared: vec![],
                     },
                 ));
+                // And suspicions of every view up to it: alone, they must move nobody.
+                for v in view.saturating_sub(3)..=view {
+                    out.push(self.members.sign(&key, id, Payload::Suspect { view: v }));
+                }
                 out
             }
             _ => vec![m],
@@ -767,11 +779,18 @@ impl Sim {
             .filter_map(|n| n.replica.as_ref().map(Replica::view))
             .max()
             .unwrap_or(0);
+        let final_views = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.replica.as_ref())
+            .map(|r| (r.view(), r.is_view_active()))
+            .collect();
         Ok(Report {
             seed: self.sc.seed,
             trace_hash: self.trace.finalize().into(),
             committed,
             views,
+            final_views,
             faults_reported: self.faults,
             max_log_len: self.max_log_len,
             messages: self.messages,

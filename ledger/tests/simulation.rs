@@ -126,6 +126,29 @@ fn byzantine_primaries_and_voters_are_detected_and_survived() {
     }
 }
 
+/// A backup that hears nothing from the primary times out alone. It suspects the view but
+/// keeps voting in it (learning what it missed from the others' certificates), so it neither
+/// forces a view change on the others nor sits in a view change of its own while they commit.
+#[test]
+fn a_backup_cut_off_from_the_primary_is_never_left_changing_views_alone() {
+    for seed in [7, 8, 9] {
+        let mut sc = quiet(seed);
+        sc.requests = 60;
+        sc.cut = Some((0, 2));
+        let r = run(sc);
+        assert!(r.committed > 0);
+        assert_eq!(
+            r.views, 0,
+            "seed {seed}: one suspicious backup moved the view"
+        );
+        assert!(
+            r.final_views.iter().all(|v| *v == (0, true)),
+            "seed {seed}: every replica ends voting in view 0: {:?}",
+            r.final_views
+        );
+    }
+}
+
 #[test]
 fn a_view_change_flood_from_one_replica_does_not_move_the_others() {
     let mut sc = quiet(5);

@@ -109,6 +109,19 @@ pub enum Payload {
         seq: Seq,
         root: Digest,
     },
+    /// The sender's progress timer ran out in `view`: it suspects that view's primary, but keeps
+    /// voting in it. Not binding: a replica commits to a VIEW-CHANGE only once f+1 replicas
+    /// suspect the view (so at least one correct one does), and then everyone will.
+    Suspect {
+        view: View,
+    },
+    /// The first frame on a peer connection (transport, never given to the core): the sender
+    /// opens a session with replica `to`, started at `session` (ms since the epoch, strictly
+    /// increasing per sender). A receiver accepts each session once, and only while fresh.
+    Hello {
+        to: ReplicaId,
+        session: u64,
+    },
     /// Sent when moving to `view`: the sender's stable checkpoint (with its 2f+1 proof) and
     /// its prepared certificates above it.
     ViewChange {
@@ -153,6 +166,8 @@ impl Payload {
             Payload::BlockRequest { .. } => "block-request",
             Payload::Blocks { .. } => "blocks",
             Payload::Status { .. } => "status",
+            Payload::Suspect { .. } => "suspect",
+            Payload::Hello { .. } => "hello",
         }
     }
 }
@@ -277,6 +292,15 @@ impl Enc {
                 self.u8(10);
                 self.u64(*view);
                 self.u64(*last_executed);
+            }
+            Payload::Suspect { view } => {
+                self.u8(11);
+                self.u64(*view);
+            }
+            Payload::Hello { to, session } => {
+                self.u8(12);
+                self.u64(u64::from(*to));
+                self.u64(*session);
             }
         }
     }
@@ -423,6 +447,14 @@ impl<'a> Dec<'a> {
             10 => Payload::Status {
                 view: self.u64()?,
                 last_executed: self.u64()?,
+            },
+            11 => Payload::Suspect { view: self.u64()? },
+            12 => Payload::Hello {
+                to: {
+                    let to = self.u64()?;
+                    ReplicaId::try_from(to).map_err(|_| DecodeError::TooLong(to))?
+                },
+                session: self.u64()?,
             },
             t => return Err(DecodeError::UnknownTag(t)),
         })
@@ -732,6 +764,15 @@ mod tests {
                 Payload::Status {
                     view: 3,
                     last_executed: 77,
+                },
+            ),
+            m.sign(&keys[2], 2, Payload::Suspect { view: 4 }),
+            m.sign(
+                &keys[3],
+                3,
+                Payload::Hello {
+                    to: 1,
+                    session: 1_700_000_000_000,
                 },
             ),
         ]

@@ -109,6 +109,10 @@ pub enum FaultKind {
     BadCheckpoint,
     BadBlocks,
     BadTimestamp,
+    /// A transport session opened again, or one too old: a replayed connection.
+    Replay,
+    /// Peer messages on a connection that did not open a session first.
+    Unauthenticated,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +168,18 @@ pub struct Replica {
     own_checkpoints: BTreeMap<Seq, Signed>,
     checkpoint_votes: BTreeMap<Seq, BTreeMap<ReplicaId, Signed>>,
     view_changes: BTreeMap<View, BTreeMap<ReplicaId, Signed>>,
+    /// SUSPECTs by the view they suspect (ours included), for views at or above ours.
+    suspects: BTreeMap<View, BTreeMap<ReplicaId, Signed>>,
+    /// The suspicions this replica joined a view change on, relayed with its VIEW-CHANGE so
+    /// every correct replica can join too (a Byzantine replica may have sent its own to us only).
+    join_evidence: Vec<Signed>,
+    /// Our progress timer ran out in this view and nothing has executed since.
+    suspecting: bool,
+    /// Digests of the batches executed above the stable checkpoint.
+    executed: BTreeMap<Seq, Digest>,
+    /// Our commits, in the current view, for sequence numbers we had executed before it: a
+    /// replica that has not executed them yet may need them to complete its certificate.
+    decided_votes: BTreeMap<Seq, Signed>,
     /// Our recent VIEW-CHANGEs by view, retransmitted while changing views: a replica still
     /// gathering a quorum for an older view may have lost ours.
     own_view_changes: BTreeMap<View, Signed>,
@@ -253,6 +269,11 @@ impl Replica {
             own_checkpoints: BTreeMap::new(),
             checkpoint_votes: BTreeMap::new(),
             view_changes: BTreeMap::new(),
+            suspects: BTreeMap::new(),
+            join_evidence: Vec::new(),
+            suspecting: false,
+            executed: BTreeMap::new(),
+            decided_votes: BTreeMap::new(),
             own_view_changes: BTreeMap::new(),
             new_view: None,
             pending: VecDeque::new(),
@@ -297,6 +318,7 @@ impl Replica {
                         );
                         r.last_exec = *seq;
                         r.last_timestamp = r.last_timestamp.max(batch.timestamp);
+                        r.executed.insert(*seq, batch.digest());
                     }
                 }
                 Record::Stable { seq, root, proof } => {
@@ -429,7 +451,7 @@ impl Replica {
             })
             .collect();
         format!(
-            "view {} active {} exec {} low {} fetching {:?} slots [{}] learned {:?}",
+            "view {} active {} exec {} low {} fetching {:?} slots [{}] learned {:?} view-changes {:?} suspects {:?} deadline {:?}",
             self.view,
             self.view_active,
             self.last_exec,
@@ -439,7 +461,16 @@ impl Replica {
             self.learned_commits
                 .iter()
                 .map(|((s, v, _), m)| (*s, *v, m.len()))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>(),
+            self.view_changes
+                .iter()
+                .map(|(v, m)| (*v, m.keys().copied().collect::<Vec<_>>()))
+                .collect::<Vec<_>>(),
+            self.suspects
+                .iter()
+                .map(|(v, m)| (*v, m.keys().copied().collect::<Vec<_>>()))
+                .collect::<Vec<_>>(),
+            self.progress_deadline,
         )
     }
 
@@ -479,16 +510,17 @@ impl Replica {
 
     pub fn handle_tick(&mut self, now: u64) -> Step {
         self.settle_fetch();
-        // Whatever event last touched it, the primary is suspected whenever work is pending.
+        // Whatever event last touched it, the primary is suspected whenever work is pending,
+        // and a view change that 2f+1 replicas joined is timed until its new view arrives.
         self.arm_progress_timer(now);
+        self.arm_view_change_timer(now);
         if self.batch_deadline.is_some_and(|d| now >= d) {
             self.batch_deadline = None;
             self.propose_now(now, true);
         }
         if self.progress_deadline.is_some_and(|d| now >= d) {
             self.progress_deadline = None;
-            let next = self.view + 1;
-            self.start_view_change(now, next);
+            self.suspect(now);
         }
         if now >= self.next_retransmit {
             self.next_retransmit = now + self.cfg.retransmit_interval;
@@ -562,6 +594,9 @@ impl Replica {
             Payload::Commit { view, seq, digest } => self.on_vote(now, m, view, seq, digest, true),
             Payload::Checkpoint { seq, root } => self.on_checkpoint(m, seq, root),
             Payload::ViewChange { view, .. } => self.on_view_change(now, m, view),
+            Payload::Suspect { view } => self.on_suspect(now, m, view),
+            // The transport's business; a peer that sends it as a message gains nothing.
+            Payload::Hello { .. } => {}
             Payload::NewView { view, .. } => self.on_new_view(now, m, view),
             Payload::BlockRequest { from_seq, to_seq } => {
                 let to_seq = to_seq
@@ -871,6 +906,30 @@ impl Replica {
         }
     }
 
+    /// A new view re-proposes a sequence number we already executed, with the batch we executed
+    /// (as it must: that batch was committed). As in PBFT, we run the protocol for it again in
+    /// the new view without executing it again: replicas that had not executed it may need our
+    /// votes for a certificate, since those from older views can be lost to crashes.
+    fn vote_decided(&mut self, view: View, seq: Seq, digest: Digest) {
+        if self.voted.get(&(view, seq)).is_some_and(|d| *d != digest) {
+            return;
+        }
+        self.voted.insert((view, seq), digest);
+        let mut votes = vec![];
+        if self.primary_of(view) != self.id {
+            votes.push(self.sign(Payload::Prepare { view, seq, digest }));
+        }
+        let commit = self.sign(Payload::Commit { view, seq, digest });
+        self.decided_votes.insert(seq, commit.clone());
+        votes.push(commit);
+        if !self.replaying {
+            for msg in votes {
+                self.emit(Action::Persist(Record::Sent(msg.clone())));
+                self.emit(Action::Broadcast(msg));
+            }
+        }
+    }
+
     fn on_vote(&mut self, now: u64, m: Signed, view: View, seq: Seq, digest: Digest, commit: bool) {
         // Decisions do not depend on views: commits for a view we do not vote in (older, newer,
         // or one we are leaving) still add up to a certificate we can execute.
@@ -893,7 +952,19 @@ impl Replica {
             return;
         }
         if seq <= self.last_exec {
-            // Decided and executed here; the slot keeps the certificate it was decided with.
+            // Decided and executed here; the slot keeps the certificate it was decided with. A
+            // replica still preparing it in this view may have lost our vote: send it again
+            // (in answer to prepares only: answering commits, two replicas that both executed
+            // it would answer each other forever).
+            if let Some(c) = self.decided_votes.get(&seq).filter(|_| !commit) {
+                if !self.replaying && m.from != self.id {
+                    let message = c.clone();
+                    self.emit(Action::Send {
+                        to: m.from,
+                        message,
+                    });
+                }
+            }
             return;
         }
         if !commit && m.from == self.primary_of(view) {
@@ -1067,6 +1138,7 @@ impl Replica {
         self.head = root;
         self.last_exec = seq;
         self.last_timestamp = self.last_timestamp.max(batch.timestamp);
+        self.executed.insert(seq, batch.digest());
         for e in &batch.entries {
             let h = entry_hash(e);
             self.queued.remove(&h);
@@ -1102,6 +1174,7 @@ impl Replica {
         self.learned_commits = self.learned_commits.split_off(&(seq + 1, 0, [0; 32]));
         // Progress: the view works; reset the view-change backoff.
         self.view_change_attempt = 0;
+        self.suspecting = false;
         self.progress_deadline = None;
         if seq % self.cfg.checkpoint_interval == 0 {
             let cp = self.sign(Payload::Checkpoint { seq, root });
@@ -1217,6 +1290,8 @@ impl Replica {
         self.learned_commits = self.learned_commits.split_off(&(exec + 1, 0, [0; 32]));
         self.own_checkpoints = self.own_checkpoints.split_off(&low);
         self.voted.retain(|(_, s), _| *s > low);
+        self.executed = self.executed.split_off(&(low + 1));
+        self.decided_votes = self.decided_votes.split_off(&(low + 1));
         let exec = self.last_exec;
         self.in_flight.retain(|_, s| *s > exec);
         let view = self.view;
@@ -1354,6 +1429,7 @@ impl Replica {
         self.view = view;
         self.view_active = false;
         self.view_change_attempt += 1;
+        self.suspects = self.suspects.split_off(&view);
         let prepared: Vec<Prepared> = self
             .prepared_certs
             .range(self.low + 1..)
@@ -1523,24 +1599,118 @@ impl Replica {
             let last = *self.view_changes.keys().next_back().expect("non-empty");
             self.view_changes.remove(&last);
         }
-        // Join: f+1 replicas want a view above ours.
-        let above: BTreeMap<ReplicaId, View> = self
-            .view_changes
-            .range(self.view + 1..)
-            .flat_map(|(v, senders)| senders.keys().map(move |r| (*r, *v)))
-            .fold(BTreeMap::new(), |mut acc, (r, v)| {
-                let e = acc.entry(r).or_insert(v);
-                *e = (*e).min(v);
-                acc
-            });
-        if above.len() > self.f {
-            let target = *above.values().min().expect("non-empty");
-            if target > self.view || (target == self.view && self.view_active) {
-                self.start_view_change(now, target);
-            }
-        }
+        self.join_if_suspected(now);
         self.arm_view_change_timer(now);
         self.try_new_view(now, view);
+    }
+
+    /// Our progress timer ran out: suspect the view we are in (active or still being installed).
+    /// Unlike a VIEW-CHANGE this binds us to nothing, so we keep voting in it: a replica that
+    /// alone is slow, or alone cut off from the primary, never leaves a view the others are
+    /// still committing in. Re-sent on every expiry and retransmission while unresolved.
+    fn suspect(&mut self, now: u64) {
+        let view = self.view;
+        self.suspecting = true;
+        let m = self
+            .suspects
+            .get(&view)
+            .and_then(|s| s.get(&self.id))
+            .cloned()
+            .unwrap_or_else(|| self.sign(Payload::Suspect { view }));
+        self.suspects
+            .entry(view)
+            .or_default()
+            .insert(self.id, m.clone());
+        self.emit(Action::Broadcast(m));
+        // As PBFT's clients do on a timeout, give the requests we hold to every replica: the
+        // others start their own timers on them, and suspect the primary too if it is at fault.
+        let entries = self.held_entries();
+        if !entries.is_empty() && !self.replaying {
+            let fwd = self.sign(Payload::Forward { entries });
+            self.emit(Action::Broadcast(fwd));
+        }
+        self.join_if_suspected(now);
+    }
+
+    /// Entries this replica holds for clients and has not seen executed, as many as one
+    /// message may carry (the rest go with later retransmissions, once these are executed).
+    fn held_entries(&self) -> Vec<Vec<u8>> {
+        let budget = self.cfg.max_message_bytes / 2;
+        let mut size = 0;
+        self.queued_entries()
+            .into_iter()
+            .chain(
+                self.waiting
+                    .iter()
+                    .filter(|(h, _)| !self.queued.contains(*h))
+                    .map(|(_, e)| e.clone()),
+            )
+            .take_while(|e| {
+                size += e.len() + 8;
+                size <= budget
+            })
+            .collect()
+    }
+
+    fn on_suspect(&mut self, now: u64, m: Signed, view: View) {
+        if view < self.view {
+            return;
+        }
+        let senders = self.suspects.entry(view).or_default();
+        if senders.contains_key(&m.from) {
+            return;
+        }
+        senders.insert(m.from, m);
+        // Bound memory: only views within a small distance above ours are kept.
+        while self.suspects.len() > 8 {
+            let last = *self.suspects.keys().next_back().expect("non-empty");
+            self.suspects.remove(&last);
+        }
+        self.join_if_suspected(now);
+    }
+
+    /// PBFT's join rule, with suspicions counted beside VIEW-CHANGEs: once f+1 replicas (so at
+    /// least one correct one) suspect our view or ask for a later one, move to the lowest view
+    /// they point at, and relay their messages so that every correct replica follows.
+    fn join_if_suspected(&mut self, now: u64) {
+        let mut above: BTreeMap<ReplicaId, (View, &Signed)> = BTreeMap::new();
+        let wants = self
+            .view_changes
+            .range(self.view + 1..)
+            .flat_map(|(v, senders)| senders.iter().map(move |(r, m)| (*r, *v, m)))
+            .chain(
+                self.suspects
+                    .range(self.view..)
+                    .flat_map(|(v, senders)| senders.iter().map(move |(r, m)| (*r, v + 1, m))),
+            );
+        for (r, v, m) in wants {
+            let e = above.entry(r).or_insert((v, m));
+            if v < e.0 {
+                *e = (v, m);
+            }
+        }
+        if above.len() <= self.f {
+            return;
+        }
+        let target = above.values().map(|(v, _)| *v).min().expect("non-empty");
+        if target > self.view || (target == self.view && self.view_active) {
+            let evidence: Vec<Signed> = above
+                .values()
+                .filter(|(_, m)| m.from != self.id)
+                .map(|(_, m)| (*m).clone())
+                .collect();
+            if !self.replaying {
+                for m in &evidence {
+                    self.emit(Action::Broadcast(m.clone()));
+                }
+            }
+            // Only the small SUSPECTs are relayed again later; VIEW-CHANGEs their senders resend.
+            self.join_evidence = evidence
+                .into_iter()
+                .filter(|m| matches!(m.payload, Payload::Suspect { .. }))
+                .collect();
+            self.start_view_change(now, target);
+        }
     }
 
     /// The pre-prepares a new view must carry, computed from a set of view changes (PBFT's O).
@@ -1704,6 +1874,9 @@ impl Replica {
         self.view = view;
         self.view_active = true;
         self.new_view = Some(nv);
+        self.suspects = self.suspects.split_off(&view);
+        self.join_evidence.clear();
+        self.decided_votes.clear();
         self.progress_deadline = None;
         if min_s > self.low {
             self.make_stable(min_s, min_root, min_proof);
@@ -1725,6 +1898,8 @@ impl Replica {
                 max_seq = max_seq.max(seq);
                 if seq > self.low && seq > self.last_exec {
                     self.accept_pre_prepare(now, pp, v, seq, digest, batch);
+                } else if seq > self.low && self.executed.get(&seq) == Some(&digest) {
+                    self.vote_decided(v, seq, digest);
                 }
             }
         }
@@ -1761,6 +1936,21 @@ impl Replica {
         if self.fetching.is_some() {
             self.request_blocks();
         }
+        // An unresolved suspicion of this view, and the suspicions we joined a view change on.
+        let mut suspicions: Vec<Signed> = self
+            .suspects
+            .get(&self.view)
+            .and_then(|s| s.get(&self.id))
+            .filter(|_| self.suspecting)
+            .into_iter()
+            .cloned()
+            .collect();
+        if !self.view_active {
+            suspicions.extend(self.join_evidence.iter().cloned());
+        }
+        for m in suspicions {
+            self.emit(Action::Broadcast(m));
+        }
         if !self.view_active {
             // Our last few VIEW-CHANGEs, not just the newest: others may still be gathering a
             // quorum for a view we moved past and have lost ours. (Never sent in reply to a
@@ -1770,13 +1960,7 @@ impl Replica {
                 self.emit(Action::Broadcast(vc));
             }
             // Requests held here reach whoever is primary through the others.
-            let mut entries = self.queued_entries();
-            entries.extend(
-                self.waiting
-                    .iter()
-                    .filter(|(h, _)| !self.queued.contains(*h))
-                    .map(|(_, e)| e.clone()),
-            );
+            let entries = self.held_entries();
             if !entries.is_empty() {
                 let fwd = self.sign(Payload::Forward { entries });
                 self.emit(Action::Broadcast(fwd));
