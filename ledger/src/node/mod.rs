@@ -6,16 +6,21 @@
 //! Wire frames: `u32 length | u8 kind | body`. Kinds: 0 a signed peer message; 1 a client
 //! submission (body: the entry); 2 a commit reply (sha256(entry) | seq | state root | the
 //! certificate it was executed on: 2f+1 commits, or a checkpoint proof after a state transfer);
-//! 3 busy (sha256(entry)).
+//! 3 busy (sha256(entry)); 4 hello (a signed `Payload::Hello`). A peer connection opens with a
+//! hello: the receiver checks its signature, that it is addressed to this replica, that its
+//! session started within a minute of the receiver's clock and after every session that
+//! sender opened before. A replayed connection is refused and reported as a `Replay` fault,
+//! peer messages without a session as `Unauthenticated`; client submissions need none.
 
 pub mod client;
 pub mod cluster;
 pub mod genesis;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
@@ -26,7 +31,8 @@ use tokio::sync::mpsc as amp;
 
 use crate::core::message::{decode_signed, encode_signed};
 use crate::core::{
-    Action, Batch, Config, Digest, Payload, Record, Replica, ReplicaId, Seq, Signed, Step,
+    Action, Batch, Config, Digest, Fault, FaultKind, Membership, Payload, Record, Replica,
+    ReplicaId, Seq, Signed, Step,
 };
 use crate::store::{LedgerStore, StoreError};
 use genesis::Genesis;
@@ -35,6 +41,9 @@ pub const FRAME_PEER: u8 = 0;
 pub const FRAME_SUBMIT: u8 = 1;
 pub const FRAME_COMMITTED: u8 = 2;
 pub const FRAME_BUSY: u8 = 3;
+pub const FRAME_HELLO: u8 = 4;
+/// How far a peer's session start may be from this replica's clock.
+const SESSION_SKEW_MS: u64 = 60_000;
 /// Largest frame accepted from the network (above the core's message limit).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 const INPUT_QUEUE: usize = 65_536;
@@ -140,6 +149,92 @@ pub struct NodeStatus {
     pub last_executed: AtomicU64,
     /// Wall-clock ms of the driver's last round.
     pub heartbeat_ms: AtomicU64,
+    /// Faults observed (by the core, and by the transport), by culprit and kind.
+    faults: Mutex<BTreeMap<(ReplicaId, FaultKind), u64>>,
+}
+
+impl NodeStatus {
+    /// Count a fault, and log it the 1st, 2nd, 4th, 8th… time that culprit commits that kind
+    /// (a flood stays visible without flooding the log).
+    pub fn record_fault(&self, f: &Fault) {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let n = faults.entry((f.from, f.kind)).or_default();
+        *n += 1;
+        if n.is_power_of_two() {
+            eprintln!(
+                "ledger: fault from replica {} ({:?}, {} so far): {}",
+                f.from, f.kind, n, f.detail
+            );
+        }
+    }
+
+    /// Faults observed since start: (culprit, kind, count).
+    pub fn faults(&self) -> Vec<(ReplicaId, FaultKind, u64)> {
+        let faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        faults.iter().map(|((r, k), n)| (*r, *k, *n)).collect()
+    }
+}
+
+/// Peer sessions: which hellos this replica accepts.
+struct PeerSessions {
+    me: ReplicaId,
+    members: Membership,
+    /// The latest session accepted from each peer.
+    latest: Mutex<HashMap<ReplicaId, u64>>,
+}
+
+impl PeerSessions {
+    /// The peer a hello opens a session for, or the fault it is.
+    fn accept(&self, m: &Signed, now: u64) -> Result<ReplicaId, Fault> {
+        let fault = |kind, detail: String| Fault {
+            from: m.from,
+            kind,
+            detail,
+        };
+        if m.from as usize >= self.members.n() || m.from == self.me {
+            return Err(fault(
+                FaultKind::NotMember,
+                "hello from a non-member".into(),
+            ));
+        }
+        if !self.members.verify(m) {
+            return Err(fault(
+                FaultKind::BadSignature,
+                "hello with a bad signature".into(),
+            ));
+        }
+        let Payload::Hello { to, session } = m.payload else {
+            return Err(fault(
+                FaultKind::Unauthenticated,
+                format!("a {} where a hello was due", m.payload.kind()),
+            ));
+        };
+        if to != self.me {
+            return Err(fault(
+                FaultKind::Unauthenticated,
+                format!("hello addressed to replica {to}"),
+            ));
+        }
+        if session.abs_diff(now) > SESSION_SKEW_MS {
+            return Err(fault(
+                FaultKind::Replay,
+                format!(
+                    "hello for a session started {} ms from now",
+                    session.abs_diff(now)
+                ),
+            ));
+        }
+        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        let last = latest.entry(m.from).or_default();
+        if session <= *last {
+            return Err(fault(
+                FaultKind::Replay,
+                format!("hello for session {session}, not after session {last}"),
+            ));
+        }
+        *last = session;
+        Ok(m.from)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -188,8 +283,14 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Serve one inbound connection: peer messages and client submissions.
-async fn serve_connection(stream: TcpStream, inputs: SyncSender<Input>) {
+/// Serve one inbound connection: peer messages (after a hello) and client submissions.
+async fn serve_connection(
+    stream: TcpStream,
+    inputs: SyncSender<Input>,
+    sessions: Arc<PeerSessions>,
+    status: Arc<NodeStatus>,
+) {
+    let mut peer: Option<ReplicaId> = None;
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let (reply_tx, mut reply_rx) = amp::channel::<Vec<u8>>(PEER_QUEUE);
@@ -215,9 +316,27 @@ async fn serve_connection(stream: TcpStream, inputs: SyncSender<Input>) {
         }
         let kind = body.remove(0);
         match kind {
+            FRAME_HELLO => match decode_signed(&body) {
+                Err(_) => break,
+                Ok(m) => match sessions.accept(&m, now_ms()) {
+                    Ok(from) => peer = Some(from),
+                    Err(fault) => {
+                        status.record_fault(&fault);
+                        break;
+                    }
+                },
+            },
             FRAME_PEER => match decode_signed(&body) {
                 // Undecodable bytes are not even a message: drop the connection.
                 Err(_) => break,
+                Ok(m) if peer.is_none() => {
+                    status.record_fault(&Fault {
+                        from: m.from,
+                        kind: FaultKind::Unauthenticated,
+                        detail: format!("a {} on a connection without a session", m.payload.kind()),
+                    });
+                    break;
+                }
                 Ok(m) => {
                     if inputs.try_send(Input::Peer(m)).is_err() {
                         DROPPED_IN.fetch_add(1, Ordering::Relaxed);
@@ -240,13 +359,20 @@ async fn serve_connection(stream: TcpStream, inputs: SyncSender<Input>) {
 }
 
 /// Keep a connection to one peer and write its queued frames; reconnect on failure.
-async fn peer_writer(addr: String, mut queue: amp::Receiver<Vec<u8>>) {
+async fn peer_writer(
+    addr: String,
+    mut queue: amp::Receiver<Vec<u8>>,
+    hello: impl Fn() -> Vec<u8> + Send + 'static,
+) {
     let mut conn: Option<TcpStream> = None;
     while let Some(f) = queue.recv().await {
         if conn.is_none() {
             match TcpStream::connect(addr.as_str()).await {
-                Ok(s) => {
+                Ok(mut s) => {
                     let _ = s.set_nodelay(true);
+                    if s.write_all(&hello()).await.is_err() {
+                        continue;
+                    }
                     conn = Some(s);
                 }
                 // Peer down: this frame is lost; PBFT retransmits what matters.
@@ -272,6 +398,7 @@ pub fn run(cfg: NodeConfig) -> Result<(), NodeError> {
         &n.peers,
         n.tick,
         None,
+        &n.status,
     )
 }
 
@@ -303,8 +430,7 @@ pub fn embed(
         }
     }
     let inputs = node.inputs_tx.clone();
-    let status = std::sync::Arc::new(NodeStatus::default());
-    let shared = status.clone();
+    let status = node.status.clone();
     std::thread::Builder::new()
         .name("ledger-replica".into())
         .spawn(move || {
@@ -315,7 +441,8 @@ pub fn embed(
                 &n.inputs,
                 &n.peers,
                 n.tick,
-                Some((&mut on_event, &shared)),
+                Some(&mut on_event),
+                &n.status,
             );
             if let Err(e) = r {
                 eprintln!("ledger replica stopped: {e}");
@@ -331,6 +458,7 @@ struct Started {
     inputs_tx: SyncSender<Input>,
     peers: HashMap<ReplicaId, amp::Sender<Vec<u8>>>,
     tick: Duration,
+    status: Arc<NodeStatus>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -353,9 +481,15 @@ fn start(cfg: NodeConfig) -> Result<Started, NodeError> {
         cfg.id,
         cfg.consensus.clone(),
         cfg.key.clone(),
-        members,
+        members.clone(),
         &records,
     );
+    let status = Arc::new(NodeStatus::default());
+    let sessions = Arc::new(PeerSessions {
+        me: cfg.id,
+        members: members.clone(),
+        latest: Mutex::new(HashMap::new()),
+    });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -365,16 +499,31 @@ fn start(cfg: NodeConfig) -> Result<Started, NodeError> {
     let listen = cfg.listen.clone().unwrap_or_else(|| me.address.clone());
     let listener = rt.block_on(TcpListener::bind(listen.as_str()))?;
     let accept_inputs = inputs_tx.clone();
+    let accept_status = status.clone();
     rt.spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(serve_connection(s, accept_inputs.clone()));
+            tokio::spawn(serve_connection(
+                s,
+                accept_inputs.clone(),
+                sessions.clone(),
+                accept_status.clone(),
+            ));
         }
     });
     let mut peers: HashMap<ReplicaId, amp::Sender<Vec<u8>>> = HashMap::new();
     for r in &cfg.genesis.replicas {
         if r.id != cfg.id {
             let (tx, rx) = amp::channel(PEER_QUEUE);
-            rt.spawn(peer_writer(r.address.clone(), rx));
+            let (key, members, me, to) = (cfg.key.clone(), members.clone(), cfg.id, r.id);
+            let last = AtomicU64::new(0);
+            // Each connection opens a new session, later than any before it.
+            let hello = move || {
+                let session = now_ms().max(last.load(Ordering::Relaxed) + 1);
+                last.store(session, Ordering::Relaxed);
+                let m = members.sign(&key, me, Payload::Hello { to, session });
+                frame(FRAME_HELLO, &encode_signed(&m))
+            };
+            rt.spawn(peer_writer(r.address.clone(), rx, hello));
             peers.insert(r.id, tx);
         }
     }
@@ -385,6 +534,7 @@ fn start(cfg: NodeConfig) -> Result<Started, NodeError> {
         inputs_tx,
         peers,
         tick: cfg.tick,
+        status,
         _rt: rt,
     })
 }
@@ -395,12 +545,9 @@ fn drive(
     inputs: &Receiver<Input>,
     peers: &HashMap<ReplicaId, amp::Sender<Vec<u8>>>,
     tick: Duration,
-    embedding: Option<(&mut dyn FnMut(Event), &NodeStatus)>,
+    mut events: Option<&mut dyn FnMut(Event)>,
+    status: &NodeStatus,
 ) -> Result<(), NodeError> {
-    let (mut events, status) = match embedding {
-        Some((e, s)) => (Some(e), Some(s)),
-        None => (None, None),
-    };
     // Clients waiting for their entries, by entry hash.
     let mut waiting: HashMap<[u8; 32], Vec<amp::Sender<Vec<u8>>>> = HashMap::new();
     // Entries the application submitted in this process (it holds their sidecars in memory).
@@ -412,10 +559,11 @@ fn drive(
     loop {
         if report_status && std::time::Instant::now() >= next_status {
             eprintln!(
-                "{} dropped in {} out {}",
+                "{} dropped in {} out {} faults {:?}",
                 replica.status(),
                 DROPPED_IN.load(Ordering::Relaxed),
-                DROPPED_OUT.load(Ordering::Relaxed)
+                DROPPED_OUT.load(Ordering::Relaxed),
+                status.faults()
             );
             next_status = std::time::Instant::now() + Duration::from_secs(1);
         }
@@ -429,14 +577,14 @@ fn drive(
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         };
         let now = now_ms();
-        if let Some(s) = status {
-            s.view.store(replica.view(), Ordering::Relaxed);
-            s.view_active
-                .store(replica.is_view_active(), Ordering::Relaxed);
-            s.last_executed
-                .store(replica.last_executed(), Ordering::Relaxed);
-            s.heartbeat_ms.store(now, Ordering::Relaxed);
-        }
+        status.view.store(replica.view(), Ordering::Relaxed);
+        status
+            .view_active
+            .store(replica.is_view_active(), Ordering::Relaxed);
+        status
+            .last_executed
+            .store(replica.last_executed(), Ordering::Relaxed);
+        status.heartbeat_ms.store(now, Ordering::Relaxed);
         let mut batch: Vec<Input> = first.into_iter().collect();
         while batch.len() < INPUTS_PER_ROUND {
             match inputs.try_recv() {
@@ -468,6 +616,9 @@ fn drive(
             next_tick = std::time::Instant::now() + tick;
         }
         // Every record of the round is durable before any of its messages leave.
+        for fault in steps.iter().flat_map(|s| &s.faults) {
+            status.record_fault(fault);
+        }
         let actions: Vec<Action> = steps.into_iter().flat_map(|s| s.actions).collect();
         let records: Vec<Record> = actions
             .iter()
@@ -565,4 +716,157 @@ fn drive(
 /// A frame on a blocking socket (for clients).
 pub(crate) fn client_frame(kind: u8, body: &[u8]) -> Vec<u8> {
     frame(kind, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream as StdStream;
+
+    use super::genesis::{public_key_hex, GenesisReplica};
+    use super::*;
+    use crate::core::message::test_key;
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Replica 0 of a 4-replica genesis, its transport listening (no driver: what reaches it
+    /// waits in its input queue).
+    fn replica_zero(dir: &std::path::Path) -> (Started, String, Membership) {
+        let replicas: Vec<GenesisReplica> = (0..4u32)
+            .map(|id| GenesisReplica {
+                id,
+                public_key: public_key_hex(&test_key(9, id)),
+                address: format!("127.0.0.1:{}", free_port()),
+                api: None,
+            })
+            .collect();
+        let genesis = Genesis {
+            chain_id: "sessions".into(),
+            replicas,
+        };
+        let members = genesis.membership().unwrap();
+        let address = genesis.replicas[0].address.clone();
+        let node = start(NodeConfig {
+            id: 0,
+            listen: None,
+            genesis,
+            key: test_key(9, 0),
+            data_dir: dir.to_path_buf(),
+            consensus: consensus(300, 64),
+            tick: Duration::from_millis(10),
+        })
+        .unwrap();
+        (node, address, members)
+    }
+
+    fn hello(members: &Membership, signer: ReplicaId, from: ReplicaId, session: u64) -> Vec<u8> {
+        let mut m = members.sign(
+            &test_key(9, signer),
+            from,
+            Payload::Hello { to: 0, session },
+        );
+        m.from = from;
+        frame(FRAME_HELLO, &encode_signed(&m))
+    }
+
+    fn status_message(members: &Membership) -> Vec<u8> {
+        let m = members.sign(
+            &test_key(9, 1),
+            1,
+            Payload::Status {
+                view: 0,
+                last_executed: 0,
+            },
+        );
+        frame(FRAME_PEER, &encode_signed(&m))
+    }
+
+    /// Send frames on a new connection; true if the replica then closed it.
+    fn closed_after(address: &str, frames: &[Vec<u8>]) -> bool {
+        let mut s = StdStream::connect(address).unwrap();
+        for f in frames {
+            s.write_all(f).unwrap();
+        }
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        match s.read(&mut [0u8; 16]) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    }
+
+    fn count(node: &Started, from: ReplicaId, kind: FaultKind) -> u64 {
+        node.status
+            .faults()
+            .into_iter()
+            .find(|(r, k, _)| *r == from && *k == kind)
+            .map_or(0, |(_, _, n)| n)
+    }
+
+    fn peer_inputs(node: &Started) -> usize {
+        std::iter::from_fn(|| node.inputs.try_recv().ok())
+            .filter(|i| matches!(i, Input::Peer(_)))
+            .count()
+    }
+
+    #[test]
+    fn peer_messages_need_a_fresh_session_and_replayed_sessions_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, address, members) = replica_zero(dir.path());
+
+        // Peer messages without a hello: refused, reported, the connection closed.
+        assert!(closed_after(&address, &[status_message(&members)]));
+        assert_eq!(count(&node, 1, FaultKind::Unauthenticated), 1);
+        assert_eq!(peer_inputs(&node), 0);
+
+        // A fresh session: its messages reach the replica.
+        let session = now_ms();
+        let opened = hello(&members, 1, 1, session);
+        let mut s = StdStream::connect(&address).unwrap();
+        s.write_all(&opened).unwrap();
+        s.write_all(&status_message(&members)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(peer_inputs(&node), 1);
+
+        // The same connection replayed: refused and reported as a replay.
+        assert!(closed_after(
+            &address,
+            &[opened.clone(), status_message(&members)]
+        ));
+        assert_eq!(count(&node, 1, FaultKind::Replay), 1);
+        // So is a session from long ago, and one older than the last.
+        assert!(closed_after(
+            &address,
+            &[hello(&members, 1, 1, session - 10 * 60_000)]
+        ));
+        assert!(closed_after(
+            &address,
+            &[hello(&members, 1, 1, session - 1)]
+        ));
+        assert_eq!(count(&node, 1, FaultKind::Replay), 3);
+        // A hello signed by someone else, or by a non-member.
+        assert!(closed_after(&address, &[hello(&members, 2, 1, now_ms())]));
+        assert_eq!(count(&node, 1, FaultKind::BadSignature), 1);
+        assert!(closed_after(&address, &[hello(&members, 2, 7, now_ms())]));
+        assert_eq!(count(&node, 7, FaultKind::NotMember), 1);
+        assert_eq!(peer_inputs(&node), 0);
+
+        // A newer session from the same peer is accepted.
+        let mut s2 = StdStream::connect(&address).unwrap();
+        s2.write_all(&hello(&members, 1, 1, now_ms() + 1)).unwrap();
+        s2.write_all(&status_message(&members)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(peer_inputs(&node), 1);
+        drop(s);
+    }
 }

@@ -23,6 +23,19 @@ pub fn head(svc: &Service) -> Result<Value> {
         "appliedSequence": seq,
         "root": hex(&root),
     });
+    // What this replica caught its peers doing (bad signatures, equivocation, replayed
+    // sessions…), since it started.
+    v["faultsObserved"] = json!(svc
+        .health
+        .node
+        .faults()
+        .into_iter()
+        .map(|(replica, kind, count)| json!({
+            "replica": replica,
+            "kind": format!("{kind:?}"),
+            "count": count,
+        }))
+        .collect::<Vec<_>>());
     if let Some(cp) = svc.store.stable_checkpoint()? {
         v["stableCheckpoint"] = json!({
             "sequence": cp.seq,
