@@ -104,6 +104,13 @@ pub enum Error {
     NotAcceptable(String),
     #[error("request body is larger than the configured limit of {0} bytes")]
     PayloadTooLarge(usize),
+    /// The change's ledger entry (its versions' commitments) is larger than the ledger orders.
+    #[error("this change records {versions} versions in a ledger entry of {bytes} bytes, larger than the {limit} bytes one entry may take; split the transaction")]
+    LedgerEntryTooLarge {
+        versions: usize,
+        bytes: usize,
+        limit: usize,
+    },
     /// A transaction entry failed; the whole transaction was rolled back.
     #[error("transaction failed at entry {index}: {source}")]
     TransactionEntry { index: usize, source: Box<Error> },
@@ -155,7 +162,9 @@ impl Error {
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
-            Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::PayloadTooLarge(_) | Error::LedgerEntryTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Error::TransactionEntry { source, .. } => source.status(),
             Error::Storage(_) | Error::Internal(_) | Error::Integrity(_) | Error::Startup(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -182,7 +191,9 @@ impl Error {
             Error::UnsupportedMediaType(m) | Error::NotAcceptable(m) => {
                 vec![Issue::error("not-supported", m.clone())]
             }
-            Error::PayloadTooLarge(_) => vec![Issue::error("too-long", self.to_string())],
+            Error::PayloadTooLarge(_) | Error::LedgerEntryTooLarge { .. } => {
+                vec![Issue::error("too-long", self.to_string())]
+            }
             Error::TransactionEntry { index, source } => source
                 .issues()
                 .into_iter()

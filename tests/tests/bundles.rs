@@ -136,6 +136,37 @@ fn a_failing_transaction_stores_nothing() {
     assert_eq!(s.get_json("Patient").1["total"], 1);
 }
 
+/// A transaction whose ledger entry would not fit in a batch (so could not travel in a view
+/// change) is refused whole with a 413, stores nothing, and leaves the server writing.
+#[test]
+fn a_transaction_too_large_for_one_ledger_entry_is_refused_whole() {
+    let s = TestServer::start();
+    let bundle = |n: usize, family: &str| {
+        let entries: Vec<Value> = (0..n)
+            .map(|i| {
+                json!({"resource": patient(family, &format!("G{i}"), "1980-01-01"),
+                "request": {"method": "POST", "url": "Patient"}})
+            })
+            .collect();
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    };
+    let oo = assert_outcome(s.post("", &bundle(2500, "Huge")), 413);
+    let diagnostics = oo["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(diagnostics.contains("split the transaction"), "{oo}");
+    assert_eq!(oo["issue"][0]["code"], "too-long");
+    assert_eq!(
+        s.get_json("Patient?family=Huge&_summary=count").1["total"],
+        0
+    );
+    // A large transaction that fits still commits, atomically.
+    let r = s.post("", &bundle(300, "Large"));
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        s.get_json("Patient?family=Large&_summary=count").1["total"],
+        300
+    );
+}
+
 #[test]
 fn batch_entries_succeed_or_fail_independently() {
     let s = TestServer::start();

@@ -146,6 +146,8 @@ struct Slot {
 pub struct Replica {
     id: ReplicaId,
     cfg: Config,
+    /// Most bytes of entries in one batch (see `batch_budget`).
+    batch_bytes: usize,
     key: SigningKey,
     members: Membership,
     f: usize,
@@ -229,6 +231,19 @@ fn entry_hash(e: &[u8]) -> Digest {
     sha2::Sha256::digest(e).into()
 }
 
+/// Most bytes of entries one batch may carry. A NEW-VIEW holds the 2f+1 VIEW-CHANGEs it was
+/// built from, each with up to `window` prepared certificates carrying their batches, and its
+/// own pre-prepares for as many slots again: with batches this small even the largest NEW-VIEW
+/// stays within the message limit, so no view change can fail for its size.
+fn batch_budget(cfg: &Config, quorum: usize) -> usize {
+    let copies = (quorum + 1) * cfg.window as usize;
+    // Per copy: the pre-prepare's header and signature, 2f prepares, encoding lengths; and
+    // for the whole message the view changes' checkpoint proofs and headers.
+    let per_copy = 256 + quorum * 160;
+    let reserve = (quorum + 1) * (quorum * 200 + 512);
+    (cfg.max_message_bytes.saturating_sub(reserve) / copies).saturating_sub(per_copy)
+}
+
 /// View-change timeouts double per failed attempt, up to 2^3 times the base: unbounded
 /// backoff leaves correct replicas in different views waiting far longer than the network
 /// needs to heal.
@@ -247,8 +262,14 @@ impl Replica {
             "the key belongs to this replica"
         );
         let f = (members.n() - 1) / 3;
+        let batch_bytes = batch_budget(&cfg, 2 * f + 1);
+        assert!(
+            batch_bytes >= 1024,
+            "the message limit leaves room for batches of {batch_bytes} bytes only"
+        );
         Replica {
             id,
+            batch_bytes,
             cfg,
             key,
             members,
@@ -399,6 +420,11 @@ impl Replica {
     pub fn stable_root(&self) -> Digest {
         self.stable_root
     }
+    /// The largest entry this replica accepts: one that fills a batch on its own.
+    pub fn max_entry_bytes(&self) -> usize {
+        self.batch_bytes - 16 - 8
+    }
+
     pub fn primary_of(&self, view: View) -> ReplicaId {
         (view % self.members.n() as u64) as ReplicaId
     }
@@ -486,7 +512,8 @@ impl Replica {
     /// A client entry submitted at this replica.
     pub fn handle_request(&mut self, now: u64, entry: Vec<u8>) -> Step {
         let h = entry_hash(&entry);
-        if self.in_flight_or_done(&h) {
+        // Too large for any batch: refused (the shell tells its client, see `max_entry_bytes`).
+        if entry.len() > self.max_entry_bytes() || self.in_flight_or_done(&h) {
             return self.take_step();
         }
         self.waiting.insert(h, entry.clone());
@@ -650,12 +677,28 @@ impl Replica {
             && self.next_seq < self.last_exec + self.cfg.pipeline
         {
             let mut entries = Vec::new();
+            let mut bytes = 16;
             while entries.len() < self.cfg.max_batch_entries {
                 let Some(e) = self.pending.pop_front() else {
                     break;
                 };
                 let h = entry_hash(&e);
-                if self.queued.remove(&h) && !self.in_flight_or_done(&h) {
+                if !self.queued.contains(&h) {
+                    continue;
+                }
+                if bytes + 8 + e.len() > self.batch_bytes {
+                    // The next batch starts with it (`enqueue` admits no entry that fills
+                    // more than a batch on its own, so one always fits an empty batch).
+                    assert!(
+                        !entries.is_empty(),
+                        "an entry larger than any batch was queued"
+                    );
+                    self.pending.push_front(e);
+                    break;
+                }
+                self.queued.remove(&h);
+                if !self.in_flight_or_done(&h) {
+                    bytes += 8 + e.len();
                     entries.push(e);
                 }
             }
@@ -716,7 +759,10 @@ impl Replica {
     /// retry).
     fn enqueue(&mut self, e: Vec<u8>) -> bool {
         let h = entry_hash(&e);
-        if self.queued.contains(&h) || self.in_flight_or_done(&h) || self.queued.len() >= MAX_QUEUED
+        if self.queued.contains(&h)
+            || self.in_flight_or_done(&h)
+            || self.queued.len() >= MAX_QUEUED
+            || e.len() > self.max_entry_bytes()
         {
             return false;
         }
@@ -2037,5 +2083,177 @@ impl Replica {
 
     fn take_step(&mut self) -> Step {
         std::mem::take(&mut self.step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::message::test_key;
+
+    fn members(n: u32) -> Membership {
+        Membership::new(
+            "budget",
+            (0..n).map(|i| test_key(5, i).verifying_key()).collect(),
+        )
+    }
+
+    /// The largest NEW-VIEW the protocol can build: 2f+1 VIEW-CHANGEs, each with a stable
+    /// checkpoint proof and a prepared certificate for every slot of the window carrying a full
+    /// batch, and pre-prepares for all of them. It must fit the message limit.
+    #[test]
+    fn the_largest_new_view_fits_the_message_limit() {
+        for (n, cfg) in [
+            (4, Config::default()),
+            (4, crate::node::consensus(500, 512)),
+            (7, crate::node::consensus(500, 512)),
+        ] {
+            let m = members(n);
+            let quorum = 2 * ((n as usize - 1) / 3) + 1;
+            let r = Replica::new(0, cfg.clone(), test_key(5, 0), m.clone());
+            // One entry filling the batch.
+            let batch = Batch {
+                timestamp: u64::MAX,
+                entries: vec![vec![7u8; r.max_entry_bytes()]],
+            };
+            assert!(
+                encoded_len(&m.sign(
+                    &test_key(5, 0),
+                    0,
+                    Payload::Forward {
+                        entries: batch.entries.clone()
+                    }
+                )) > 0
+            );
+            let digest = batch.digest();
+            let stable = u64::MAX / 2;
+            let proof: Vec<Signed> = (0..quorum as u32)
+                .map(|i| {
+                    m.sign(
+                        &test_key(5, i),
+                        i,
+                        Payload::Checkpoint {
+                            seq: stable,
+                            root: [1; 32],
+                        },
+                    )
+                })
+                .collect();
+            let pre_prepare = |seq| {
+                m.sign(
+                    &test_key(5, 0),
+                    0,
+                    Payload::PrePrepare {
+                        view: u64::MAX,
+                        seq,
+                        digest,
+                        batch: batch.clone(),
+                    },
+                )
+            };
+            let prepared: Vec<Prepared> = (1..=cfg.window)
+                .map(|k| Prepared {
+                    pre_prepare: pre_prepare(stable + k),
+                    prepares: (1..quorum as u32)
+                        .map(|i| {
+                            m.sign(
+                                &test_key(5, i),
+                                i,
+                                Payload::Prepare {
+                                    view: u64::MAX,
+                                    seq: stable + k,
+                                    digest,
+                                },
+                            )
+                        })
+                        .collect(),
+                })
+                .collect();
+            let view_changes: Vec<Signed> = (0..quorum as u32)
+                .map(|i| {
+                    m.sign(
+                        &test_key(5, i),
+                        i,
+                        Payload::ViewChange {
+                            view: u64::MAX,
+                            stable_seq: stable,
+                            stable_root: [1; 32],
+                            proof: proof.clone(),
+                            prepared: prepared.clone(),
+                        },
+                    )
+                })
+                .collect();
+            let nv = m.sign(
+                &test_key(5, 0),
+                0,
+                Payload::NewView {
+                    view: u64::MAX,
+                    view_changes,
+                    pre_prepares: (1..=cfg.window).map(|k| pre_prepare(stable + k)).collect(),
+                },
+            );
+            assert!(
+                encoded_len(&nv) <= cfg.max_message_bytes,
+                "n = {n}: a NEW-VIEW of {} bytes exceeds the limit of {}",
+                encoded_len(&nv),
+                cfg.max_message_bytes
+            );
+            // And the budget is not needlessly small: within 10% of the limit.
+            assert!(
+                encoded_len(&nv) * 10 >= cfg.max_message_bytes * 9,
+                "n = {n}: {} bytes",
+                encoded_len(&nv)
+            );
+        }
+    }
+
+    #[test]
+    fn a_primary_cuts_batches_by_bytes_and_refuses_entries_larger_than_a_batch() {
+        let cfg = Config {
+            max_message_bytes: 1 << 20,
+            ..Config::default()
+        };
+        let mut r = Replica::new(0, cfg.clone(), test_key(5, 0), members(4));
+        let big = r.max_entry_bytes();
+        let refused = r.handle_request(0, vec![1u8; big + 1]);
+        assert!(
+            refused.actions.is_empty(),
+            "an oversized entry is not proposed"
+        );
+        // Proposals by sequence number (retransmissions repeat them).
+        let mut batches = BTreeMap::new();
+        let mut steps = Vec::new();
+        for i in 0..10u8 {
+            steps.push(r.handle_request(u64::from(i), vec![i; big / 3]));
+        }
+        for t in 10..20 {
+            steps.push(r.handle_tick(t * cfg.batch_delay));
+        }
+        for step in steps {
+            for a in step.actions {
+                if let Action::Broadcast(Signed {
+                    payload: Payload::PrePrepare { seq, batch, .. },
+                    ..
+                }) = a
+                {
+                    batches.insert(seq, batch);
+                }
+            }
+        }
+        assert!(
+            batches.len() >= 4,
+            "10 entries of a third of a batch need at least 4 batches: {}",
+            batches.len()
+        );
+        for b in batches.values() {
+            let bytes: usize = 16 + b.entries.iter().map(|e| 8 + e.len()).sum::<usize>();
+            assert!(
+                bytes <= r.batch_bytes,
+                "a batch of {bytes} bytes over the budget {}",
+                r.batch_bytes
+            );
+        }
+        assert_eq!(batches.values().map(|b| b.entries.len()).sum::<usize>(), 10);
     }
 }

@@ -77,10 +77,11 @@ pub fn consensus(view_change_timeout_ms: u64, max_batch_entries: usize) -> Confi
         max_batch_entries,
         batch_delay: 1,
         retransmit_interval: 100,
-        // View changes carry prepared certificates (with their batches) above the stable
-        // checkpoint: frequent checkpoints keep them, and NEW-VIEW, within the limit.
+        // View changes carry prepared certificates (with their batches) for the window above
+        // the stable checkpoint; the core sizes batches so the largest NEW-VIEW fits the
+        // message limit, and a smaller window allows larger batches (and entries: ~260 KB).
         checkpoint_interval: 16,
-        window: 64,
+        window: 32,
         pipeline: 16,
         max_message_bytes: 32 << 20,
         ..Config::default()
@@ -139,6 +140,8 @@ pub enum Event {
 pub struct Embedded {
     inputs: SyncSender<Input>,
     pub status: std::sync::Arc<NodeStatus>,
+    /// The largest entry the replica orders (`Replica::max_entry_bytes`).
+    pub max_entry_bytes: usize,
 }
 
 /// What the driver last saw, for health probes: updated every round (at least every tick).
@@ -243,6 +246,8 @@ pub enum SubmitError {
     Busy,
     #[error("the ledger replica has stopped")]
     Stopped,
+    #[error("an entry of {bytes} bytes is larger than the {limit} bytes the ledger orders")]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 impl Embedded {
@@ -251,6 +256,12 @@ impl Embedded {
     /// durable before the entry leaves this replica — in the same synced write as the round's
     /// consensus records, so it costs no extra fsync — and is kept until released.
     pub fn submit(&self, entry: Vec<u8>, sidecar: Vec<u8>) -> Result<(), SubmitError> {
+        if entry.len() > self.max_entry_bytes {
+            return Err(SubmitError::TooLarge {
+                bytes: entry.len(),
+                limit: self.max_entry_bytes,
+            });
+        }
         self.inputs
             .try_send(Input::Local { entry, sidecar })
             .map_err(|e| match e {
@@ -431,6 +442,7 @@ pub fn embed(
     }
     let inputs = node.inputs_tx.clone();
     let status = node.status.clone();
+    let max_entry_bytes = node.replica.max_entry_bytes();
     std::thread::Builder::new()
         .name("ledger-replica".into())
         .spawn(move || {
@@ -448,7 +460,11 @@ pub fn embed(
                 eprintln!("ledger replica stopped: {e}");
             }
         })?;
-    Ok(Embedded { inputs, status })
+    Ok(Embedded {
+        inputs,
+        status,
+        max_entry_bytes,
+    })
 }
 
 struct Started {

@@ -819,6 +819,16 @@ impl Committer {
             let result = self
                 .apply(&group, &mut own, changes, audit)
                 .and_then(|c| Ok((self.seal(&c, &actor)?, c)));
+            let result = result.and_then(|(bytes, c)| match bytes {
+                Some(b) if b.len() > self.replica.max_entry_bytes => {
+                    Err(Error::LedgerEntryTooLarge {
+                        versions: c.applied.len() + usize::from(c.audit.is_some()),
+                        bytes: b.len(),
+                        limit: self.replica.max_entry_bytes,
+                    })
+                }
+                bytes => Ok((bytes, c)),
+            });
             match result {
                 Ok((Some(bytes), c)) => {
                     group.merge(&own);
