@@ -21,7 +21,9 @@ import json
 import os
 import secrets
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -773,8 +775,6 @@ def verify(s):
 
 
 def offline_verify(s, receipt):
-    import subprocess
-    import tempfile
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(receipt, f)
         f.flush()

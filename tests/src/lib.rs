@@ -59,34 +59,27 @@ pub fn free_port() -> u16 {
 
 /// Mint an access token with the server's own key (`fhirmament token`), as an operator would.
 pub fn mint_token(data: &Path, base: &str, scope: &str, extra: &[&str]) -> String {
-    let out = Command::new(binary())
-        .arg("token")
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--base-url", base, "--scope", scope])
-        .args(extra)
-        .output()
-        .expect("run fhirmament token");
-    assert!(
-        out.status.success(),
-        "fhirmament token: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_string()
+    stdout_of(
+        Command::new(binary())
+            .arg("token")
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--base-url", base, "--scope", scope])
+            .args(extra),
+    )
 }
 
 /// Run `python3` with these arguments; its trimmed stdout (the test fails if it fails).
 pub fn python3(args: &[&str]) -> String {
-    let out = Command::new("python3")
-        .args(args)
-        .output()
-        .expect("run python3");
+    stdout_of(Command::new("python3").args(args))
+}
+
+/// Run a command that must succeed; its trimmed stdout.
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "python3 {args:?}: {}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout)

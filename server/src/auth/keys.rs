@@ -134,23 +134,18 @@ pub fn verify_with_keys(
         else {
             continue;
         };
+        // The verifier types differ per algorithm family; the decoding does not.
+        fn decode<V: josekit::jws::JwsVerifier>(
+            token: &str,
+            verifier: std::result::Result<V, josekit::JoseError>,
+        ) -> Option<(JwtPayload, JwsHeader)> {
+            jwt::decode_with_verifier(token, &verifier.ok()?).ok()
+        }
         let verified = match alg {
-            "RS256" => josekit::jws::RS256
-                .verifier_from_jwk(&jwk)
-                .ok()
-                .and_then(|v| jwt::decode_with_verifier(token, &v).ok()),
-            "RS384" => josekit::jws::RS384
-                .verifier_from_jwk(&jwk)
-                .ok()
-                .and_then(|v| jwt::decode_with_verifier(token, &v).ok()),
-            "ES256" => josekit::jws::ES256
-                .verifier_from_jwk(&jwk)
-                .ok()
-                .and_then(|v| jwt::decode_with_verifier(token, &v).ok()),
-            "ES384" => josekit::jws::ES384
-                .verifier_from_jwk(&jwk)
-                .ok()
-                .and_then(|v| jwt::decode_with_verifier(token, &v).ok()),
+            "RS256" => decode(token, josekit::jws::RS256.verifier_from_jwk(&jwk)),
+            "RS384" => decode(token, josekit::jws::RS384.verifier_from_jwk(&jwk)),
+            "ES256" => decode(token, josekit::jws::ES256.verifier_from_jwk(&jwk)),
+            "ES384" => decode(token, josekit::jws::ES384.verifier_from_jwk(&jwk)),
             _ => None,
         };
         if let Some((payload, _)) = verified {
