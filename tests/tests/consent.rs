@@ -495,6 +495,7 @@ fn the_holder_releases_a_version_only_as_the_patients_consent_permits() {
             client: "ehr-app".into(),
             user: Some(format!("Practitioner/{who}")),
             purpose: Some("TREAT".into()),
+            after: 0,
         };
         let creds = sign_request(
             &node0,

@@ -46,6 +46,16 @@ pub async fn handle(svc: &Service, mut req: FhirRequest) -> Result<FhirResponse>
         )),
         _ => None,
     };
+    if let (Route::NodeVersion(t, id, v), Some((a, _))) = (&req.route, &node_acting) {
+        // Only a verified request may make this node wait (it is verified again below).
+        let path = crate::ledger::peer::resource_path(*t, id, *v);
+        let acting = req.node_acting.as_deref().unwrap_or("");
+        if crate::ledger::peer::check_request(&svc.replica, req.node.as_deref(), &path, acting)
+            .is_ok()
+        {
+            wait_until_applied(svc, a.after).await?;
+        }
+    }
     let node_grant = node_acting.as_ref().map(|(a, _)| a.as_grant());
     let (grant, purpose, organization) = match &node_acting {
         Some((a, from)) => {
@@ -758,7 +768,11 @@ async fn remote_version(
             body: Vec::new().into(),
         }));
     }
-    crate::ledger::peer::fetch(&svc.replica, &svc.peers, t, id, version, &rec, acting)
+    let acting = Acting {
+        after: svc.store.applied()?.0,
+        ..acting.clone()
+    };
+    crate::ledger::peer::fetch(&svc.replica, &svc.peers, t, id, version, &rec, &acting)
         .await
         .map(Some)
 }
@@ -852,6 +866,21 @@ async fn vread(
 }
 
 /// Node-to-node release of a version this node holds (see `ledger::peer`).
+/// How long a holder waits to apply the ledger as far as a requesting replica had: longer
+/// than a block takes to reach every replica, short enough for the requester's 5 s timeout.
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Wait (briefly) until this node applied the ledger up to `seq`. Past the wait, the consent
+/// checks run on the state this node has: a denial then is fail-closed, and a Consent revoked
+/// since is also checked by the requester on its own, more recent state.
+async fn wait_until_applied(svc: &Service, seq: u64) -> Result<()> {
+    let started = std::time::Instant::now();
+    while svc.store.applied()?.0 < seq && started.elapsed() < CATCH_UP_WAIT {
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
 /// The holder decides: the version leaves only if the patient's Consents permit the
 /// requesting organization and the user it acts for (the gate was built from both).
 fn node_version(

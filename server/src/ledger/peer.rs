@@ -40,6 +40,10 @@ pub struct Acting {
     pub user: Option<String>,
     /// The purpose of use (v3-ActReason).
     pub purpose: Option<String>,
+    /// The ledger position the requester had applied when it asked: the holder decides on
+    /// consent state at least that recent (read-your-writes across replicas), so a Consent
+    /// the requester already acknowledged is never judged by a holder a block behind.
+    pub after: u64,
 }
 
 impl Acting {
@@ -48,6 +52,7 @@ impl Acting {
             client: grant.map(|g| g.client_id.clone()).unwrap_or_default(),
             user: grant.and_then(|g| g.fhir_user.clone()),
             purpose: purpose.map(str::to_string),
+            after: 0,
         }
     }
 
@@ -60,6 +65,9 @@ impl Acting {
         if let Some(p) = &self.purpose {
             ser.append_pair("purpose", p);
         }
+        if self.after > 0 {
+            ser.append_pair("after", &self.after.to_string());
+        }
         ser.finish()
     }
 
@@ -70,6 +78,7 @@ impl Acting {
                 "client" => a.client = v.into_owned(),
                 "user" => a.user = Some(v.into_owned()),
                 "purpose" => a.purpose = Some(v.into_owned()),
+                "after" => a.after = v.parse().unwrap_or(0),
                 _ => {}
             }
         }
@@ -293,4 +302,26 @@ pub async fn fetch(
         },
         body: body.to_vec().into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Acting;
+
+    #[test]
+    fn the_acting_party_and_the_requesters_ledger_position_survive_the_signed_header() {
+        let a = Acting {
+            client: "ehr & co".into(),
+            user: Some("Practitioner/p1".into()),
+            purpose: Some("ETREAT".into()),
+            after: 4_812,
+        };
+        assert_eq!(Acting::decode(&a.encode()), a);
+        let fresh = Acting {
+            after: 0,
+            ..a.clone()
+        };
+        assert!(!fresh.encode().contains("after"));
+        assert_eq!(Acting::decode(&fresh.encode()), fresh);
+    }
 }
