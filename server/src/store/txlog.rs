@@ -382,32 +382,77 @@ impl SortedBatch {
     fn get(&self, cf: &'static str, key: &[u8]) -> Option<Option<&Vec<u8>>> {
         self.writes.get(&(cf, key.to_vec())).map(Option::as_deref)
     }
-    /// Take this round's new objects out of the batch (for an object store of their own).
-    fn take_objects(&mut self) -> Vec<(ObjectName, Vec<u8>)> {
-        let names: Vec<_> = self
-            .writes
+    /// This round's new objects (for an object store of their own).
+    fn objects(&self) -> Vec<(ObjectName, Vec<u8>)> {
+        self.writes
             .range((CF_OBJECTS, Vec::new())..)
             .take_while(|((cf, _), _)| *cf == CF_OBJECTS)
-            .map(|(k, _)| k.clone())
-            .collect();
-        names
-            .into_iter()
-            .filter_map(|k| {
-                let bytes = self.writes.remove(&k)??;
-                let bytes = Arc::try_unwrap(bytes).unwrap_or_else(|shared| (*shared).clone());
-                Some((k.1.try_into().ok()?, bytes))
+            .filter_map(|((_, name), bytes)| {
+                Some((name.as_slice().try_into().ok()?, bytes.as_deref()?.clone()))
             })
             .collect()
     }
-    fn into_write_batch(self, store: &Store) -> WriteBatch {
+    /// The RocksDB batch, without the objects when they are kept elsewhere.
+    fn write_batch(&self, store: &Store, with_objects: bool) -> WriteBatch {
         let mut wb = WriteBatch::default();
-        for ((cf, key), value) in self.writes {
+        for ((cf, key), value) in &self.writes {
+            if *cf == CF_OBJECTS && !with_objects {
+                continue;
+            }
             match value {
-                Some(v) => wb.put_cf(store.cf(cf), key, &**v),
+                Some(v) => wb.put_cf(store.cf(cf), key, &***v),
                 None => wb.delete_cf(store.cf(cf), key),
             }
         }
         wb
+    }
+}
+
+/// A round's batch on its way to the store, with the answers that wait for it.
+struct RoundWrite {
+    batch: Arc<SortedBatch>,
+    replies: Vec<(oneshot::Sender<Result<Committed>>, Result<Committed>)>,
+}
+
+/// How many round batches the writer has written, for the commit thread to wait on.
+#[derive(Default)]
+struct Written {
+    rounds: std::sync::Mutex<u64>,
+    cond: std::sync::Condvar,
+}
+
+/// The store writer: writes the commit thread's round batches in order, then answers the
+/// clients whose entries each one applied. Inserting a round's writes into the memtables is
+/// a large share of a write's cost; on a thread of its own it overlaps with the commit thread
+/// evaluating the next group, which reads through the batches not yet written (`unwritten`).
+fn write_rounds(store: Arc<Store>, rounds: mpsc::Receiver<RoundWrite>, written: Arc<Written>) {
+    let embedded = store.objects().is_embedded();
+    for RoundWrite { batch, replies } in rounds {
+        // An object store of its own holds the sealed versions before any entry names them
+        // (a failure here is like a failed batch: the sidecars replay them).
+        if !embedded {
+            let objects = batch.objects();
+            if !objects.is_empty() {
+                if let Err(e) = store.put_objects(objects) {
+                    tracing::error!(error = %e, "cannot store sealed versions; stopping");
+                    std::process::exit(70);
+                }
+            }
+        }
+        // Not synced: the ledger's store already holds these blocks and the sidecars of this
+        // node's entries durably, and replays them after a crash.
+        if let Err(e) = store.db().write(batch.write_batch(&store, embedded)) {
+            // Committed blocks this node cannot record: stop rather than diverge. On restart
+            // they are replayed from the replica's store.
+            tracing::error!(error = %e, "cannot persist applied ledger blocks; stopping");
+            std::process::exit(70);
+        }
+        drop(batch);
+        for (reply, result) in replies {
+            let _ = reply.send(result);
+        }
+        *written.rounds.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        written.cond.notify_all();
     }
 }
 
@@ -460,6 +505,14 @@ struct Committer {
     unapplied: FxHashMap<(&'static str, Vec<u8>), (Shared, [u8; 32])>,
     applied_seq: u64,
     ledger_root: [u8; 32],
+    /// Round batches handed to the writer and not yet written, oldest first: (round number,
+    /// batch, this node's entries it applied). Reads go through them, newest first, before
+    /// the store.
+    unwritten: VecDeque<(u64, Arc<SortedBatch>, Vec<[u8; 32]>)>,
+    /// Rounds handed to the writer so far.
+    handed: u64,
+    writer: mpsc::SyncSender<RoundWrite>,
+    written: Arc<Written>,
     health: Arc<Health>,
     timeout: Duration,
     rotation: Option<Rotation>,
@@ -486,6 +539,16 @@ impl Committer {
         let last_tx = read_counter(&store, META_LAST_TX)?;
         let last_ts = read_counter(&store, META_LAST_TS)? as i64;
         let (applied_seq, ledger_root) = store.applied()?;
+        let written = Arc::new(Written::default());
+        // A few rounds may wait to be written; beyond that the commit thread waits too.
+        let (writer, rounds) = mpsc::sync_channel(4);
+        {
+            let (store, written) = (store.clone(), written.clone());
+            std::thread::Builder::new()
+                .name("fhirmament-write".into())
+                .spawn(move || write_rounds(store, rounds, written))
+                .map_err(|e| Error::Internal(format!("cannot start the store writer: {e}")))?;
+        }
         Ok(Committer {
             store,
             registry,
@@ -505,6 +568,10 @@ impl Committer {
             last_sync: Instant::now(),
             applied_seq,
             ledger_root,
+            unwritten: VecDeque::new(),
+            handed: 0,
+            writer,
+            written,
             health,
             timeout: LEDGER_TIMEOUT,
             rotation: None,
@@ -551,29 +618,8 @@ impl Committer {
             } else {
                 Vec::new()
             };
-            if !round.batch.is_empty() {
-                // An object store of its own holds the sealed versions before any entry names
-                // them (a failure here is like a failed batch: the sidecars replay them).
-                if !self.store.objects().is_embedded() {
-                    let objects = round.batch.take_objects();
-                    if !objects.is_empty() {
-                        if let Err(e) = self.store.put_objects(objects) {
-                            tracing::error!(error = %e, "cannot store sealed versions; stopping");
-                            std::process::exit(70);
-                        }
-                    }
-                }
-                // Not synced: the ledger's store already holds these blocks and the sidecars
-                // of this node's entries durably, and replays them after a crash.
-                let batch = std::mem::take(&mut round.batch).into_write_batch(&self.store);
-                if let Err(e) = self.store.db().write(batch) {
-                    // Committed blocks this node cannot record: stop rather than diverge. On
-                    // restart they are replayed from the replica's store.
-                    tracing::error!(error = %e, "cannot persist applied ledger blocks; stopping");
-                    std::process::exit(70);
-                }
-            }
             self.finish(round, sealed);
+            self.drain_written(false);
             self.release_durable();
             if let Err(e) = self.advance_rotation() {
                 tracing::error!(error = %e, "the key-encryption key rotation could not proceed; it is retried");
@@ -642,6 +688,7 @@ impl Committer {
         }
         // Everything sealed before the switch is applied: make it durable and let its sidecars
         // go, so no replay can bring back a key wrapped under the old KEK.
+        self.drain_written(true);
         store.db().flush_wal(true)?;
         self.last_sync = Instant::now();
         self.replica.release(std::mem::take(&mut self.unreleased));
@@ -660,7 +707,9 @@ impl Committer {
                 left,
                 "data keys still under the previous KEK; scanning again"
             );
-            rotation.cursor = Some(Vec::new());
+            if let Some(rotation) = &mut self.rotation {
+                rotation.cursor = Some(Vec::new());
+            }
             return Ok(());
         }
         let mut sync = rocksdb::WriteOptions::default();
@@ -681,6 +730,47 @@ impl Committer {
             "key-encryption key rotated online: every data key is wrapped under it; the previous KEK can be retired"
         );
         Ok(())
+    }
+
+    /// Forget the round batches the writer has written (their entries' sidecars may be
+    /// released at the next sync); with `all`, first wait until it has written every one.
+    fn drain_written(&mut self, all: bool) {
+        let mut rounds = self
+            .written
+            .rounds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while all && *rounds < self.handed {
+            rounds = self
+                .written
+                .cond
+                .wait(rounds)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        let done = *rounds;
+        drop(rounds);
+        while self.unwritten.front().is_some_and(|(n, _, _)| *n <= done) {
+            let (_, _, applied) = self.unwritten.pop_front().expect("front exists");
+            self.unreleased.extend(applied);
+        }
+    }
+
+    /// A stored value as the commit thread must see it: the latest round batch not yet
+    /// written that has the key, else the store.
+    fn stored(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        for (_, batch, _) in self.unwritten.iter().rev() {
+            if let Some(v) = batch.get(cf, key) {
+                return Ok(v.cloned());
+            }
+        }
+        Ok(self.store.db().get_cf(self.store.cf(cf), key)?)
+    }
+
+    /// `Store::ledger_head`, read through the batches not yet written.
+    fn ledger_head(&self, rtype: ResourceType, id: &str) -> Result<Option<LedgerHead>> {
+        Ok(self
+            .stored(CF_LEDGER, &ledger_key(b'c', &resource_key(rtype, id)))?
+            .and_then(|b| LedgerHead::decode(&b)))
     }
 
     /// Every so often make the applied state durable, then let the replica drop the sidecars
@@ -809,6 +899,10 @@ impl Committer {
                 break;
             }
             let job = self.queued.pop_front().expect("front exists");
+            if job.submission.changes.iter().any(Change::needs_search) {
+                // Its search reads the store: everything applied must be written first.
+                self.drain_written(true);
+            }
             let mut own = Overlay::default();
             let (tx_before, ts_before) = (self.last_tx, self.last_ts);
             let Submission {
@@ -859,19 +953,40 @@ impl Committer {
             self.applied_seq = seq;
             self.ledger_root = root;
         }
+        let mut replies = Vec::new();
+        let mut applied = Vec::new();
         for (hash, accepted, own) in round.verdicts {
             if let Some(own) = own {
                 self.settle(&hash, &own);
             }
-            self.unreleased.push(hash);
+            applied.push(hash);
             if let Some(f) = self.inflight.remove(&hash) {
-                let _ = f.reply.send(if accepted {
-                    Ok(f.committed)
-                } else {
-                    Err(Error::VersionConflict(
-                        "a concurrent change to the same resource committed first on the ledger; retry".into(),
-                    ))
-                });
+                replies.push((
+                    f.reply,
+                    if accepted {
+                        Ok(f.committed)
+                    } else {
+                        Err(Error::VersionConflict(
+                            "a concurrent change to the same resource committed first on the ledger; retry".into(),
+                        ))
+                    },
+                ));
+            }
+        }
+        if round.batch.is_empty() {
+            for (reply, result) in replies {
+                let _ = reply.send(result);
+            }
+            self.unreleased.extend(applied);
+        } else {
+            // Settled writes stay readable through the batch until the writer wrote it.
+            let batch = Arc::new(round.batch);
+            self.handed += 1;
+            self.unwritten
+                .push_back((self.handed, batch.clone(), applied));
+            if self.writer.send(RoundWrite { batch, replies }).is_err() {
+                tracing::error!("the store writer has stopped; stopping");
+                std::process::exit(70);
             }
         }
         for (hash, bytes, f, tx, ts, own) in sealed {
@@ -1059,12 +1174,16 @@ impl Committer {
             return Ok(());
         };
         let id = std::str::from_utf8(&key[cut + 1..]).unwrap_or("");
-        if self.store.current(rtype, id)?.is_none() {
+        if self
+            .stored(CF_CURRENT, key)?
+            .and_then(|b| Current::decode(&b))
+            .is_none()
+        {
             return Ok(());
         }
         for p in self.registry.params(rtype) {
             let vkey = values_key(rtype, &p.code, id);
-            if let Some(old) = self.store.db().get_cf(self.store.cf(CF_VALUES), &vkey)? {
+            if let Some(old) = self.stored(CF_VALUES, &vkey)? {
                 let prefix = param_prefix(rtype, &p.code);
                 let blinding = self.store.blinding();
                 let old = decode_values(&blinding.open_values(&vkey, &old)?).unwrap_or_default();
@@ -1098,7 +1217,7 @@ impl Committer {
                 Some(s) => Some(s.1),
                 None => match heads.get(&key) {
                     Some(h) => Some(*h),
-                    None => self.store.ledger_head(rt, &r.id)?,
+                    None => self.ledger_head(rt, &r.id)?,
                 },
             };
             if r.version != cur.map_or(0, |h| h.version) + 1 {
@@ -1163,7 +1282,7 @@ impl Committer {
         let filed = ledger_key(b'q', r.id.as_bytes());
         let previous = match wb.get(CF_LEDGER, &filed) {
             Some(v) => v.cloned(),
-            None => self.store.db().get_cf(self.store.cf(CF_LEDGER), &filed)?,
+            None => self.stored(CF_LEDGER, &filed)?,
         };
         let policy_key = |patient: &[u8]| {
             let mut k = ledger_key(b'p', patient);
@@ -1205,7 +1324,7 @@ impl Committer {
         if let Some((v, _)) = self.unapplied.get(&k) {
             return Ok(v.as_deref().cloned());
         }
-        Ok(self.store.db().get_cf(self.store.cf(cf), key)?)
+        self.stored(cf, key)
     }
 
     /// A resource's latest version as this node must build on it: its own (possibly
@@ -1220,7 +1339,7 @@ impl Committer {
         let local = self
             .get(group, own, CF_CURRENT, &resource_key(rtype, id))?
             .and_then(|b| Current::decode(&b));
-        match self.store.ledger_head(rtype, id)? {
+        match self.ledger_head(rtype, id)? {
             Some(h) if h.holder != self.me && local.is_none_or(|c| c.version < h.version) => {
                 Ok(Some(Current {
                     version: h.version,
