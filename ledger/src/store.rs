@@ -44,6 +44,9 @@ const META_NEXT: &[u8] = b"next_log_index";
 pub struct LedgerStore {
     db: DB,
     next: u64,
+    /// The consensus log's keys by the sequence number their message is about, so a stable
+    /// checkpoint collects what it made obsolete without reading (and decoding) the log back.
+    log_keys: std::collections::BTreeMap<Seq, Vec<u64>>,
 }
 
 /// The sequence number a logged message is about, for garbage collection.
@@ -71,7 +74,19 @@ impl LedgerStore {
             .and_then(|b| b.try_into().ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0);
-        Ok(LedgerStore { db, next })
+        let mut log_keys: std::collections::BTreeMap<Seq, Vec<u64>> = Default::default();
+        for item in db.iterator_cf(db.cf_handle(CF_LOG).expect("log"), IteratorMode::Start) {
+            let (k, v) = item?;
+            let key = k
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("log key".into()))?;
+            if let Some(seq) = seq_of(&decode_signed(v.get(1..).unwrap_or_default())?) {
+                log_keys.entry(seq).or_default().push(key);
+            }
+        }
+        Ok(LedgerStore { db, next, log_keys })
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -117,6 +132,9 @@ impl LedgerStore {
                     let mut v = vec![if matches!(r, Record::Sent(_)) { 1 } else { 2 }];
                     v.extend_from_slice(&encode_signed(m));
                     batch.put_cf(self.cf(CF_LOG), self.next.to_be_bytes(), v);
+                    if let Some(seq) = seq_of(m) {
+                        self.log_keys.entry(seq).or_default().push(self.next);
+                    }
                     self.next += 1;
                 }
                 Record::Stable { seq, root, proof } => {
@@ -130,7 +148,7 @@ impl LedgerStore {
         }
         batch.put_cf(self.cf(CF_META), META_NEXT, self.next.to_be_bytes());
         if let Some(low) = stable {
-            self.collect_log(low, &mut batch)?;
+            self.collect_log(low, &mut batch);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
@@ -139,15 +157,12 @@ impl LedgerStore {
     }
 
     /// Delete logged messages about sequence numbers at or below the stable checkpoint.
-    fn collect_log(&self, low: Seq, batch: &mut WriteBatch) -> Result<(), StoreError> {
-        for item in self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::Start) {
-            let (k, v) = item?;
-            let m = decode_signed(v.get(1..).unwrap_or_default())?;
-            if seq_of(&m).is_some_and(|s| s <= low) {
-                batch.delete_cf(self.cf(CF_LOG), k);
-            }
+    fn collect_log(&mut self, low: Seq, batch: &mut WriteBatch) {
+        let above = self.log_keys.split_off(&(low + 1));
+        let obsolete = std::mem::replace(&mut self.log_keys, above);
+        for key in obsolete.into_values().flatten() {
+            batch.delete_cf(self.cf(CF_LOG), key.to_be_bytes());
         }
-        Ok(())
     }
 
     /// Everything a restarting replica needs, in the order it was written.
