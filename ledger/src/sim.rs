@@ -710,6 +710,11 @@ impl Sim {
                 }
             }
             self.run_step(id, step.actions, step.faults, faulty)?;
+            // As the shell does after each round of inputs.
+            if let Some(rep) = self.nodes[id as usize].replica.as_mut() {
+                let step = rep.handle_inputs_drained(now);
+                self.run_step(id, step.actions, step.faults, faulty)?;
+            }
         }
         Ok(())
     }

@@ -676,6 +676,17 @@ impl Replica {
         self.propose_now(now, full);
     }
 
+    /// The shell took in everything that had arrived: an idle primary proposes what it has
+    /// queued at once rather than wait out the batch delay, which only pays off while earlier
+    /// batches are still being agreed on (the next batch then gathers what arrives meanwhile).
+    pub fn handle_inputs_drained(&mut self, now: u64) -> Step {
+        if self.next_seq <= self.last_exec && !self.queued.is_empty() {
+            self.batch_deadline = None;
+            self.propose_now(now, true);
+        }
+        self.take_step()
+    }
+
     fn propose_now(&mut self, now: u64, cut: bool) {
         if !cut || !self.is_primary() || !self.view_active {
             return;
@@ -2197,6 +2208,39 @@ mod tests {
                 encoded_len(&nv)
             );
         }
+    }
+
+    fn proposed(step: &Step) -> Vec<Seq> {
+        step.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Broadcast(Signed {
+                    payload: Payload::PrePrepare { seq, .. },
+                    ..
+                }) => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_idle_primary_proposes_at_once_and_a_busy_one_gathers_a_batch() {
+        let cfg = Config {
+            batch_delay: 10,
+            ..Config::default()
+        };
+        let mut r = Replica::new(0, cfg, test_key(5, 0), members(4));
+        // Nothing in flight: what arrived in this round of inputs goes out now.
+        assert!(proposed(&r.handle_request(0, vec![1])).is_empty());
+        assert!(proposed(&r.handle_request(0, vec![2])).is_empty());
+        assert_eq!(proposed(&r.handle_inputs_drained(0)), vec![1]);
+        // Batch 1 is still being agreed on: the next entries wait for the batch delay.
+        r.handle_request(1, vec![3]);
+        r.handle_request(2, vec![4]);
+        // (Ticks also retransmit batch 1.)
+        assert!(!proposed(&r.handle_inputs_drained(2)).contains(&2));
+        assert!(!proposed(&r.handle_tick(9)).contains(&2));
+        assert!(proposed(&r.handle_tick(11)).contains(&2));
     }
 
     #[test]

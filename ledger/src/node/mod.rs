@@ -631,6 +631,7 @@ fn drive(
             steps.push(replica.handle_tick(now));
             next_tick = std::time::Instant::now() + tick;
         }
+        steps.push(replica.handle_inputs_drained(now));
         // Every record of the round is durable before any of its messages leave.
         for fault in steps.iter().flat_map(|s| &s.faults) {
             status.record_fault(fault);
