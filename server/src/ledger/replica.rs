@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 
 /// How long a primary with peers gathers entries before cutting a block.
-const BATCH_DELAY_MS: u64 = 10;
+const BATCH_DELAY_MS: u64 = 20;
 
 pub struct ReplicaSetup {
     pub genesis: Genesis,
