@@ -428,6 +428,10 @@ struct Written {
 fn write_rounds(store: Arc<Store>, rounds: mpsc::Receiver<RoundWrite>, written: Arc<Written>) {
     let embedded = store.objects().is_embedded();
     for RoundWrite { batch, replies } in rounds {
+        #[cfg(test)]
+        std::thread::sleep(Duration::from_millis(
+            tests::SLOW_WRITER_MS.load(std::sync::atomic::Ordering::Relaxed),
+        ));
         // An object store of its own holds the sealed versions before any entry names them
         // (a failure here is like a failed batch: the sidecars replay them).
         if !embedded {
@@ -1880,6 +1884,11 @@ mod tests {
     use crate::store::DERIVED_FAMILIES;
     use serde_json::json;
 
+    /// Milliseconds the store writer waits before each round (to widen, in a test, the window
+    /// in which the commit thread must read through the batches not yet written).
+    pub(super) static SLOW_WRITER_MS: std::sync::atomic::AtomicU64 =
+        std::sync::atomic::AtomicU64::new(0);
+
     /// A commit thread over a consortium of one in its own directory.
     fn start_log(
         store: Arc<Store>,
@@ -1995,6 +2004,83 @@ mod tests {
             .unwrap()
             .index_is_stale()
             .unwrap());
+    }
+
+    /// Writers of one resource and one patient compartment, each waiting for its answer, while
+    /// the store writer is slow: a submission evaluated after an entry was applied but before
+    /// its batch was written must still build on it (the next version number, the patient's
+    /// data key). Reading the store alone would number versions twice (refused as conflicts)
+    /// or seal under a second data key (earlier versions then no longer open).
+    #[test]
+    fn submissions_build_on_applied_entries_whose_batch_is_not_yet_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            Store::open(
+                dir.path(),
+                crate::store::envelope::Kek::generate().unwrap().0,
+            )
+            .unwrap(),
+        );
+        let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
+        let (log, _ledger, _) = start_log(store.clone(), registry, "http://x/fhir".into());
+        let log = Arc::new(log);
+        SLOW_WRITER_MS.store(15, std::sync::atomic::Ordering::Relaxed);
+        let doc = |n: usize| {
+            json!({"resourceType":"DocumentReference","status":"current",
+                "subject":{"reference":"Patient/p"},"description":format!("note {n}"),
+                "content":[{"attachment":{"contentType":"text/plain"}}]})
+        };
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for i in 0..12 {
+                        let change = if i % 2 == 0 {
+                            Change::Update {
+                                rtype: ResourceType::DocumentReference,
+                                id: "shared".into(),
+                                resource: doc(w * 100 + i),
+                                if_match: None,
+                                method: Method::Put,
+                            }
+                        } else {
+                            Change::Create {
+                                rtype: ResourceType::DocumentReference,
+                                id: format!("w{w}-{i}"),
+                                resource: doc(w * 100 + i),
+                                if_none_exist: None,
+                                on_match: OnMatch::ReturnExisting,
+                            }
+                        };
+                        submit(&log, vec![change]).expect("every write commits");
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        SLOW_WRITER_MS.store(0, std::sync::atomic::Ordering::Relaxed);
+        let t = ResourceType::DocumentReference;
+        let cur = store.current(t, "shared").unwrap().expect("written");
+        assert_eq!(
+            cur.version, 24,
+            "4 writers x 6 updates, each the next version"
+        );
+        for v in 1..=24 {
+            store
+                .version(t, "shared", v)
+                .unwrap()
+                .unwrap_or_else(|| panic!("version {v} opens"));
+        }
+        for w in 0..4 {
+            for i in (1..12).step_by(2) {
+                store
+                    .version(t, &format!("w{w}-{i}"), 1)
+                    .unwrap()
+                    .expect("each created version opens");
+            }
+        }
     }
 
     #[test]
