@@ -126,6 +126,10 @@ struct Node {
     replica: Option<Replica>,
     /// Records that were made durable.
     disk: Vec<Record>,
+    /// Records written but not yet synced: peers' messages taken in by steps that acted on
+    /// nothing (as the shell writes them). The next step that acts syncs them; a crash keeps
+    /// only a prefix of them.
+    unsynced: Vec<Record>,
     /// Executed (seq, root) as this node saw them, across restarts.
     executed: BTreeMap<Seq, Digest>,
     down_until: u64,
@@ -203,6 +207,7 @@ impl Sim {
                     members.clone(),
                 )),
                 disk: vec![],
+                unsynced: vec![],
                 executed: BTreeMap::new(),
                 down_until: 0,
             })
@@ -298,12 +303,21 @@ impl Sim {
             } else {
                 None
             };
+        let acts = actions
+            .iter()
+            .any(|a| !matches!(a, Action::Persist(Record::Accepted(_))));
+        if acts {
+            let node = &mut self.nodes[id as usize];
+            let synced = std::mem::take(&mut node.unsynced);
+            node.disk.extend(synced);
+        }
         for (i, action) in actions.into_iter().enumerate() {
             if crash_at == Some(i) {
                 return self.crash(id);
             }
             match action {
-                Action::Persist(r) => self.nodes[id as usize].disk.push(r),
+                Action::Persist(r) if acts => self.nodes[id as usize].disk.push(r),
+                Action::Persist(r) => self.nodes[id as usize].unsynced.push(r),
                 Action::Broadcast(m) => {
                     self.record_vote(id, &m)?;
                     for to in 0..self.sc.n as u32 {
@@ -370,7 +384,12 @@ impl Sim {
     }
 
     fn crash(&mut self, id: ReplicaId) -> Result<(), String> {
+        let kept = self
+            .rng
+            .below(self.nodes[id as usize].unsynced.len() as u64 + 1) as usize;
         let node = &mut self.nodes[id as usize];
+        let written = std::mem::take(&mut node.unsynced);
+        node.disk.extend(written.into_iter().take(kept));
         node.replica = None;
         node.down_until = self.now + 50 + self.rng.below(400);
         self.trace.update(format!("crash {id} at {}", self.now));

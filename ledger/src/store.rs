@@ -96,15 +96,18 @@ impl LedgerStore {
     /// Make records durable (one synced write). Blocks go to the ledger; a stable checkpoint
     /// also removes the consensus log it makes obsolete.
     pub fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
-        self.append_with(records, &[], &[])
+        self.append_with(records, &[], &[], true)
     }
 
-    /// `append`, plus sidecars stored (and released ones deleted) in the same synced write.
+    /// `append`, plus sidecars stored (and released ones deleted) in the same write; synced
+    /// when `sync`, else durable only once a later synced write (or `sync`) follows it — the
+    /// write-ahead log is one sequence, so syncing it makes every earlier write durable too.
     pub fn append_with(
         &mut self,
         records: &[Record],
         sidecars: &[(Digest, Vec<u8>)],
         release: &[Digest],
+        sync: bool,
     ) -> Result<(), StoreError> {
         if records.is_empty() && sidecars.is_empty() && release.is_empty() {
             return Ok(());
@@ -151,9 +154,14 @@ impl LedgerStore {
             self.collect_log(low, &mut batch);
         }
         let mut wo = WriteOptions::default();
-        wo.set_sync(true);
+        wo.set_sync(sync);
         self.db.write_opt(batch, &wo)?;
         Ok(())
+    }
+
+    /// Make every earlier write durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        Ok(self.db.flush_wal(true)?)
     }
 
     /// Delete logged messages about sequence numbers at or below the stable checkpoint.

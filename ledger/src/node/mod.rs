@@ -569,6 +569,8 @@ fn drive(
     // Entries the application submitted in this process (it holds their sidecars in memory).
     let mut local: std::collections::HashSet<[u8; 32]> = Default::default();
     let mut next_tick = std::time::Instant::now();
+    // Whether the last write was not synced (see below).
+    let mut unsynced = false;
     // FHIRMAMENT_LEDGER_STATUS=1 prints a status line every second (for operators and tests).
     let report_status = std::env::var_os("FHIRMAMENT_LEDGER_STATUS").is_some();
     let mut next_status = std::time::Instant::now();
@@ -647,7 +649,21 @@ fn drive(
                 }
             })
             .collect();
-        store.append_with(&records, &sidecars, &release)?;
+        // What must be durable is whatever this replica already acted on: messages it sent,
+        // blocks it executed, the entries (sidecars) it let go. Peers' messages it only took
+        // in, with nothing sent on them yet, may be lost in a crash like messages lost in the
+        // network, so a round of nothing else is written without a sync; the next round that
+        // acts syncs them with its own (sync before any send, as before).
+        let acts = actions
+            .iter()
+            .any(|a| !matches!(a, Action::Persist(Record::Accepted(_))));
+        if !records.is_empty() || !sidecars.is_empty() || !release.is_empty() {
+            store.append_with(&records, &sidecars, &release, acts)?;
+            unsynced = !acts;
+        } else if acts && unsynced {
+            store.sync()?;
+            unsynced = false;
+        }
         for a in actions {
             match a {
                 Action::Persist(Record::Stable { seq, root, proof }) => {
