@@ -1889,6 +1889,15 @@ mod tests {
     pub(super) static SLOW_WRITER_MS: std::sync::atomic::AtomicU64 =
         std::sync::atomic::AtomicU64::new(0);
 
+    /// A new store under a new KEK in its own directory, and the embedded profiles' registry.
+    fn fresh_store() -> (tempfile::TempDir, Arc<Store>, Arc<Registry>) {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = crate::store::envelope::Kek::generate().unwrap().0;
+        let store = Arc::new(Store::open(dir.path(), kek).unwrap());
+        let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
+        (dir, store, registry)
+    }
+
     /// A commit thread over a consortium of one in its own directory.
     fn start_log(
         store: Arc<Store>,
@@ -1909,15 +1918,7 @@ mod tests {
 
     #[test]
     fn reindex_rebuilds_the_derived_families_byte_for_byte() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            Store::open(
-                dir.path(),
-                crate::store::envelope::Kek::generate().unwrap().0,
-            )
-            .unwrap(),
-        );
-        let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
+        let (_dir, store, registry) = fresh_store();
         let base = "http://localhost/fhir".to_string();
         let (log, _ledger, _) = start_log(store.clone(), registry.clone(), base.clone());
         for i in 0..30 {
@@ -2013,15 +2014,7 @@ mod tests {
     /// or seal under a second data key (earlier versions then no longer open).
     #[test]
     fn submissions_build_on_applied_entries_whose_batch_is_not_yet_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            Store::open(
-                dir.path(),
-                crate::store::envelope::Kek::generate().unwrap().0,
-            )
-            .unwrap(),
-        );
-        let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
+        let (_dir, store, registry) = fresh_store();
         let (log, _ledger, _) = start_log(store.clone(), registry, "http://x/fhir".into());
         let log = Arc::new(log);
         SLOW_WRITER_MS.store(15, std::sync::atomic::Ordering::Relaxed);
@@ -2085,15 +2078,7 @@ mod tests {
 
     #[test]
     fn an_atomic_submission_with_a_failing_change_writes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            Store::open(
-                dir.path(),
-                crate::store::envelope::Kek::generate().unwrap().0,
-            )
-            .unwrap(),
-        );
-        let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
+        let (_dir, store, registry) = fresh_store();
         let (log, _ledger, _) = start_log(store.clone(), registry, "http://x/fhir".into());
         let p = json!({"resourceType":"Patient"});
         let err = submit(
@@ -2151,15 +2136,7 @@ mod tests {
 
     #[test]
     fn every_version_is_on_the_ledger_and_its_receipt_verifies_offline() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            Store::open(
-                dir.path(),
-                crate::store::envelope::Kek::generate().unwrap().0,
-            )
-            .unwrap(),
-        );
-        let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
+        let (_dir, store, registry) = fresh_store();
         let (log, _ledger, replica) = start_log(store.clone(), registry, "http://x/fhir".into());
         // Enough blocks for a stable checkpoint (every 16) to cover the first ones.
         for i in 0..40 {
@@ -2254,15 +2231,7 @@ mod tests {
 
     #[test]
     fn bytes_changed_behind_the_servers_back_are_never_served() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            Store::open(
-                dir.path(),
-                crate::store::envelope::Kek::generate().unwrap().0,
-            )
-            .unwrap(),
-        );
-        let registry = Arc::new(Registry::from_profiles(&Profiles::embedded().unwrap()));
+        let (_dir, store, registry) = fresh_store();
         let (log, _ledger, replica) = start_log(store.clone(), registry, "http://x/fhir".into());
         create(&log, "t", "Original");
         assert!(store.read(ResourceType::Patient, "t").is_ok());
