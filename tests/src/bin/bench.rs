@@ -227,13 +227,14 @@ fn measure(
             / 1000.0
     };
     println!(
-        "{name:<26} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} req, {} errors; CPU: server {:.0}%, load generator {:.0}%)",
+        "{name:<26} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} req, {} errors; CPU: server {:.0}% = {:.2} ms per request, load generator {:.0}%)",
         l.len() as f64 / elapsed,
         pct(0.50),
         pct(0.99),
         l.len(),
         errors,
         100.0 * server_cpu / elapsed,
+        1000.0 * server_cpu / (l.len().max(1) as f64),
         100.0 * own_cpu / elapsed
     );
 }
