@@ -116,7 +116,9 @@ impl ReplicaSetup {
                     },
                     ..ledger::node::consensus(500, 512)
                 },
-                tick: Duration::from_millis(1),
+                // Timers only (batch deadline, retransmission, view change): inputs wake the
+                // driver at once, and an idle primary proposes without waiting for a tick.
+                tick: Duration::from_millis(5),
             },
             applied,
             on_event,
