@@ -62,7 +62,9 @@ fn seq_of(m: &Signed) -> Option<Seq> {
 }
 
 impl LedgerStore {
-    pub fn open(path: &Path) -> Result<LedgerStore, StoreError> {
+    /// Open (or create) the store, with everything a restarting replica needs, in the order
+    /// it was written.
+    pub fn open(path: &Path) -> Result<(LedgerStore, Vec<Record>), StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -74,19 +76,13 @@ impl LedgerStore {
             .and_then(|b| b.try_into().ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0);
-        let mut log_keys: std::collections::BTreeMap<Seq, Vec<u64>> = Default::default();
-        for item in db.iterator_cf(db.cf_handle(CF_LOG).expect("log"), IteratorMode::Start) {
-            let (k, v) = item?;
-            let key = k
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt("log key".into()))?;
-            if let Some(seq) = seq_of(&decode_signed(v.get(1..).unwrap_or_default())?) {
-                log_keys.entry(seq).or_default().push(key);
-            }
-        }
-        Ok(LedgerStore { db, next, log_keys })
+        let mut store = LedgerStore {
+            db,
+            next,
+            log_keys: Default::default(),
+        };
+        let records = store.load()?;
+        Ok((store, records))
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -173,8 +169,9 @@ impl LedgerStore {
         }
     }
 
-    /// Everything a restarting replica needs, in the order it was written.
-    pub fn load(&self) -> Result<Vec<Record>, StoreError> {
+    /// Everything a restarting replica needs, in the order it was written; indexes the log's
+    /// keys (`log_keys`) on the way, so the log is read once.
+    fn load(&mut self) -> Result<Vec<Record>, StoreError> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_BLOCKS), IteratorMode::Start) {
             let (k, v) = item?;
@@ -213,8 +210,16 @@ impl LedgerStore {
             });
         }
         for item in self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::Start) {
-            let (_, v) = item?;
+            let (k, v) = item?;
+            let key = k
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("log key".into()))?;
             let m = decode_signed(v.get(1..).unwrap_or_default())?;
+            if let Some(seq) = seq_of(&m) {
+                self.log_keys.entry(seq).or_default().push(key);
+            }
             out.push(if v.first() == Some(&1) {
                 Record::Sent(m)
             } else {
@@ -296,7 +301,7 @@ mod tests {
         };
         let mut executed = Vec::new();
         {
-            let mut store = LedgerStore::open(dir.path()).unwrap();
+            let (mut store, _) = LedgerStore::open(dir.path()).unwrap();
             let mut r = Replica::new(0, cfg.clone(), key.clone(), members.clone());
             let mut carry_out = |step: crate::core::Step, store: &mut LedgerStore| {
                 let mut persist = Vec::new();
@@ -325,8 +330,7 @@ mod tests {
                 store.log_len()
             );
         }
-        let store = LedgerStore::open(dir.path()).unwrap();
-        let records = store.load().unwrap();
+        let (store, records) = LedgerStore::open(dir.path()).unwrap();
         let r = Replica::restore(0, cfg, key, members, &records);
         let (last_seq, last_root) = *executed.last().unwrap();
         assert_eq!(r.last_executed(), last_seq);

@@ -491,8 +491,7 @@ fn start(cfg: NodeConfig) -> Result<Started, NodeError> {
             cfg.id
         )));
     }
-    let store = LedgerStore::open(&cfg.data_dir)?;
-    let records = store.load()?;
+    let (store, records) = LedgerStore::open(&cfg.data_dir)?;
     let replica = Replica::restore(
         cfg.id,
         cfg.consensus.clone(),
