@@ -46,16 +46,6 @@ pub async fn handle(svc: &Service, mut req: FhirRequest) -> Result<FhirResponse>
         )),
         _ => None,
     };
-    if let (Route::NodeVersion(t, id, v), Some((a, _))) = (&req.route, &node_acting) {
-        // Only a verified request may make this node wait (it is verified again below).
-        let path = crate::ledger::peer::resource_path(*t, id, *v);
-        let acting = req.node_acting.as_deref().unwrap_or("");
-        if crate::ledger::peer::check_request(&svc.replica, req.node.as_deref(), &path, acting)
-            .is_ok()
-        {
-            wait_until_applied(svc, a.after).await?;
-        }
-    }
     let node_grant = node_acting.as_ref().map(|(a, _)| a.as_grant());
     let (grant, purpose, organization) = match &node_acting {
         Some((a, from)) => {
@@ -633,7 +623,7 @@ async fn run(svc: &Service, req: FhirRequest, gate: &mut ConsentGate<'_>) -> Res
         Route::InstanceHistory(t, id) => history(svc, Some((t, id)), None, &req.query, gate).await,
         Route::TypeHistory(t) => history(svc, None, Some(t), &req.query, gate).await,
         Route::SystemHistory => history(svc, None, None, &req.query, gate).await,
-        Route::NodeVersion(t, id, v) => node_version(svc, t, &id, v, &req, gate),
+        Route::NodeVersion(t, id, v) => node_version(svc, t, &id, v, &req, gate).await,
         Route::ValidateType(t) => validate_operation(svc, t, None, &req.body),
         Route::ValidateInstance(t, id) => validate_operation(svc, t, Some(&id), &req.body),
         Route::Verify(t, id, v) => verify(svc, t, &id, v),
@@ -865,7 +855,6 @@ async fn vread(
     Ok(labelled_response(&v, labelled))
 }
 
-/// Node-to-node release of a version this node holds (see `ledger::peer`).
 /// How long a holder waits to apply the ledger as far as a requesting replica had: longer
 /// than a block takes to reach every replica, short enough for the requester's 5 s timeout.
 const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -881,9 +870,11 @@ async fn wait_until_applied(svc: &Service, seq: u64) -> Result<()> {
     Ok(())
 }
 
-/// The holder decides: the version leaves only if the patient's Consents permit the
-/// requesting organization and the user it acts for (the gate was built from both).
-fn node_version(
+/// Node-to-node release of a version this node holds (see `ledger::peer`). The holder
+/// decides: the version leaves only if the patient's Consents permit the requesting
+/// organization and the user it acts for (the gate was built from both), judged on consent
+/// state at least as recent as the requester's (the gate reads it at its first check).
+async fn node_version(
     svc: &Service,
     t: ResourceType,
     id: &str,
@@ -895,6 +886,7 @@ fn node_version(
     let acting = req.node_acting.as_deref().unwrap_or("");
     let from =
         crate::ledger::peer::check_request(&svc.replica, req.node.as_deref(), &path, acting)?;
+    wait_until_applied(svc, Acting::decode(acting).after).await?;
     let v = svc
         .store
         .version(t, id, version)?
