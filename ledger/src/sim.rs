@@ -303,9 +303,7 @@ impl Sim {
             } else {
                 None
             };
-        let acts = actions
-            .iter()
-            .any(|a| !matches!(a, Action::Persist(Record::Accepted(_))));
+        let acts = Action::any_acts(&actions);
         if acts {
             let node = &mut self.nodes[id as usize];
             let synced = std::mem::take(&mut node.unsynced);

@@ -94,6 +94,18 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// Whether a step with these actions acts on what it took in: anything but recording
+    /// peers' messages (a send, an execution, a record of its own). Before it does, every
+    /// record so far must be durable; records of peers' messages alone may wait for that, as
+    /// losing them in a crash is like losing them in the network.
+    pub fn any_acts(actions: &[Action]) -> bool {
+        actions
+            .iter()
+            .any(|a| !matches!(a, Action::Persist(Record::Accepted(_))))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FaultKind {
     BadSignature,

@@ -653,9 +653,7 @@ fn drive(
         // in, with nothing sent on them yet, may be lost in a crash like messages lost in the
         // network, so a round of nothing else is written without a sync; the next round that
         // acts syncs them with its own (sync before any send, as before).
-        let acts = actions
-            .iter()
-            .any(|a| !matches!(a, Action::Persist(Record::Accepted(_))));
+        let acts = Action::any_acts(&actions);
         if !records.is_empty() || !sidecars.is_empty() || !release.is_empty() {
             store.append_with(&records, &sidecars, &release, acts)?;
             unsynced = !acts;
