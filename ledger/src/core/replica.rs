@@ -243,6 +243,15 @@ fn entry_hash(e: &[u8]) -> Digest {
     sha2::Sha256::digest(e).into()
 }
 
+/// A batch's size as `batch_budget` counts it: its header (timestamp, entry count) and, per
+/// entry, a length prefix and the entry.
+const BATCH_HEADER_BYTES: usize = 16;
+const ENTRY_PREFIX_BYTES: usize = 8;
+
+fn batch_size_with(bytes: usize, entry: &[u8]) -> usize {
+    bytes + ENTRY_PREFIX_BYTES + entry.len()
+}
+
 /// Most bytes of entries one batch may carry. A NEW-VIEW holds the 2f+1 VIEW-CHANGEs it was
 /// built from, each with up to `window` prepared certificates carrying their batches, and its
 /// own pre-prepares for as many slots again: with batches this small even the largest NEW-VIEW
@@ -442,7 +451,7 @@ impl Replica {
     }
     /// The largest entry this replica accepts: one that fills a batch on its own.
     pub fn max_entry_bytes(&self) -> usize {
-        self.batch_bytes - 16 - 8
+        self.batch_bytes - BATCH_HEADER_BYTES - ENTRY_PREFIX_BYTES
     }
 
     pub fn primary_of(&self, view: View) -> ReplicaId {
@@ -708,7 +717,7 @@ impl Replica {
             && self.next_seq < self.last_exec + self.cfg.pipeline
         {
             let mut entries = Vec::new();
-            let mut bytes = 16;
+            let mut bytes = BATCH_HEADER_BYTES;
             while entries.len() < self.cfg.max_batch_entries {
                 let Some(e) = self.pending.pop_front() else {
                     break;
@@ -717,7 +726,7 @@ impl Replica {
                 if !self.queued.contains(&h) {
                     continue;
                 }
-                if bytes + 8 + e.len() > self.batch_bytes {
+                if batch_size_with(bytes, &e) > self.batch_bytes {
                     // The next batch starts with it (`enqueue` admits no entry that fills
                     // more than a batch on its own, so one always fits an empty batch).
                     assert!(
@@ -729,7 +738,7 @@ impl Replica {
                 }
                 self.queued.remove(&h);
                 if !self.in_flight_or_done(&h) {
-                    bytes += 8 + e.len();
+                    bytes = batch_size_with(bytes, &e);
                     entries.push(e);
                 }
             }
@@ -2247,8 +2256,8 @@ mod tests {
         assert!(proposed(&r.handle_request(0, vec![2])).is_empty());
         assert_eq!(proposed(&r.handle_inputs_drained(0)), vec![1]);
         // Batch 1 is still being agreed on: the next entries wait for the batch delay.
-        r.handle_request(1, vec![3]);
-        r.handle_request(2, vec![4]);
+        let _ = r.handle_request(1, vec![3]);
+        let _ = r.handle_request(2, vec![4]);
         // (Ticks also retransmit batch 1.)
         assert!(!proposed(&r.handle_inputs_drained(2)).contains(&2));
         assert!(!proposed(&r.handle_tick(9)).contains(&2));
@@ -2294,7 +2303,10 @@ mod tests {
             batches.len()
         );
         for b in batches.values() {
-            let bytes: usize = 16 + b.entries.iter().map(|e| 8 + e.len()).sum::<usize>();
+            let bytes = b
+                .entries
+                .iter()
+                .fold(BATCH_HEADER_BYTES, |n, e| batch_size_with(n, e));
             assert!(
                 bytes <= r.batch_bytes,
                 "a batch of {bytes} bytes over the budget {}",
