@@ -142,7 +142,7 @@ fn measure(
     server_pids: &[u32],
     tokens: &[(String, String)],
     make: impl Fn(&mut Rng) -> Request + Sync,
-) {
+) -> u64 {
     let bearer = |url: &str| {
         tokens
             .iter()
@@ -237,6 +237,7 @@ fn measure(
         1000.0 * server_cpu / (l.len().max(1) as f64),
         100.0 * own_cpu / elapsed
     );
+    l.len() as u64 - errors
 }
 
 fn main() {
@@ -361,8 +362,21 @@ fn main() {
             (Method::GET, format!("{}/Patient?birthdate=ge{y:04}-{m:02}-01&birthdate=le{y:04}-{m:02}-28&_count=10", base_of(rng)), None, 200)
         });
     }
+    // How many ledger blocks the primary cut for a write workload: each block costs every
+    // replica about 2n signature checks and a few fsyncs, whatever it carries.
+    let applied_seq = || -> u64 {
+        let v: Value = loader
+            .get(format!("{}/_ledger", bases[0]))
+            .header("Authorization", format!("Bearer {}", tokens[0].1))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v["appliedSequence"].as_u64().unwrap_or(0)
+    };
     if run("create") {
-        measure("create Patient", &a, pid, tokens, |rng| {
+        let before = applied_seq();
+        let made = measure("create Patient", &a, pid, tokens, |rng| {
             (
                 Method::POST,
                 format!("{}/Patient", base_of(rng)),
@@ -370,6 +384,11 @@ fn main() {
                 201,
             )
         });
+        let blocks = applied_seq().saturating_sub(before).max(1);
+        println!(
+            "  ledger: {blocks} blocks for {made} creates ({:.1} entries per block)",
+            made as f64 / blocks as f64
+        );
     }
     if run("transaction") {
         measure("transaction (10 entries)", &a, pid, tokens, |rng| {
