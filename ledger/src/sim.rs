@@ -96,9 +96,6 @@ impl Scenario {
             pipeline: 4,
             max_batch_entries: 4,
             batch_delay: 2,
-            // Paced blocks under load, as replica processes run.
-            block_gap: 3,
-            paced_from_entries: 2,
             view_change_timeout: 150,
             retransmit_interval: 40,
             ..Config::default()

@@ -25,13 +25,6 @@ pub struct Config {
     pub max_batch_entries: usize,
     /// Ticks the primary waits to fill a batch.
     pub batch_delay: u64,
-    /// Pacing under load: once a block carried `paced_from_entries` entries or more, an idle
-    /// primary proposes the next one no sooner than `block_gap` ticks after it. Every block
-    /// costs each replica about 2n signature checks and a few syncs whatever it carries, so
-    /// under load fewer, larger blocks leave the CPU to the entries; a primary whose blocks
-    /// carry single entries is keeping up and proposes each at once. 0 disables pacing.
-    pub block_gap: u64,
-    pub paced_from_entries: usize,
     /// Ticks without progress before a view change; doubles on each failed attempt.
     pub view_change_timeout: u64,
     pub retransmit_interval: u64,
@@ -48,8 +41,6 @@ impl Default for Config {
             pipeline: 8,
             max_batch_entries: 256,
             batch_delay: 2,
-            block_gap: 0,
-            paced_from_entries: 4,
             view_change_timeout: 400,
             retransmit_interval: 100,
             max_message_bytes: 8 << 20,
@@ -220,9 +211,6 @@ pub struct Replica {
     recent: VecDeque<Digest>,
     recent_set: BTreeSet<Digest>,
     batch_deadline: Option<u64>,
-    /// When this replica last proposed a block as primary, and how many entries it carried
-    /// (see `Config::block_gap`).
-    last_proposal: (u64, usize),
     progress_deadline: Option<u64>,
     view_change_attempt: u32,
     next_retransmit: u64,
@@ -345,7 +333,6 @@ impl Replica {
             recent: VecDeque::new(),
             recent_set: BTreeSet::new(),
             batch_deadline: None,
-            last_proposal: (0, 0),
             progress_deadline: None,
             view_change_attempt: 0,
             next_retransmit: 0,
@@ -713,24 +700,10 @@ impl Replica {
     /// The shell took in everything that had arrived: an idle primary proposes what it has
     /// queued at once rather than wait out the batch delay, which only pays off while earlier
     /// batches are still being agreed on (the next batch then gathers what arrives meanwhile).
-    /// Under load it keeps `Config::block_gap` between blocks instead.
     pub fn handle_inputs_drained(&mut self, now: u64) -> Step {
         if self.next_seq <= self.last_exec && !self.queued.is_empty() {
-            let (at, entries) = self.last_proposal;
-            let paced_until = if entries >= self.cfg.paced_from_entries {
-                at + self.cfg.block_gap
-            } else {
-                0
-            };
-            if now >= paced_until {
-                self.batch_deadline = None;
-                self.propose_now(now, true);
-            } else {
-                self.batch_deadline = Some(
-                    self.batch_deadline
-                        .map_or(paced_until, |d| d.min(paced_until)),
-                );
-            }
+            self.batch_deadline = None;
+            self.propose_now(now, true);
         }
         self.take_step()
     }
@@ -774,7 +747,6 @@ impl Replica {
             }
             let timestamp = now.max(self.last_timestamp);
             self.last_timestamp = timestamp;
-            self.last_proposal = (now, entries.len());
             let batch = Batch { timestamp, entries };
             self.next_seq += 1;
             let (view, seq, digest) = (self.view, self.next_seq, batch.digest());
@@ -2290,44 +2262,6 @@ mod tests {
         assert!(!proposed(&r.handle_inputs_drained(2)).contains(&2));
         assert!(!proposed(&r.handle_tick(9)).contains(&2));
         assert!(proposed(&r.handle_tick(11)).contains(&2));
-    }
-
-    #[test]
-    fn a_loaded_primary_paces_its_blocks_and_a_light_one_proposes_each_entry_at_once() {
-        let cfg = Config {
-            batch_delay: 50,
-            block_gap: 10,
-            paced_from_entries: 2,
-            ..Config::default()
-        };
-        // Alone (n = 1), a proposal executes at once: the primary is idle after every block.
-        let mut r = Replica::new(0, cfg, test_key(5, 0), members(1));
-        let _ = r.handle_request(0, vec![1]);
-        assert_eq!(proposed(&r.handle_inputs_drained(0)), vec![1]);
-        // Blocks of one entry: light load, no pacing.
-        let _ = r.handle_request(1, vec![2]);
-        assert_eq!(proposed(&r.handle_inputs_drained(1)), vec![2]);
-        let _ = r.handle_request(2, vec![3]);
-        let _ = r.handle_request(2, vec![4]);
-        assert_eq!(proposed(&r.handle_inputs_drained(2)), vec![3]);
-        // Block 3 carried two entries: the next one waits until 10 ticks after it…
-        let _ = r.handle_request(3, vec![5]);
-        assert!(proposed(&r.handle_inputs_drained(3)).is_empty());
-        let _ = r.handle_request(5, vec![6]);
-        assert!(proposed(&r.handle_inputs_drained(5)).is_empty());
-        assert!(proposed(&r.handle_tick(11)).is_empty());
-        // …and then carries everything that arrived meanwhile, long before the batch delay.
-        assert_eq!(proposed(&r.handle_tick(12)), vec![4]);
-        assert_eq!(
-            r.slots
-                .get(&4)
-                .and_then(|s| s.pre_prepare.as_ref())
-                .map(|pp| match &pp.payload {
-                    Payload::PrePrepare { batch, .. } => batch.entries.len(),
-                    _ => 0,
-                }),
-            Some(2)
-        );
     }
 
     #[test]

@@ -17,9 +17,6 @@ use crate::error::{Error, Result};
 
 /// How long a primary with peers gathers entries before cutting a block.
 const BATCH_DELAY_MS: u64 = 20;
-/// Under load (blocks of several entries), the least time between two blocks of a primary
-/// with peers (see `ledger::core::Config::block_gap`).
-const BLOCK_GAP_MS: u64 = 15;
 
 pub struct ReplicaSetup {
     pub genesis: Genesis,
@@ -116,11 +113,6 @@ impl ReplicaSetup {
                         BATCH_DELAY_MS
                     } else {
                         1
-                    },
-                    block_gap: if self.membership.n() > 1 {
-                        BLOCK_GAP_MS
-                    } else {
-                        0
                     },
                     ..ledger::node::consensus(500, 512)
                 },
