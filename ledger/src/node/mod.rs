@@ -54,6 +54,9 @@ const INPUTS_PER_ROUND: usize = 256;
 static DROPPED_IN: AtomicU64 = AtomicU64::new(0);
 static DROPPED_OUT: AtomicU64 = AtomicU64::new(0);
 
+/// Buffer of a peer connection's reader.
+const READ_BUFFER_BYTES: usize = 64 << 10;
+
 fn send_or_count(q: &amp::Sender<Vec<u8>>, f: Vec<u8>) {
     if q.try_send(f).is_err() {
         DROPPED_OUT.fetch_add(1, Ordering::Relaxed);
@@ -303,7 +306,9 @@ async fn serve_connection(
 ) {
     let mut peer: Option<ReplicaId> = None;
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    // Frames are small and come in bursts: one read takes in several.
+    let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let (reply_tx, mut reply_rx) = amp::channel::<Vec<u8>>(PEER_QUEUE);
     let writer = tokio::spawn(async move {
         while let Some(f) = reply_rx.recv().await {
