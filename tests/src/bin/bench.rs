@@ -17,6 +17,7 @@ use fhirmament_e2e::*;
 
 const FAMILIES: usize = 2000;
 
+#[derive(Clone)]
 struct Args {
     patients: usize,
     concurrency: usize,
@@ -25,6 +26,9 @@ struct Args {
     spread: bool,
     /// Keep sealed versions in a local Garage (S3) instead of RocksDB.
     s3: bool,
+    /// Find the most creates/s whose p99 stays within this many milliseconds, by raising
+    /// the concurrency step by step.
+    p99_target_ms: Option<f64>,
 }
 
 fn args() -> Args {
@@ -35,6 +39,7 @@ fn args() -> Args {
         replicas: 1,
         spread: false,
         s3: false,
+        p99_target_ms: None,
     };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -45,6 +50,7 @@ fn args() -> Args {
             "--concurrency" => a.concurrency = next.expect("--concurrency N") as usize,
             "--seconds" => a.seconds = next.expect("--seconds N"),
             "--replicas" => a.replicas = next.expect("--replicas N") as usize,
+            "--p99-target" => a.p99_target_ms = Some(next.expect("--p99-target MS") as f64),
             "--spread" => {
                 a.spread = true;
                 i += 1;
@@ -56,7 +62,7 @@ fn args() -> Args {
                 continue;
             }
             other => {
-                panic!("unknown argument {other}; use --patients N --concurrency N --seconds N --replicas N --spread --s3")
+                panic!("unknown argument {other}; use --patients N --concurrency N --seconds N --replicas N --spread --s3 --p99-target MS")
             }
         }
         i += 2;
@@ -142,7 +148,7 @@ fn measure(
     server_pids: &[u32],
     tokens: &[(String, String)],
     make: impl Fn(&mut Rng) -> Request + Sync,
-) -> u64 {
+) -> Measured {
     let bearer = |url: &str| {
         tokens
             .iter()
@@ -237,7 +243,20 @@ fn measure(
         1000.0 * server_cpu / (l.len().max(1) as f64),
         100.0 * own_cpu / elapsed
     );
-    l.len() as u64 - errors
+    Measured {
+        ok: l.len() as u64 - errors,
+        rate: l.len() as f64 / elapsed,
+        p99_ms: pct(0.99),
+        errors,
+    }
+}
+
+/// What one workload run measured.
+struct Measured {
+    ok: u64,
+    rate: f64,
+    p99_ms: f64,
+    errors: u64,
 }
 
 fn main() {
@@ -374,9 +393,9 @@ fn main() {
             .unwrap();
         v["appliedSequence"].as_u64().unwrap_or(0)
     };
-    if run("create") {
+    let create = |a: &Args, name: &str| -> Measured {
         let before = applied_seq();
-        let made = measure("create Patient", &a, pid, tokens, |rng| {
+        let m = measure(name, a, pid, tokens, |rng| {
             (
                 Method::POST,
                 format!("{}/Patient", base_of(rng)),
@@ -386,9 +405,41 @@ fn main() {
         });
         let blocks = applied_seq().saturating_sub(before).max(1);
         println!(
-            "  ledger: {blocks} blocks for {made} creates ({:.1} entries per block)",
-            made as f64 / blocks as f64
+            "  ledger: {blocks} blocks for {} creates ({:.1} entries per block)",
+            m.ok,
+            m.ok as f64 / blocks as f64
         );
+        m
+    };
+    if run("create") {
+        match a.p99_target_ms {
+            None => {
+                create(&a, "create Patient");
+            }
+            Some(target) => {
+                // Capacity at a latency objective: raise the clients until p99 exceeds it.
+                let mut best: Option<(f64, f64, usize)> = None;
+                for clients in [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256] {
+                    let step = Args {
+                        concurrency: clients,
+                        ..a.clone()
+                    };
+                    let m = create(&step, &format!("create Patient, {clients} clients"));
+                    if m.p99_ms > target || m.errors > 0 {
+                        break;
+                    }
+                    if best.is_none_or(|(rate, _, _)| m.rate > rate) {
+                        best = Some((m.rate, m.p99_ms, clients));
+                    }
+                }
+                match best {
+                    Some((rate, p99, clients)) => println!(
+                        "most creates/s with p99 <= {target} ms: {rate:.0} ({clients} clients, p99 {p99:.1} ms)"
+                    ),
+                    None => println!("no concurrency kept creates within p99 {target} ms"),
+                }
+            }
+        }
     }
     if run("transaction") {
         measure("transaction (10 entries)", &a, pid, tokens, |rng| {
