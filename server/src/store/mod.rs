@@ -80,6 +80,14 @@ pub(crate) const META_KEK_CHECK: &[u8] = b"kek-check";
 /// The derived families that `reindex` rebuilds.
 pub const DERIVED_FAMILIES: [&str; 2] = [CF_INDEX, CF_VALUES];
 
+/// Memtable flushes gathered in level 0 before they are compacted into level 1. Keys land
+/// all over the key space (blinded terms, random ids, content hashes), so each L0→L1
+/// compaction rewrites most of level 1: compacting 8 flushes at once instead of RocksDB's 4
+/// halves that rewriting per byte written, and point lookups skip the extra files by their
+/// Bloom filters. Measured on one node (32 clients, 20 s): 1,280-1,306 creates/s at 1.20-1.22
+/// ms of CPU each, against 1,191-1,221 at 1.31-1.34; reads and searches did not slow down.
+const L0_FILES_PER_COMPACTION: i32 = 8;
+
 /// Families whose values or keys are ciphertext or MACs.
 const INCOMPRESSIBLE_FAMILIES: [&str; 4] = [CF_OBJECTS, CF_VALUES, CF_KEYS, CF_INDEX];
 
@@ -436,6 +444,7 @@ impl Store {
             if INCOMPRESSIBLE_FAMILIES.contains(name) {
                 cf.set_compression_type(rocksdb::DBCompressionType::None);
             }
+            cf.set_level_zero_file_num_compaction_trigger(L0_FILES_PER_COMPACTION);
             ColumnFamilyDescriptor::new(*name, cf)
         });
         let db = DB::open_cf_descriptors(&opts, path, cfs)
