@@ -47,6 +47,8 @@ pub struct LedgerStore {
     /// The consensus log's keys by the sequence number their message is about, so a stable
     /// checkpoint collects what it made obsolete without reading (and decoding) the log back.
     log_keys: std::collections::BTreeMap<Seq, Vec<u64>>,
+    /// Whether the last write was not synced (see `append_with`).
+    unsynced: bool,
 }
 
 /// The sequence number a logged message is about, for garbage collection.
@@ -80,6 +82,7 @@ impl LedgerStore {
             db,
             next,
             log_keys: Default::default(),
+            unsynced: false,
         };
         let records = store.load()?;
         Ok((store, records))
@@ -95,9 +98,11 @@ impl LedgerStore {
         self.append_with(records, &[], &[], true)
     }
 
-    /// `append`, plus sidecars stored (and released ones deleted) in the same write; synced
-    /// when `sync`, else durable only once a later synced write (or `sync`) follows it — the
-    /// write-ahead log is one sequence, so syncing it makes every earlier write durable too.
+    /// `append`, plus sidecars stored (and released ones deleted) in the same write. With
+    /// `sync`, this write and every earlier one are durable when it returns (the write-ahead
+    /// log is one sequence: syncing it covers what came before, so with nothing to write it
+    /// only syncs what an earlier unsynced write left). Without, the write waits for the next
+    /// synced one.
     pub fn append_with(
         &mut self,
         records: &[Record],
@@ -106,6 +111,10 @@ impl LedgerStore {
         sync: bool,
     ) -> Result<(), StoreError> {
         if records.is_empty() && sidecars.is_empty() && release.is_empty() {
+            if sync && self.unsynced {
+                self.db.flush_wal(true)?;
+                self.unsynced = false;
+            }
             return Ok(());
         }
         let mut batch = WriteBatch::default();
@@ -152,12 +161,8 @@ impl LedgerStore {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         self.db.write_opt(batch, &wo)?;
+        self.unsynced = !sync;
         Ok(())
-    }
-
-    /// Make every earlier write durable.
-    pub fn sync(&self) -> Result<(), StoreError> {
-        Ok(self.db.flush_wal(true)?)
     }
 
     /// Delete logged messages about sequence numbers at or below the stable checkpoint.

@@ -573,8 +573,6 @@ fn drive(
     // Entries the application submitted in this process (it holds their sidecars in memory).
     let mut local: std::collections::HashSet<[u8; 32]> = Default::default();
     let mut next_tick = std::time::Instant::now();
-    // Whether the last write was not synced (see below).
-    let mut unsynced = false;
     // FHIRMAMENT_LEDGER_STATUS=1 prints a status line every second (for operators and tests).
     let report_status = std::env::var_os("FHIRMAMENT_LEDGER_STATUS").is_some();
     let mut next_status = std::time::Instant::now();
@@ -658,14 +656,7 @@ fn drive(
         // in, with nothing sent on them yet, may be lost in a crash like messages lost in the
         // network, so a round of nothing else is written without a sync; the next round that
         // acts syncs them with its own (sync before any send, as before).
-        let acts = Action::any_acts(&actions);
-        if !records.is_empty() || !sidecars.is_empty() || !release.is_empty() {
-            store.append_with(&records, &sidecars, &release, acts)?;
-            unsynced = !acts;
-        } else if acts && unsynced {
-            store.sync()?;
-            unsynced = false;
-        }
+        store.append_with(&records, &sidecars, &release, Action::any_acts(&actions))?;
         for a in actions {
             match a {
                 Action::Persist(Record::Stable { seq, root, proof }) => {
