@@ -232,23 +232,24 @@ fn measure(
             .unwrap_or(0) as f64
             / 1000.0
     };
+    let m = Measured {
+        ok: l.len() as u64 - errors,
+        rate: l.len() as f64 / elapsed,
+        p99_ms: pct(0.99),
+        errors,
+    };
     println!(
         "{name:<26} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} req, {} errors; CPU: server {:.0}% = {:.2} ms per request, load generator {:.0}%)",
-        l.len() as f64 / elapsed,
+        m.rate,
         pct(0.50),
-        pct(0.99),
+        m.p99_ms,
         l.len(),
         errors,
         100.0 * server_cpu / elapsed,
         1000.0 * server_cpu / (l.len().max(1) as f64),
         100.0 * own_cpu / elapsed
     );
-    Measured {
-        ok: l.len() as u64 - errors,
-        rate: l.len() as f64 / elapsed,
-        p99_ms: pct(0.99),
-        errors,
-    }
+    m
 }
 
 /// What one workload run measured.
