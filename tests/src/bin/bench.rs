@@ -419,7 +419,7 @@ fn main() {
             }
             Some(target) => {
                 // Capacity at a latency objective: raise the clients until p99 exceeds it.
-                let mut best: Option<(f64, f64, usize)> = None;
+                let mut best: Option<(usize, Measured)> = None;
                 for clients in [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256] {
                     let step = Args {
                         concurrency: clients,
@@ -429,13 +429,14 @@ fn main() {
                     if m.p99_ms > target || m.errors > 0 {
                         break;
                     }
-                    if best.is_none_or(|(rate, _, _)| m.rate > rate) {
-                        best = Some((m.rate, m.p99_ms, clients));
+                    if best.as_ref().is_none_or(|(_, b)| m.rate > b.rate) {
+                        best = Some((clients, m));
                     }
                 }
                 match best {
-                    Some((rate, p99, clients)) => println!(
-                        "most creates/s with p99 <= {target} ms: {rate:.0} ({clients} clients, p99 {p99:.1} ms)"
+                    Some((clients, b)) => println!(
+                        "most creates/s with p99 <= {target} ms: {:.0} ({clients} clients, p99 {:.1} ms)",
+                        b.rate, b.p99_ms
                     ),
                     None => println!("no concurrency kept creates within p99 {target} ms"),
                 }
