@@ -44,11 +44,28 @@ fn type_byte(rtype: ResourceType) -> u8 {
         + 1
 }
 
-/// The 4 code bytes of a parameter's prefix.
+/// The 4 code bytes of a parameter's prefix. Every write asks for them twice per parameter
+/// of the resource; each thread remembers the codes it has hashed (search parameter codes,
+/// a few hundred at most; past `REMEMBERED_CODES` it hashes without remembering).
 pub fn code_hash(code: &str) -> [u8; 4] {
-    use sha2::Digest;
-    let d = sha2::Sha256::digest(code.as_bytes());
-    [d[0], d[1], d[2], d[3]]
+    const REMEMBERED_CODES: usize = 4096;
+    thread_local! {
+        static HASHED: std::cell::RefCell<rustc_hash::FxHashMap<Box<str>, [u8; 4]>> =
+            Default::default();
+    }
+    HASHED.with(|hashed| {
+        if let Some(h) = hashed.borrow().get(code) {
+            return *h;
+        }
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(code.as_bytes());
+        let h = [d[0], d[1], d[2], d[3]];
+        let mut hashed = hashed.borrow_mut();
+        if hashed.len() < REMEMBERED_CODES {
+            hashed.insert(code.into(), h);
+        }
+        h
+    })
 }
 
 pub fn param_prefix(rtype: ResourceType, code: &str) -> Vec<u8> {
