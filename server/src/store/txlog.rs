@@ -12,7 +12,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use rustc_hash::FxHashMap;
+use indexmap::IndexMap;
+use rustc_hash::FxBuildHasher;
+use std::collections::BTreeMap;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -281,11 +283,27 @@ impl TxLog for LedgerTxLog {
 /// the round's batch that all hold it until it is written.
 type Shared = Option<Arc<Vec<u8>>>;
 
-/// Pending writes of one group, readable before they are durable.
+/// A pending write's key: its column family and key bytes.
+type WriteKey = (&'static str, Vec<u8>);
+
+/// Pending writes in the order first written, found by key without copying it (`KeyRef`).
+type Writes<V> = IndexMap<WriteKey, V, FxBuildHasher>;
+
+/// A `WriteKey` borrowed, to look one up: hashes and compares as the owned key does.
+#[derive(Hash, PartialEq, Eq)]
+struct KeyRef<'a>(&'static str, &'a [u8]);
+
+impl indexmap::Equivalent<WriteKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &WriteKey) -> bool {
+        self.0 == key.0 && self.1 == key.1.as_slice()
+    }
+}
+
+/// Pending writes of one group, readable before they are durable, in the order they were
+/// first made (a later write of a key replaces the value, not the position).
 #[derive(Default, Clone)]
 struct Overlay {
-    writes: FxHashMap<(&'static str, Vec<u8>), Shared>,
-    order: Vec<(&'static str, Vec<u8>)>,
+    writes: Writes<Shared>,
 }
 
 impl Overlay {
@@ -293,14 +311,14 @@ impl Overlay {
         self.put_shared(cf, key, value.map(Arc::new));
     }
     fn put_shared(&mut self, cf: &'static str, key: Vec<u8>, value: Shared) {
-        if self.writes.insert((cf, key.clone()), value).is_none() {
-            self.order.push((cf, key));
-        }
+        self.writes.insert((cf, key), value);
+    }
+    fn get(&self, cf: &'static str, key: &[u8]) -> Option<&Shared> {
+        self.writes.get(&KeyRef(cf, key))
     }
     fn merge(&mut self, other: &Overlay) {
-        for k in &other.order {
-            let v = other.writes.get(k).cloned().expect("ordered key present");
-            self.put_shared(k.0, k.1.clone(), v);
+        for ((cf, key), v) in &other.writes {
+            self.put_shared(cf, key.clone(), v.clone());
         }
     }
     /// `tx(8) ts(8)` then, per write: family index(1), key length(4), key, present(1),
@@ -308,8 +326,7 @@ impl Overlay {
     fn encode(&self, tx: u64, ts: i64) -> Vec<u8> {
         let mut out = tx.to_be_bytes().to_vec();
         out.extend_from_slice(&ts.to_be_bytes());
-        for k in &self.order {
-            let v = self.writes.get(k).expect("ordered key present");
+        for (k, v) in &self.writes {
             let cf = COLUMN_FAMILIES
                 .iter()
                 .position(|c| *c == k.0)
@@ -359,35 +376,43 @@ impl Overlay {
 /// earlier one, as in a WriteBatch.
 #[derive(Default)]
 struct SortedBatch {
-    writes: std::collections::BTreeMap<(&'static str, Vec<u8>), Shared>,
+    /// Column family -> key -> value (None deletes); a key is found by its bytes alone.
+    writes: BTreeMap<&'static str, BTreeMap<Vec<u8>, Shared>>,
 }
 
 impl SortedBatch {
     fn put(&mut self, cf: &'static str, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        self.writes.insert(
-            (cf, key.as_ref().to_vec()),
-            Some(Arc::new(value.as_ref().to_vec())),
-        );
+        self.set(cf, key.as_ref(), Some(Arc::new(value.as_ref().to_vec())));
     }
     fn put_shared(&mut self, cf: &'static str, key: &[u8], value: Arc<Vec<u8>>) {
-        self.writes.insert((cf, key.to_vec()), Some(value));
+        self.set(cf, key, Some(value));
     }
     fn delete(&mut self, cf: &'static str, key: impl AsRef<[u8]>) {
-        self.writes.insert((cf, key.as_ref().to_vec()), None);
+        self.set(cf, key.as_ref(), None);
+    }
+    fn set(&mut self, cf: &'static str, key: &[u8], value: Shared) {
+        let family = self.writes.entry(cf).or_default();
+        match family.get_mut(key) {
+            Some(v) => *v = value,
+            None => {
+                family.insert(key.to_vec(), value);
+            }
+        }
     }
     fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }
     /// A write of this round to the key: Some(None) for a delete, None when it has none.
     fn get(&self, cf: &'static str, key: &[u8]) -> Option<Option<&Vec<u8>>> {
-        self.writes.get(&(cf, key.to_vec())).map(Option::as_deref)
+        self.writes.get(cf)?.get(key).map(Option::as_deref)
     }
     /// This round's new objects (for an object store of their own).
     fn objects(&self) -> Vec<(ObjectName, Vec<u8>)> {
         self.writes
-            .range((CF_OBJECTS, Vec::new())..)
-            .take_while(|((cf, _), _)| *cf == CF_OBJECTS)
-            .filter_map(|((_, name), bytes)| {
+            .get(CF_OBJECTS)
+            .into_iter()
+            .flatten()
+            .filter_map(|(name, bytes)| {
                 Some((name.as_slice().try_into().ok()?, bytes.as_deref()?.clone()))
             })
             .collect()
@@ -395,13 +420,16 @@ impl SortedBatch {
     /// The RocksDB batch, without the objects when they are kept elsewhere.
     fn write_batch(&self, store: &Store, with_objects: bool) -> WriteBatch {
         let mut wb = WriteBatch::default();
-        for ((cf, key), value) in &self.writes {
+        for (cf, family) in &self.writes {
             if *cf == CF_OBJECTS && !with_objects {
                 continue;
             }
-            match value {
-                Some(v) => wb.put_cf(store.cf(cf), key, &***v),
-                None => wb.delete_cf(store.cf(cf), key),
+            let handle = store.cf(cf);
+            for (key, value) in family {
+                match value {
+                    Some(v) => wb.put_cf(handle, key, &***v),
+                    None => wb.delete_cf(handle, key),
+                }
             }
         }
         wb
@@ -506,7 +534,7 @@ struct Committer {
     last_sync: Instant,
     /// Writes of submitted entries not yet applied, with the entry that wrote each last:
     /// later submissions are evaluated on top of them (pipelining).
-    unapplied: FxHashMap<(&'static str, Vec<u8>), (Shared, [u8; 32])>,
+    unapplied: Writes<(Shared, [u8; 32])>,
     applied_seq: u64,
     ledger_root: [u8; 32],
     /// Round batches handed to the writer and not yet written, oldest first: (round number,
@@ -567,7 +595,7 @@ impl Committer {
             inflight: HashMap::new(),
             pending: HashMap::new(),
             queued: VecDeque::new(),
-            unapplied: FxHashMap::default(),
+            unapplied: Writes::default(),
             unreleased: Vec::new(),
             last_sync: Instant::now(),
             applied_seq,
@@ -810,9 +838,10 @@ impl Committer {
     /// Forget an entry's unapplied writes once it was applied (or refused): reads then go to
     /// the store, or to a later entry that wrote the same key.
     fn settle(&mut self, hash: &[u8; 32], own: &Overlay) {
-        for k in &own.order {
-            if self.unapplied.get(k).is_some_and(|(_, w)| w == hash) {
-                self.unapplied.remove(k);
+        for (cf, key) in own.writes.keys() {
+            let k = KeyRef(cf, key);
+            if self.unapplied.get(&k).is_some_and(|(_, w)| w == hash) {
+                self.unapplied.swap_remove(&k);
             }
         }
     }
@@ -997,9 +1026,8 @@ impl Committer {
             let sidecar = own.encode(tx, ts);
             match self.replica.submit(bytes, sidecar) {
                 Ok(()) => {
-                    for k in &own.order {
-                        let v = own.writes.get(k).cloned().expect("ordered key present");
-                        self.unapplied.insert(k.clone(), (v, hash));
+                    for (k, v) in &own.writes {
+                        self.unapplied.insert(k.clone(), (v.clone(), hash));
                     }
                     self.pending.insert(hash, (tx, ts, own));
                     self.inflight.insert(hash, f);
@@ -1112,8 +1140,8 @@ impl Committer {
             };
             match (accepted, &pending) {
                 (true, Some((tx, ts, own))) => {
-                    for (cf, key) in &own.order {
-                        match own.writes.get(&(*cf, key.clone())).expect("ordered key") {
+                    for ((cf, key), v) in &own.writes {
+                        match v {
                             // A data key sealed before a KEK rotation lands re-wrapped.
                             Some(v) if *cf == CF_KEYS => {
                                 match self.store.envelope().rewrap(v) {
@@ -1318,14 +1346,13 @@ impl Committer {
         cf: &'static str,
         key: &[u8],
     ) -> Result<Option<Vec<u8>>> {
-        let k = (cf, key.to_vec());
-        if let Some(v) = own.writes.get(&k) {
+        if let Some(v) = own.get(cf, key) {
             return Ok(v.as_deref().cloned());
         }
-        if let Some(v) = group.writes.get(&k) {
+        if let Some(v) = group.get(cf, key) {
             return Ok(v.as_deref().cloned());
         }
-        if let Some((v, _)) = self.unapplied.get(&k) {
+        if let Some((v, _)) = self.unapplied.get(&KeyRef(cf, key)) {
             return Ok(v.as_deref().cloned());
         }
         self.stored(cf, key)
@@ -2327,8 +2354,10 @@ mod tests {
         o.put(CF_LEDGER, b"s".to_vec(), Some(vec![7; 32]));
         let (tx, ts, back) = Overlay::decode(&o.encode(42, 1_700_000_000_000)).unwrap();
         assert_eq!((tx, ts), (42, 1_700_000_000_000));
-        assert_eq!(back.order, o.order);
-        assert_eq!(back.writes, o.writes);
+        assert!(
+            back.writes.iter().eq(o.writes.iter()),
+            "same writes in the same order"
+        );
         assert!(
             Overlay::decode(&o.encode(1, 2)[..20]).is_none(),
             "a truncated sidecar is refused"
