@@ -10,11 +10,10 @@
 //! are clients answered. Whatever arrived while the ledger worked forms the next group, so
 //! many writers share each round trip and each fsync.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use indexmap::IndexMap;
 use rustc_hash::FxBuildHasher;
-use std::collections::BTreeMap;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -391,13 +390,10 @@ impl SortedBatch {
         self.set(cf, key.as_ref(), None);
     }
     fn set(&mut self, cf: &'static str, key: &[u8], value: Shared) {
-        let family = self.writes.entry(cf).or_default();
-        match family.get_mut(key) {
-            Some(v) => *v = value,
-            None => {
-                family.insert(key.to_vec(), value);
-            }
-        }
+        self.writes
+            .entry(cf)
+            .or_default()
+            .insert(key.to_vec(), value);
     }
     fn is_empty(&self) -> bool {
         self.writes.is_empty()
