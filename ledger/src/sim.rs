@@ -96,6 +96,8 @@ impl Scenario {
             pipeline: 4,
             max_batch_entries: 4,
             batch_delay: 2,
+            // Half the seeds space proposals out as the server's replicas do.
+            spacing_per_entry: seed & 1,
             view_change_timeout: 150,
             retransmit_interval: 40,
             ..Config::default()

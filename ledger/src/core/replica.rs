@@ -23,8 +23,13 @@ pub struct Config {
     /// Most batches proposed and not yet executed.
     pub pipeline: u64,
     pub max_batch_entries: usize,
-    /// Ticks the primary waits to fill a batch.
+    /// Most ticks a queued entry waits for company while earlier batches are agreed on.
     pub batch_delay: u64,
+    /// Ticks a primary with nothing in flight leaves between two proposals, per entry of the
+    /// batch it proposed last (at most `batch_delay`). Under light load every entry is
+    /// proposed as it arrives; under heavy load batches fill, and each block's fixed cost (its
+    /// signatures, synced writes and messages on every replica) is shared by more entries.
+    pub spacing_per_entry: u64,
     /// Ticks without progress before a view change; doubles on each failed attempt.
     pub view_change_timeout: u64,
     pub retransmit_interval: u64,
@@ -41,6 +46,7 @@ impl Default for Config {
             pipeline: 8,
             max_batch_entries: 256,
             batch_delay: 2,
+            spacing_per_entry: 0,
             view_change_timeout: 400,
             retransmit_interval: 100,
             max_message_bytes: 8 << 20,
@@ -211,6 +217,8 @@ pub struct Replica {
     recent: VecDeque<Digest>,
     recent_set: BTreeSet<Digest>,
     batch_deadline: Option<u64>,
+    /// When this replica last proposed a batch, and how many entries it carried.
+    last_proposal: (u64, usize),
     progress_deadline: Option<u64>,
     view_change_attempt: u32,
     next_retransmit: u64,
@@ -333,6 +341,7 @@ impl Replica {
             recent: VecDeque::new(),
             recent_set: BTreeSet::new(),
             batch_deadline: None,
+            last_proposal: (0, 0),
             progress_deadline: None,
             view_change_attempt: 0,
             next_retransmit: 0,
@@ -720,12 +729,23 @@ impl Replica {
     }
 
     /// The shell took in everything that had arrived: an idle primary proposes what it has
-    /// queued at once rather than wait out the batch delay, which only pays off while earlier
-    /// batches are still being agreed on (the next batch then gathers what arrives meanwhile).
+    /// queued rather than wait out the batch delay, which only pays off while earlier batches
+    /// are still being agreed on (the next batch then gathers what arrives meanwhile) — at
+    /// once, unless its last batch was large enough that proposals are spaced out (see
+    /// `Config::spacing_per_entry`).
     pub fn handle_inputs_drained(&mut self, now: u64) -> Step {
         if self.next_seq <= self.last_exec && !self.queued.is_empty() {
-            self.batch_deadline = None;
-            self.propose_now(now, true);
+            let (at, entries) = self.last_proposal;
+            let spacing = (entries as u64)
+                .saturating_mul(self.cfg.spacing_per_entry)
+                .min(self.cfg.batch_delay);
+            let due = at.saturating_add(spacing);
+            if now >= due {
+                self.batch_deadline = None;
+                self.propose_now(now, true);
+            } else {
+                self.batch_deadline = Some(self.batch_deadline.map_or(due, |d| d.min(due)));
+            }
         }
         self.take_step()
     }
@@ -769,6 +789,7 @@ impl Replica {
             }
             let timestamp = now.max(self.last_timestamp);
             self.last_timestamp = timestamp;
+            self.last_proposal = (now, entries.len());
             let batch = Batch { timestamp, entries };
             self.next_seq += 1;
             let (view, seq, digest) = (self.view, self.next_seq, batch.digest());
@@ -2284,6 +2305,44 @@ mod tests {
         assert!(!proposed(&r.handle_inputs_drained(2)).contains(&2));
         assert!(!proposed(&r.handle_tick(9)).contains(&2));
         assert!(proposed(&r.handle_tick(11)).contains(&2));
+    }
+
+    #[test]
+    fn an_idle_primary_spaces_proposals_by_the_size_of_its_last_batch() {
+        let cfg = Config {
+            batch_delay: 10,
+            spacing_per_entry: 2,
+            ..Config::default()
+        };
+        // Alone (n = 1) a proposal executes at once, so the primary is idle after each one.
+        let mut r = Replica::new(0, cfg, test_key(5, 0), members(1));
+        let _ = r.handle_request(0, vec![1]);
+        assert_eq!(proposed(&r.handle_inputs_drained(0)), vec![1]);
+        assert_eq!(r.last_executed(), 1);
+        // The last batch held one entry: the next waits 2 ticks after it.
+        for e in 2..=4 {
+            let _ = r.handle_request(1, vec![e]);
+        }
+        assert!(proposed(&r.handle_inputs_drained(1)).is_empty());
+        assert_eq!(proposed(&r.handle_tick(2)), vec![2]);
+        assert_eq!(r.last_executed(), 2);
+        // Three entries: 6 ticks.
+        let _ = r.handle_request(3, vec![5]);
+        assert!(proposed(&r.handle_inputs_drained(3)).is_empty());
+        assert!(proposed(&r.handle_tick(7)).is_empty());
+        assert_eq!(proposed(&r.handle_tick(8)), vec![3]);
+        // Light load again: long after the last proposal, an entry goes out as it arrives.
+        let _ = r.handle_request(50, vec![6]);
+        assert_eq!(proposed(&r.handle_inputs_drained(50)), vec![4]);
+        // However large the last batch, no entry waits longer than the batch delay.
+        for e in 7..20 {
+            let _ = r.handle_request(60, vec![e]);
+        }
+        assert_eq!(proposed(&r.handle_inputs_drained(60)), vec![5]);
+        let _ = r.handle_request(61, vec![20]);
+        assert!(proposed(&r.handle_inputs_drained(61)).is_empty());
+        assert!(proposed(&r.handle_tick(69)).is_empty());
+        assert_eq!(proposed(&r.handle_tick(70)), vec![6]);
     }
 
     #[test]

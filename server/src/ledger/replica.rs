@@ -17,6 +17,12 @@ use crate::error::{Error, Result};
 
 /// How long a primary with peers gathers entries before cutting a block.
 const BATCH_DELAY_MS: u64 = 20;
+/// With peers, how long an idle primary waits after proposing a block before the next, per
+/// entry of that block (at most `BATCH_DELAY_MS`). A block costs each replica about 1 ms of
+/// CPU whatever it carries (2n signature checks, synced writes, messages); an entry about a
+/// tenth of that on a follower. Measured on 4 replicas sharing 2 cores at 64 clients: blocks
+/// of ~19 entries instead of ~10, 1.44 ms of CPU per create instead of 1.64.
+const SPACING_PER_ENTRY_MS: u64 = 1;
 
 pub struct ReplicaSetup {
     pub genesis: Genesis,
@@ -105,16 +111,17 @@ impl ReplicaSetup {
                 genesis: self.genesis.clone(),
                 key: self.key.clone(),
                 data_dir: self.dir.clone(),
-                consensus: ledger::core::Config {
+                consensus: if self.membership.n() > 1 {
                     // With peers, every block costs each replica about 2n signature checks:
-                    // let the primary gather a few milliseconds of entries per block. Alone,
-                    // a block costs nothing to agree on.
-                    batch_delay: if self.membership.n() > 1 {
-                        BATCH_DELAY_MS
-                    } else {
-                        1
-                    },
-                    ..ledger::node::consensus(500, 512)
+                    // let the primary gather entries while it is busy. Alone, a block costs
+                    // nothing to agree on.
+                    ledger::core::Config {
+                        batch_delay: BATCH_DELAY_MS,
+                        spacing_per_entry: SPACING_PER_ENTRY_MS,
+                        ..ledger::node::consensus(500, 512)
+                    }
+                } else {
+                    ledger::node::consensus(500, 512)
                 },
                 // Timers only (batch deadline, retransmission, view change): inputs wake the
                 // driver at once, and an idle primary proposes without waiting for a tick.
