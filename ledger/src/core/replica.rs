@@ -211,6 +211,8 @@ pub struct Replica {
     /// Entries clients gave this replica, kept until executed: if a view change drops the
     /// batch that carried one, it is proposed again (the replica acts as PBFT's retrying client).
     waiting: BTreeMap<Digest, Vec<u8>>,
+    /// Entries clients gave this backup in the current round, not yet passed on.
+    to_forward: Vec<Vec<u8>>,
     /// Entry -> the sequence number whose batch carries it (checked against the slot).
     in_flight: BTreeMap<Digest, Seq>,
     /// Recently executed entries, so a late retransmission is not proposed twice.
@@ -337,6 +339,7 @@ impl Replica {
             pending: VecDeque::new(),
             queued: BTreeSet::new(),
             waiting: BTreeMap::new(),
+            to_forward: Vec::new(),
             in_flight: BTreeMap::new(),
             recent: VecDeque::new(),
             recent_set: BTreeSet::new(),
@@ -562,19 +565,44 @@ impl Replica {
             }
             self.propose(now);
         } else {
-            let to = self.primary_of(self.view);
-            let fwd = self.sign(Payload::Forward {
-                entries: vec![entry.clone()],
-            });
-            self.enqueue(entry);
-            self.emit(Action::Send { to, message: fwd });
+            // Passed on to the primary with the rest of this round's (`flush_forwards`): one
+            // signature for all of them.
+            self.enqueue(entry.clone());
+            self.to_forward.push(entry);
         }
         self.arm_progress_timer(now);
         self.take_step()
     }
 
+    /// Pass the entries clients gave this backup in the round on to the primary, in as few
+    /// FORWARDs as fit a batch each.
+    fn flush_forwards(&mut self) {
+        let entries = std::mem::take(&mut self.to_forward);
+        let to = self.primary_of(self.view);
+        if entries.is_empty() || to == self.id {
+            // A replica that became primary meanwhile proposes them from its own queue.
+            return;
+        }
+        let mut chunk: Vec<Vec<u8>> = Vec::new();
+        let mut bytes = BATCH_HEADER_BYTES;
+        for e in entries {
+            if !chunk.is_empty() && batch_size_with(bytes, &e) > self.batch_bytes {
+                let fwd = self.sign(Payload::Forward {
+                    entries: std::mem::take(&mut chunk),
+                });
+                self.emit(Action::Send { to, message: fwd });
+                bytes = BATCH_HEADER_BYTES;
+            }
+            bytes = batch_size_with(bytes, &e);
+            chunk.push(e);
+        }
+        let fwd = self.sign(Payload::Forward { entries: chunk });
+        self.emit(Action::Send { to, message: fwd });
+    }
+
     pub fn handle_tick(&mut self, now: u64) -> Step {
         self.settle_fetch();
+        self.flush_forwards();
         // Whatever event last touched it, the primary is suspected whenever work is pending,
         // and a view change that 2f+1 replicas joined is timed until its new view arrives.
         self.arm_progress_timer(now);
@@ -734,6 +762,7 @@ impl Replica {
     /// once, unless its last batch was large enough that proposals are spaced out (see
     /// `Config::spacing_per_entry`).
     pub fn handle_inputs_drained(&mut self, now: u64) -> Step {
+        self.flush_forwards();
         if self.next_seq <= self.last_exec && !self.queued.is_empty() {
             let (at, entries) = self.last_proposal;
             let spacing = (entries as u64)
@@ -2343,6 +2372,46 @@ mod tests {
         assert!(proposed(&r.handle_inputs_drained(61)).is_empty());
         assert!(proposed(&r.handle_tick(69)).is_empty());
         assert_eq!(proposed(&r.handle_tick(70)), vec![6]);
+    }
+
+    #[test]
+    fn a_backup_passes_a_rounds_entries_to_the_primary_in_one_forward() {
+        let forwards = |step: &Step| -> Vec<(ReplicaId, Vec<Vec<u8>>)> {
+            step.actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Send {
+                        to,
+                        message:
+                            Signed {
+                                payload: Payload::Forward { entries },
+                                ..
+                            },
+                    } => Some((*to, entries.clone())),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut r = Replica::new(2, Config::default(), test_key(5, 2), members(4));
+        for e in 1..=3u8 {
+            assert!(forwards(&r.handle_request(0, vec![e])).is_empty());
+        }
+        assert_eq!(
+            forwards(&r.handle_inputs_drained(0)),
+            vec![(0, vec![vec![1], vec![2], vec![3]])]
+        );
+        // Passed on once: the next round has nothing to forward.
+        assert!(forwards(&r.handle_inputs_drained(1)).is_empty());
+        // More than fits one batch goes in several FORWARDs, none over the batch budget.
+        let big = r.max_entry_bytes() / 2 + 1;
+        for e in 0..3u8 {
+            let _ = r.handle_request(2, vec![e; big]);
+        }
+        let sent = forwards(&r.handle_inputs_drained(2));
+        assert_eq!(sent.len(), 3, "each entry fills more than half a batch");
+        assert!(sent
+            .iter()
+            .all(|(to, entries)| *to == 0 && entries.len() == 1));
     }
 
     #[test]
