@@ -602,7 +602,6 @@ impl Replica {
 
     pub fn handle_tick(&mut self, now: u64) -> Step {
         self.settle_fetch();
-        self.flush_forwards();
         // Whatever event last touched it, the primary is suspected whenever work is pending,
         // and a view change that 2f+1 replicas joined is timed until its new view arrives.
         self.arm_progress_timer(now);
@@ -756,7 +755,9 @@ impl Replica {
         self.propose_now(now, full);
     }
 
-    /// The shell took in everything that had arrived: an idle primary proposes what it has
+    /// The shell took in everything that had arrived (it calls this after every round, one
+    /// with only a tick included): a backup passes the round's client entries on to the
+    /// primary (`flush_forwards`), and an idle primary proposes what it has
     /// queued rather than wait out the batch delay, which only pays off while earlier batches
     /// are still being agreed on (the next batch then gathers what arrives meanwhile) — at
     /// once, unless its last batch was large enough that proposals are spaced out (see

@@ -104,6 +104,7 @@ impl ReplicaSetup {
         applied: Seq,
         on_event: impl FnMut(Event) + Send + 'static,
     ) -> Result<Embedded> {
+        let consensus = ledger::node::consensus(500, 512);
         ledger::node::embed(
             NodeConfig {
                 id: self.id,
@@ -118,10 +119,10 @@ impl ReplicaSetup {
                     ledger::core::Config {
                         batch_delay: BATCH_DELAY_MS,
                         spacing_per_entry: SPACING_PER_ENTRY_MS,
-                        ..ledger::node::consensus(500, 512)
+                        ..consensus
                     }
                 } else {
-                    ledger::node::consensus(500, 512)
+                    consensus
                 },
                 // Timers only (batch deadline, retransmission, view change): inputs wake the
                 // driver at once, and an idle primary proposes without waiting for a tick.
