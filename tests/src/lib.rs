@@ -12,10 +12,20 @@ pub use serde_json::{json, Value};
 
 pub const FHIR_JSON: &str = "application/fhir+json";
 
-/// Path of the `fhirmament` binary, built (incrementally, usually a no-op) once per test process.
+/// Path of the `fhirmament` binary, built (incrementally, usually a no-op) once per test process;
+/// `FHIRMAMENT_BIN` names a binary to use as it is instead (to compare two builds with `bench`).
 pub fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("FHIRMAMENT_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.exists(),
+                "FHIRMAMENT_BIN: no binary at {}",
+                bin.display()
+            );
+            return bin;
+        }
         // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>/fhirmament
         let exe = std::env::current_exe().expect("test executable path");
         let mut profile_dir = exe.parent().expect("exe dir");

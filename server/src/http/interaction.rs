@@ -1570,7 +1570,11 @@ fn includes(
     let mut out = Vec::new();
     let ids: Vec<&str> = page.iter().map(|s| s.as_str()).collect();
     for inc in &q.include {
-        for values in svc.store.values(q.rtype, &inc.param.code, &ids)? {
+        for values in svc
+            .store
+            .values(q.rtype, &[&inc.param.code], &ids)?
+            .swap_remove(0)
+        {
             for v in values {
                 let crate::search::value::IndexValue::Reference {
                     target: Some(target),

@@ -214,13 +214,13 @@ fn scan_value(
     let by_string_prefix = |text: &str, c: &mut Collector| -> Result<bool> {
         if text.is_empty() {
             // Every text starts with "": every resource with a value.
-            store.scan_values_prefix(&prefix, |id| c.add(id))?;
+            store.scan_with_values(rtype, &prefix, |id| c.add(id))?;
             return Ok(false);
         }
         let (len, whole) = probe_prefix(text);
         if len == 0 {
             // Shorter than every indexed prefix: every value is a candidate.
-            store.scan_values_prefix(&prefix, |id| c.add(id))?;
+            store.scan_with_values(rtype, &prefix, |id| c.add(id))?;
             return Ok(true);
         }
         by_term(blinding.term_key(&prefix, b'S', &text[..len]), c)?;
@@ -231,7 +231,7 @@ fn scan_value(
         (ClauseValue::Str(s), Modifier::Exact) => by_string_prefix(&normalize(s), c),
         // No term finds a substring: every resource with a value is a candidate.
         (ClauseValue::Str(_), Modifier::Contains) => {
-            store.scan_values_prefix(&prefix, |id| c.add(id))?;
+            store.scan_with_values(rtype, &prefix, |id| c.add(id))?;
             Ok(true)
         }
         (ClauseValue::Str(s), _) => by_string_prefix(s, c),
@@ -333,7 +333,7 @@ fn scan_value(
             Ok(false)
         }
         (ClauseValue::Flag, _) => {
-            store.scan_values_prefix(&prefix, |id| c.add(id))?;
+            store.scan_with_values(rtype, &prefix, |id| c.add(id))?;
             Ok(false)
         }
     }
@@ -405,11 +405,8 @@ fn filter_by_values(
     now: i64,
 ) -> Result<BTreeSet<String>> {
     let ids: Vec<&str> = candidates.iter().map(String::as_str).collect();
-    let per_param = clause
-        .params
-        .iter()
-        .map(|p| store.values(rtype, &p.code, &ids))
-        .collect::<Result<Vec<_>>>()?;
+    let codes: Vec<&str> = clause.params.iter().map(|p| p.code.as_str()).collect();
+    let per_param = store.values(rtype, &codes, &ids)?;
     Ok(ids
         .iter()
         .enumerate()
@@ -596,7 +593,8 @@ fn sort(
                 .map(|id| SortValue::Text(id.to_string()))
                 .collect(),
             SortKey::Param(p) => store
-                .values(rtype, &p.code, &refs)?
+                .values(rtype, &[&p.code], &refs)?
+                .swap_remove(0)
                 .iter()
                 .map(|v| sort_value(v, *desc))
                 .collect(),

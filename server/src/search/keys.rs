@@ -3,8 +3,9 @@
 //! resource id, so a prefix scan yields matching ids in order. The param prefix is 5 bytes: a
 //! resource type byte and the first 4 bytes of SHA-256 of the parameter code (short keys keep
 //! RocksDB's memtable comparisons cheap; `Registry` checks at start that no two codes collide).
-//! Presence (for `:missing`) needs no entry: the `values` family has one key per (resource,
-//! parameter) present, its value list sealed (see `blind`).
+//! Presence (for `:missing`) needs no entry: the `values` family has one `ValueRecord` per
+//! resource, which names in clear the parameters the resource has and seals their value
+//! lists (see `blind`).
 //!
 //! Personal text is never in a key: `term(..)` is a blinded term (`blind::BlindingKey`), and
 //! lookups through one recheck the candidates' stored values where the term is not exact.
@@ -29,6 +30,7 @@
 
 use super::blind::BlindingKey;
 use super::value::{normalize, IndexValue};
+use crate::error::{Error, Result};
 use crate::fhir::ResourceType;
 
 pub const SEP: u8 = 0;
@@ -75,11 +77,133 @@ pub fn param_prefix(rtype: ResourceType, code: &str) -> Vec<u8> {
     k
 }
 
-/// Key of the stored value list for one (resource, parameter).
-pub fn values_key(rtype: ResourceType, code: &str, id: &str) -> Vec<u8> {
-    let mut k = param_prefix(rtype, code);
+/// Key of a resource's `ValueRecord` in the `values` family: its type byte and id.
+pub fn values_key(rtype: ResourceType, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(type_byte(rtype));
     k.extend_from_slice(id.as_bytes());
     k
+}
+
+/// The `values` keys of every resource of a type start with this.
+pub fn values_type_prefix(rtype: ResourceType) -> [u8; 1] {
+    [type_byte(rtype)]
+}
+
+/// One resource's index values, kept to recheck candidates, sort, and answer `:missing`: for
+/// each parameter it has a value for (by its 4 code bytes, in byte order), the encoded value
+/// list. Stored as `count (u16) ‖ code bytes × count ‖ sealed(len (u32) ‖ list, …)`: which
+/// parameters a resource has is readable without opening the record (as the keys of the
+/// one-record-per-parameter layout it replaced showed it), and is sealed into it as
+/// associated data with the record's key, so neither can be altered or moved unnoticed.
+/// One record per resource rather than per parameter: a create writes 2 keys where it wrote
+/// 28 (a Patient and its AuditEvent), and an update reads one.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ValueRecord {
+    lists: Vec<([u8; 4], Vec<u8>)>,
+}
+
+impl ValueRecord {
+    /// The record of these (parameter code, encoded value list) pairs; empty lists are left out.
+    pub fn of<'a>(lists: impl IntoIterator<Item = (&'a str, Vec<u8>)>) -> ValueRecord {
+        let mut lists: Vec<([u8; 4], Vec<u8>)> = lists
+            .into_iter()
+            .filter(|(_, list)| !list.is_empty())
+            .map(|(code, list)| (code_hash(code), list))
+            .collect();
+        lists.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        ValueRecord { lists }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lists.is_empty()
+    }
+
+    /// The encoded value list of one parameter (empty when the resource has none).
+    pub fn get(&self, code: &str) -> &[u8] {
+        let h = code_hash(code);
+        self.lists
+            .binary_search_by(|(c, _)| c.cmp(&h))
+            .map_or(&[][..], |i| &self.lists[i].1)
+    }
+
+    /// Each parameter's index-key prefix (for `rtype`) and its encoded value list.
+    pub fn lists(
+        &self,
+        rtype: ResourceType,
+    ) -> impl Iterator<Item = ([u8; PARAM_PREFIX_LEN], &[u8])> + '_ {
+        let t = type_byte(rtype);
+        self.lists.iter().map(move |(c, list)| {
+            let mut prefix = [t, 0, 0, 0, 0];
+            prefix[1..].copy_from_slice(c);
+            (prefix, list.as_slice())
+        })
+    }
+
+    fn header(&self) -> Vec<u8> {
+        let mut h = Vec::with_capacity(2 + 4 * self.lists.len());
+        h.extend_from_slice(&(self.lists.len() as u16).to_be_bytes());
+        for (c, _) in &self.lists {
+            h.extend_from_slice(c);
+        }
+        h
+    }
+
+    /// The stored form under `key` (its `values_key`).
+    pub fn seal(&self, blinding: &BlindingKey, key: &[u8]) -> Vec<u8> {
+        let header = self.header();
+        let mut plain = Vec::with_capacity(self.lists.iter().map(|(_, l)| 4 + l.len()).sum());
+        for (_, list) in &self.lists {
+            plain.extend_from_slice(&(list.len() as u32).to_be_bytes());
+            plain.extend_from_slice(list);
+        }
+        let mut out = header.clone();
+        out.extend_from_slice(&blinding.seal_values(&associated(key, &header), &plain));
+        out
+    }
+
+    /// The record stored under `key`; an error when it was altered or moved.
+    pub fn open(blinding: &BlindingKey, key: &[u8], stored: &[u8]) -> Result<ValueRecord> {
+        let damaged = || Error::Integrity("a stored index value record is damaged".into());
+        let codes = record_codes(stored).ok_or_else(damaged)?;
+        let (header, sealed) = stored.split_at(2 + 4 * codes.len());
+        let plain = blinding.open_values(&associated(key, header), sealed)?;
+        let mut rest = plain.as_slice();
+        let mut lists = Vec::with_capacity(codes.len());
+        for c in codes {
+            let len = rest
+                .get(..4)
+                .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+                .ok_or_else(damaged)?;
+            let list = rest.get(4..4 + len).ok_or_else(damaged)?;
+            lists.push((c.try_into().expect("4 bytes"), list.to_vec()));
+            rest = &rest[4 + len..];
+        }
+        if !rest.is_empty() {
+            return Err(damaged());
+        }
+        Ok(ValueRecord { lists })
+    }
+
+    /// Does the stored record name this parameter (read from its header, without opening it)?
+    pub fn names(stored: &[u8], code_bytes: &[u8]) -> bool {
+        record_codes(stored).is_some_and(|mut codes| codes.any(|c| c == code_bytes))
+    }
+}
+
+/// The code bytes a stored record's header names, or None when it is too short to hold them.
+fn record_codes(stored: &[u8]) -> Option<std::slice::Chunks<'_, u8>> {
+    let n = u16::from_be_bytes(stored.get(..2)?.try_into().ok()?) as usize;
+    Some(stored.get(2..2 + 4 * n)?.chunks(4))
+}
+
+/// What a record is sealed with as associated data: its key and its header.
+fn associated(key: &[u8], header: &[u8]) -> Vec<u8> {
+    let mut a = Vec::with_capacity(4 + key.len() + header.len());
+    a.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    a.extend_from_slice(key);
+    a.extend_from_slice(header);
+    a
 }
 
 /// Order-preserving encoding of an i64.
@@ -263,6 +387,60 @@ mod tests {
         let mut eva = blinding.term_key(&prefix, b'S', "ev");
         eva.extend_from_slice(b"\0pat-1");
         assert!(entries.iter().any(|(k, _)| *k == eva));
+    }
+
+    #[test]
+    fn a_value_record_opens_only_under_its_key_and_unaltered() {
+        let blinding = BlindingKey::derive(&[5; 32]);
+        let record = ValueRecord::of([
+            ("family", b"s-chalmers".to_vec()),
+            ("gender", b"t-female".to_vec()),
+            ("deceased", vec![]),
+        ]);
+        assert_eq!(record.get("family"), b"s-chalmers");
+        assert_eq!(record.get("deceased"), b"", "an empty list is not kept");
+        assert_eq!(record.get("birthdate"), b"");
+        let key = values_key(ResourceType::Patient, "p1");
+        let stored = record.seal(&blinding, &key);
+        assert_eq!(
+            stored,
+            record.seal(&blinding, &key),
+            "sealing is deterministic"
+        );
+        assert_eq!(ValueRecord::open(&blinding, &key, &stored).unwrap(), record);
+        assert!(
+            !stored.windows(8).any(|w| w == b"chalmers"),
+            "values are sealed"
+        );
+        // Which parameters it has is readable without opening it.
+        assert!(ValueRecord::names(&stored, &code_hash("family")));
+        assert!(ValueRecord::names(&stored, &code_hash("gender")));
+        assert!(!ValueRecord::names(&stored, &code_hash("deceased")));
+        assert!(!ValueRecord::names(&stored[..3], &code_hash("family")));
+        // Moved to another resource, or any byte changed (header included): refused.
+        let other = values_key(ResourceType::Patient, "p2");
+        assert!(ValueRecord::open(&blinding, &other, &stored).is_err());
+        for i in 0..stored.len() {
+            let mut bad = stored.clone();
+            bad[i] ^= 1;
+            assert!(
+                ValueRecord::open(&blinding, &key, &bad).is_err(),
+                "byte {i}"
+            );
+        }
+        assert!(ValueRecord::open(&blinding, &key, &stored[..stored.len() - 1]).is_err());
+        assert!(ValueRecord::open(&blinding, &key, &[]).is_err());
+        // Each parameter comes back with the index-key prefix its entries use.
+        let prefixes: Vec<_> = record
+            .lists(ResourceType::Patient)
+            .map(|(p, _)| p.to_vec())
+            .collect();
+        let mut expected = vec![
+            param_prefix(ResourceType::Patient, "family"),
+            param_prefix(ResourceType::Patient, "gender"),
+        ];
+        expected.sort();
+        assert_eq!(prefixes, expected);
     }
 
     #[test]

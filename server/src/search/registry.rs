@@ -8,7 +8,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::fhirpath::{Expression, Item};
-use super::value::{clean, parse_date_range, soundex, IndexValue};
+use super::keys::ValueRecord;
+use super::value::{clean, encode_values, parse_date_range, soundex, IndexValue};
 use crate::fhir::ResourceType;
 use crate::profiles::Profiles;
 
@@ -228,6 +229,14 @@ impl Registry {
 
     pub fn params(&self, rtype: ResourceType) -> impl Iterator<Item = &Arc<SearchParameter>> {
         self.by_type[&rtype].values()
+    }
+
+    /// Every parameter's values in a resource, as the `values` family stores them.
+    pub fn value_record(&self, rtype: ResourceType, resource: &Value) -> ValueRecord {
+        ValueRecord::of(
+            self.params(rtype)
+                .map(|p| (p.code.as_str(), encode_values(&extract(p, rtype, resource)))),
+        )
     }
 }
 

@@ -45,6 +45,7 @@ use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOpti
 use crate::error::{Error, Result};
 use crate::fhir::ResourceType;
 use crate::search::blind::BlindingKey;
+use crate::search::keys::ValueRecord;
 use crate::search::value::{decode_values, IndexValue};
 use objects::ObjectName;
 
@@ -79,6 +80,12 @@ pub const META_INDEX_STALE: &[u8] = b"index-stale";
 pub(crate) const META_KEK_CHECK: &[u8] = b"kek-check";
 /// The derived families that `reindex` rebuilds.
 pub const DERIVED_FAMILIES: [&str; 2] = [CF_INDEX, CF_VALUES];
+/// The layout (in `meta`) of what the derived families hold. A store whose derived families
+/// were written in another layout is marked stale on open, and rebuilt before it is served.
+pub const META_DERIVED_LAYOUT: &[u8] = b"derived-layout";
+/// 2: one `ValueRecord` per resource in `values`. (1, never written: one value list per
+/// resource and parameter.)
+pub const DERIVED_LAYOUT: [u8; 1] = [2];
 
 /// Memtable flushes gathered in level 0 before they are compacted into level 1. Keys land
 /// all over the key space (blinded terms, random ids, content hashes), so each L0→L1
@@ -405,6 +412,30 @@ fn blinding_key(db: &DB, envelope: &envelope::Envelope) -> Result<BlindingKey> {
     Ok(BlindingKey::derive(key.bytes()))
 }
 
+/// Mark the derived families stale when they hold another layout than `DERIVED_LAYOUT`; a
+/// store with nothing derived yet is written in this one from the start.
+fn check_derived_layout(db: &DB) -> Result<()> {
+    if db.get_cf(cf(db, CF_META), META_DERIVED_LAYOUT)?.as_deref() == Some(&DERIVED_LAYOUT[..]) {
+        return Ok(());
+    }
+    let holds_derived = DERIVED_FAMILIES.iter().any(|family| {
+        db.iterator_cf(cf(db, family), IteratorMode::Start)
+            .next()
+            .is_some()
+    });
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    if holds_derived {
+        tracing::warn!(
+            "the search index was written in an earlier layout: it is rebuilt before serving"
+        );
+        db.put_cf_opt(cf(db, CF_META), META_INDEX_STALE, b"", &sync)?;
+    } else {
+        db.put_cf_opt(cf(db, CF_META), META_DERIVED_LAYOUT, DERIVED_LAYOUT, &sync)?;
+    }
+    Ok(())
+}
+
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     db.cf_handle(name).expect("declared column family")
 }
@@ -452,6 +483,7 @@ impl Store {
         let envelope = envelope::Envelope::rotating(kek, previous);
         check_kek(&db, &envelope, path)?;
         let blinding = blinding_key(&db, &envelope)?;
+        check_derived_layout(&db)?;
         let store = Store {
             db,
             envelope,
@@ -992,18 +1024,29 @@ impl Store {
         self.scan_index(prefix, end.as_deref(), f)
     }
 
-    /// Ids of the resources that have a value for the parameter whose prefix this is.
-    pub fn scan_values_prefix(&self, prefix: &[u8], mut f: impl FnMut(&str) -> bool) -> Result<()> {
+    /// Ids of the resources of a type that have a value for a parameter (`param_prefix` is its
+    /// index-key prefix), from the headers of their value records.
+    pub fn scan_with_values(
+        &self,
+        rtype: ResourceType,
+        param_prefix: &[u8],
+        mut f: impl FnMut(&str) -> bool,
+    ) -> Result<()> {
+        let prefix = crate::search::keys::values_type_prefix(rtype);
+        let code_bytes = &param_prefix[prefix.len()..];
         let mut ro = ReadOptions::default();
-        if let Some(end) = prefix_end(prefix) {
+        if let Some(end) = prefix_end(&prefix) {
             ro.set_iterate_upper_bound(end);
         }
         for item in self.db.iterator_cf_opt(
             self.cf(CF_VALUES),
             ro,
-            IteratorMode::From(prefix, Direction::Forward),
+            IteratorMode::From(&prefix, Direction::Forward),
         ) {
-            let (k, _) = item?;
+            let (k, record) = item?;
+            if !ValueRecord::names(&record, code_bytes) {
+                continue;
+            }
             if let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) {
                 if !f(id) {
                     break;
@@ -1013,30 +1056,31 @@ impl Store {
         Ok(())
     }
 
-    /// The stored index values of one parameter for many resources.
+    /// The stored index values of some parameters for many resources, `[parameter][resource]`;
+    /// each resource's record is read and opened once.
     pub fn values(
         &self,
         rtype: ResourceType,
-        code: &str,
+        codes: &[&str],
         ids: &[&str],
-    ) -> Result<Vec<Vec<IndexValue>>> {
+    ) -> Result<Vec<Vec<Vec<IndexValue>>>> {
         let cf = self.cf(CF_VALUES);
         let keys: Vec<_> = ids
             .iter()
-            .map(|id| (cf, crate::search::keys::values_key(rtype, code, id)))
+            .map(|id| crate::search::keys::values_key(rtype, id))
             .collect();
-        let opened = self.db.multi_get_cf(keys.iter().map(|(cf, k)| (*cf, k)));
-        keys.iter()
-            .zip(opened)
-            .map(|((_, key), r)| {
-                Ok(match r? {
-                    Some(sealed) => {
-                        decode_values(&self.blinding.open_values(key, &sealed)?).unwrap_or_default()
-                    }
-                    None => Vec::new(),
-                })
-            })
-            .collect()
+        let stored = self.db.multi_get_cf(keys.iter().map(|k| (cf, k)));
+        let mut out = vec![Vec::with_capacity(ids.len()); codes.len()];
+        for (key, r) in keys.iter().zip(stored) {
+            let record = match r? {
+                Some(raw) => ValueRecord::open(&self.blinding, key, &raw)?,
+                None => ValueRecord::default(),
+            };
+            for (column, code) in out.iter_mut().zip(codes) {
+                column.push(decode_values(record.get(code)).unwrap_or_default());
+            }
+        }
+        Ok(out)
     }
 
     /// All versions of one resource, newest first.

@@ -40,10 +40,10 @@ use crate::health::Health;
 use crate::ledger::entry::{self, LedgerEntry, VersionRecord};
 use crate::ledger::replica::ReplicaSetup;
 use crate::ledger::{BlockInfo, LedgerHead, RecordRef, StableCheckpoint};
-use crate::search::keys::{index_entries, param_prefix, values_key};
+use crate::search::keys::{index_entries, values_key, ValueRecord};
 use crate::search::query::SearchQuery;
-use crate::search::value::{decode_values, encode_values, IndexValue};
-use crate::search::{exec, extract, Registry};
+use crate::search::value::{decode_values, IndexValue};
+use crate::search::{exec, Registry};
 
 /// How many submissions one group commit takes at most.
 const MAX_GROUP: usize = 512;
@@ -1209,17 +1209,17 @@ impl Committer {
         {
             return Ok(());
         }
-        for p in self.registry.params(rtype) {
-            let vkey = values_key(rtype, &p.code, id);
-            if let Some(old) = self.stored(CF_VALUES, &vkey)? {
-                let prefix = param_prefix(rtype, &p.code);
-                let blinding = self.store.blinding();
-                let old = decode_values(&blinding.open_values(&vkey, &old)?).unwrap_or_default();
-                for (k, _) in index_entries(blinding, &prefix, id, &old, &self.base) {
+        let vkey = values_key(rtype, id);
+        if let Some(stored) = self.stored(CF_VALUES, &vkey)? {
+            let blinding = self.store.blinding();
+            let old = ValueRecord::open(blinding, &vkey, &stored)?;
+            for (prefix, list) in old.lists(rtype) {
+                let values = decode_values(list).unwrap_or_default();
+                for (k, _) in index_entries(blinding, &prefix, id, &values, &self.base) {
                     wb.delete(CF_INDEX, k);
                 }
-                wb.delete(CF_VALUES, vkey);
             }
+            wb.delete(CF_VALUES, vkey);
         }
         wb.delete(CF_CURRENT, key);
         Ok(())
@@ -1628,21 +1628,12 @@ impl Committer {
                 );
                 patients = self.patients_of(rtype, id, &r);
                 // Index from the stored form, so reindexing from stored bytes is identical.
-                let new_values: Vec<(String, Vec<u8>)> = self
-                    .registry
-                    .params(rtype)
-                    .map(|p| (p.code.clone(), encode_values(&extract(p, rtype, &r))))
-                    .collect();
-                self.reindex_resource(group, own, rtype, id, &new_values, cur.is_none())?;
+                let values = self.registry.value_record(rtype, &r);
+                self.reindex_resource(group, own, rtype, id, values, cur.is_none())?;
                 Some(serde_json::to_vec(&r).map_err(|e| Error::Internal(e.to_string()))?)
             }
             None => {
-                let empty: Vec<(String, Vec<u8>)> = self
-                    .registry
-                    .params(rtype)
-                    .map(|p| (p.code.clone(), Vec::new()))
-                    .collect();
-                self.reindex_resource(group, own, rtype, id, &empty, false)?;
+                self.reindex_resource(group, own, rtype, id, ValueRecord::default(), false)?;
                 None
             }
         };
@@ -1731,48 +1722,41 @@ impl Committer {
     }
 
     /// Replace a resource's index entries: remove those derived from its previous values,
-    /// add those of the new ones. A resource that never existed has no previous values.
+    /// add those of the new ones, and store its new value record. A resource that never
+    /// existed has no previous values; one without values (deleted) keeps no record.
     fn reindex_resource(
         &self,
         group: &Overlay,
         own: &mut Overlay,
         rtype: ResourceType,
         id: &str,
-        new_values: &[(String, Vec<u8>)],
+        new: ValueRecord,
         is_new: bool,
     ) -> Result<()> {
         let blinding = self.store.blinding();
-        for (code, encoded) in new_values {
-            let vkey = values_key(rtype, code, id);
-            let old = if is_new {
-                Vec::new()
-            } else {
-                match self.get(group, own, CF_VALUES, &vkey)? {
-                    Some(sealed) => blinding.open_values(&vkey, &sealed)?,
-                    None => Vec::new(),
-                }
-            };
-            if old == *encoded {
-                continue;
-            }
-            let prefix = param_prefix(rtype, code);
-            for (k, _) in index_entries(
-                blinding,
-                &prefix,
-                id,
-                &decode_values(&old).unwrap_or_default(),
-                &self.base,
-            ) {
+        let vkey = values_key(rtype, id);
+        let old = match self.get(group, own, CF_VALUES, &vkey)? {
+            Some(stored) if !is_new => ValueRecord::open(blinding, &vkey, &stored)?,
+            _ => ValueRecord::default(),
+        };
+        if old == new {
+            return Ok(());
+        }
+        for (prefix, list) in old.lists(rtype) {
+            let values = decode_values(list).unwrap_or_default();
+            for (k, _) in index_entries(blinding, &prefix, id, &values, &self.base) {
                 own.put(CF_INDEX, k, None);
             }
-            let new = decode_values(encoded).unwrap_or_default();
-            self.record_date_widths(own, &prefix, &new);
-            for (k, v) in index_entries(blinding, &prefix, id, &new, &self.base) {
+        }
+        for (prefix, list) in new.lists(rtype) {
+            let values = decode_values(list).unwrap_or_default();
+            self.record_date_widths(own, &prefix, &values);
+            for (k, v) in index_entries(blinding, &prefix, id, &values, &self.base) {
                 own.put(CF_INDEX, k, Some(v));
             }
-            let sealed = (!encoded.is_empty()).then(|| blinding.seal_values(&vkey, encoded));
-            own.put(CF_VALUES, vkey, sealed);
         }
+        let sealed = (!new.is_empty()).then(|| new.seal(blinding, &vkey));
+        own.put(CF_VALUES, vkey, sealed);
         Ok(())
     }
 }
@@ -1864,12 +1848,13 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
                 let resource: Value = serde_json::from_slice(&v.body).map_err(|e| {
                     Error::Internal(format!("stored {rtype}/{id} is not JSON: {e}"))
                 })?;
-                for p in registry.params(rtype) {
-                    let values = extract(p, rtype, &resource);
-                    if values.is_empty() {
-                        continue;
-                    }
-                    let prefix = param_prefix(rtype, &p.code);
+                let record = registry.value_record(rtype, &resource);
+                if record.is_empty() {
+                    count += 1;
+                    continue;
+                }
+                for (prefix, list) in record.lists(rtype) {
+                    let values = decode_values(list).unwrap_or_default();
                     for v in &values {
                         if let IndexValue::Date { lo, hi } = v {
                             if let Some((k, w)) = store.widen_date(&prefix, hi.saturating_sub(*lo))
@@ -1881,10 +1866,13 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
                     for (k, val) in index_entries(store.blinding(), &prefix, id, &values, base) {
                         batch.put_cf(store.cf(CF_INDEX), k, val);
                     }
-                    let vkey = values_key(rtype, &p.code, id);
-                    let sealed = store.blinding().seal_values(&vkey, &encode_values(&values));
-                    batch.put_cf(store.cf(CF_VALUES), vkey, sealed);
                 }
+                let vkey = values_key(rtype, id);
+                batch.put_cf(
+                    store.cf(CF_VALUES),
+                    &vkey,
+                    record.seal(store.blinding(), &vkey),
+                );
                 count += 1;
             }
             let mut wo = WriteOptions::default();
@@ -1894,9 +1882,14 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
     }
     let mut wo = WriteOptions::default();
     wo.set_sync(true);
-    store
-        .db()
-        .delete_cf_opt(store.cf(CF_META), super::META_INDEX_STALE, &wo)?;
+    let mut done = WriteBatch::default();
+    done.put_cf(
+        store.cf(CF_META),
+        super::META_DERIVED_LAYOUT,
+        super::DERIVED_LAYOUT,
+    );
+    done.delete_cf(store.cf(CF_META), super::META_INDEX_STALE);
+    store.db().write_opt(done, &wo)?;
     Ok(count)
 }
 
@@ -2028,6 +2021,87 @@ mod tests {
             .unwrap()
             .index_is_stale()
             .unwrap());
+    }
+
+    #[test]
+    fn value_lists_stored_per_parameter_by_an_earlier_version_are_rebuilt_as_records() {
+        let (_dir, store, registry) = fresh_store();
+        let base = "http://localhost/fhir".to_string();
+        let (log, _ledger, _) = start_log(store.clone(), registry.clone(), base.clone());
+        let p = json!({"resourceType":"Patient","name":[{"family":"Chalmers"}],"gender":"male"});
+        submit(
+            &log,
+            vec![Change::Create {
+                rtype: ResourceType::Patient,
+                id: "p1".into(),
+                resource: p,
+                if_none_exist: None,
+                on_match: OnMatch::ReturnExisting,
+            }],
+        )
+        .unwrap();
+        // The store writer applies the batch after the answer: wait until it is in the store.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while store
+            .current(ResourceType::Patient, "p1")
+            .unwrap()
+            .is_none()
+        {
+            assert!(Instant::now() < deadline, "the create reached the store");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let written: Vec<_> = DERIVED_FAMILIES
+            .iter()
+            .map(|cf| store.dump(cf).unwrap())
+            .collect();
+        assert_eq!(written[1].len(), 1, "one value record for the resource");
+        // A copy of the store as an earlier version would have left it: a value list per
+        // (resource, parameter), and no layout mark.
+        let copy = tempfile::tempdir().unwrap();
+        let copy_path = copy.path().join("store");
+        rocksdb::checkpoint::Checkpoint::new(store.db())
+            .unwrap()
+            .create_checkpoint(&copy_path)
+            .unwrap();
+        let kek = store.envelope().kek();
+        {
+            let old = Store::open(&copy_path, kek.clone()).unwrap();
+            let db = old.db();
+            for (k, _) in old.dump(CF_VALUES).unwrap() {
+                db.delete_cf(old.cf(CF_VALUES), k).unwrap();
+            }
+            let mut old_key = crate::search::keys::param_prefix(ResourceType::Patient, "family");
+            old_key.extend_from_slice(b"p1");
+            let sealed = old.blinding().seal_values(&old_key, b"s\0\0\0\x08chalmers");
+            db.put_cf(old.cf(CF_VALUES), old_key, sealed).unwrap();
+            db.delete_cf(old.cf(CF_META), crate::store::META_DERIVED_LAYOUT)
+                .unwrap();
+        }
+        let copied = Store::open(&copy_path, kek.clone()).unwrap();
+        assert!(copied.index_is_stale().unwrap());
+        assert_eq!(reindex(&copied, &registry, &base).unwrap(), 1);
+        assert!(!copied.index_is_stale().unwrap());
+        let rebuilt: Vec<_> = DERIVED_FAMILIES
+            .iter()
+            .map(|cf| copied.dump(cf).unwrap())
+            .collect();
+        assert_eq!(
+            rebuilt, written,
+            "the same entries and records the commit path writes"
+        );
+        drop(copied);
+        let copied = Store::open(&copy_path, kek).unwrap();
+        assert!(!copied.index_is_stale().unwrap(), "the layout mark stays");
+        let values = copied
+            .values(
+                ResourceType::Patient,
+                &["family", "gender", "birthdate"],
+                &["p1"],
+            )
+            .unwrap();
+        assert_eq!(values[0][0], vec![IndexValue::Str("Chalmers".into())]);
+        assert_eq!(values[1][0].len(), 1);
+        assert!(values[2][0].is_empty());
     }
 
     /// Writers of one resource and one patient compartment, each waiting for its answer, while
