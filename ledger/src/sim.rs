@@ -96,8 +96,9 @@ impl Scenario {
             pipeline: 4,
             max_batch_entries: 4,
             batch_delay: 2,
-            // Half the seeds space proposals out as the server's replicas do.
-            spacing_per_entry: seed & 1,
+            // Three seeds in four space proposals out (0.5 to 1.5 ticks per entry), as the
+            // server's replicas do.
+            spacing_per_1000_entries: (seed & 3) * 500,
             view_change_timeout: 150,
             retransmit_interval: 40,
             ..Config::default()

@@ -25,11 +25,12 @@ pub struct Config {
     pub max_batch_entries: usize,
     /// Most ticks a queued entry waits for company while earlier batches are agreed on.
     pub batch_delay: u64,
-    /// Ticks a primary with nothing in flight leaves between two proposals, per entry of the
-    /// batch it proposed last (at most `batch_delay`). Under light load every entry is
-    /// proposed as it arrives; under heavy load batches fill, and each block's fixed cost (its
-    /// signatures, synced writes and messages on every replica) is shared by more entries.
-    pub spacing_per_entry: u64,
+    /// Ticks a primary with nothing in flight leaves between two proposals, per 1000 entries
+    /// of the batch it proposed last (rounded down, at most `batch_delay`). Under light load
+    /// every entry is proposed as it arrives; under heavy load batches fill, and each block's
+    /// fixed cost (its signatures, synced writes and messages on every replica) is shared by
+    /// more entries. Per 1000 so that a fraction of a tick per entry can be set.
+    pub spacing_per_1000_entries: u64,
     /// Ticks without progress before a view change; doubles on each failed attempt.
     pub view_change_timeout: u64,
     pub retransmit_interval: u64,
@@ -46,7 +47,7 @@ impl Default for Config {
             pipeline: 8,
             max_batch_entries: 256,
             batch_delay: 2,
-            spacing_per_entry: 0,
+            spacing_per_1000_entries: 0,
             view_change_timeout: 400,
             retransmit_interval: 100,
             max_message_bytes: 8 << 20,
@@ -761,13 +762,13 @@ impl Replica {
     /// queued rather than wait out the batch delay, which only pays off while earlier batches
     /// are still being agreed on (the next batch then gathers what arrives meanwhile) — at
     /// once, unless its last batch was large enough that proposals are spaced out (see
-    /// `Config::spacing_per_entry`).
+    /// `Config::spacing_per_1000_entries`).
     pub fn handle_inputs_drained(&mut self, now: u64) -> Step {
         self.flush_forwards();
         if self.next_seq <= self.last_exec && !self.queued.is_empty() {
             let (at, entries) = self.last_proposal;
-            let spacing = (entries as u64)
-                .saturating_mul(self.cfg.spacing_per_entry)
+            let spacing = ((entries as u64).saturating_mul(self.cfg.spacing_per_1000_entries)
+                / 1000)
                 .min(self.cfg.batch_delay);
             let due = at.saturating_add(spacing);
             if now >= due {
@@ -2341,7 +2342,7 @@ mod tests {
     fn an_idle_primary_spaces_proposals_by_the_size_of_its_last_batch() {
         let cfg = Config {
             batch_delay: 10,
-            spacing_per_entry: 2,
+            spacing_per_1000_entries: 2000,
             ..Config::default()
         };
         // Alone (n = 1) a proposal executes at once, so the primary is idle after each one.
@@ -2373,6 +2374,27 @@ mod tests {
         assert!(proposed(&r.handle_inputs_drained(61)).is_empty());
         assert!(proposed(&r.handle_tick(69)).is_empty());
         assert_eq!(proposed(&r.handle_tick(70)), vec![6]);
+    }
+
+    #[test]
+    fn proposal_spacing_can_be_a_fraction_of_a_tick_per_entry() {
+        let cfg = Config {
+            batch_delay: 10,
+            spacing_per_1000_entries: 500,
+            ..Config::default()
+        };
+        let mut r = Replica::new(0, cfg, test_key(5, 0), members(1));
+        // Half a tick per entry: after a lone entry (0 ticks) the next goes out at once.
+        let _ = r.handle_request(0, vec![1]);
+        assert_eq!(proposed(&r.handle_inputs_drained(0)), vec![1]);
+        let _ = r.handle_request(0, vec![2]);
+        let _ = r.handle_request(0, vec![3]);
+        let _ = r.handle_request(0, vec![4]);
+        assert_eq!(proposed(&r.handle_inputs_drained(0)), vec![2]);
+        // Three entries: 1.5 ticks, rounded down to 1.
+        let _ = r.handle_request(0, vec![5]);
+        assert!(proposed(&r.handle_inputs_drained(0)).is_empty());
+        assert_eq!(proposed(&r.handle_tick(1)), vec![3]);
     }
 
     #[test]
