@@ -9,7 +9,9 @@
 use std::collections::BTreeSet;
 
 use super::blind::probe_prefix;
-use super::keys::{from_ord_i64, id_of_key, local_reference, ord_i64, param_prefix, FIELD, SEP};
+use super::keys::{
+    date_bounds, from_ord_i64, id_of_key, local_reference, param_prefix, payload_end, FIELD, SEP,
+};
 use super::query::{Clause, ClauseValue, Modifier, Prefix, SearchQuery, SortKey};
 use super::registry::SearchParameter;
 use super::value::{normalize, IndexValue};
@@ -202,7 +204,7 @@ fn scan_value(
     let blinding = store.blinding();
     let by_prefix = |start: Vec<u8>, c: &mut Collector| -> Result<()> {
         store.scan_index_prefix(&start, |k, _| {
-            id_of_key(plen, k).map_or(true, |id| c.add(id))
+            id_of_key(plen, k).map_or(true, |id| c.add(&id))
         })
     };
     // A blinded term's entries end in SEP + id.
@@ -278,10 +280,10 @@ fn scan_value(
         }
         (ClauseValue::Uri(u), Modifier::Above) => {
             store.scan_index_prefix(&key(&prefix, b'U', &[], false), |k, _| {
-                let text_end = k.iter().rposition(|b| *b == SEP).unwrap_or(k.len());
+                let text_end = payload_end(k).unwrap_or(k.len()).max(plen + 1);
                 let t = std::str::from_utf8(&k[plen + 1..text_end]).unwrap_or("");
                 if u.starts_with(t) {
-                    id_of_key(plen, k).map_or(true, |id| c.add(id))
+                    id_of_key(plen, k).map_or(true, |id| c.add(&id))
                 } else {
                     true
                 }
@@ -306,13 +308,7 @@ fn scan_value(
                 Prefix::Ne => (b'L', i64::MIN, i64::MAX),
                 Prefix::Ap => (b'L', i64::MIN, approximate(*lo, *hi, now).1),
             };
-            let mut start = prefix.clone();
-            start.push(tag);
-            start.extend_from_slice(&ord_i64(from));
-            let mut end = prefix.clone();
-            end.push(tag);
-            end.extend_from_slice(&ord_i64(to));
-            end.push(0xff);
+            let (start, end) = date_bounds(&prefix, tag, from, to);
             store.scan_index(&start, Some(&end), |k, v| {
                 if v.len() < 8 || k.len() < plen + 9 {
                     return true;
@@ -325,7 +321,7 @@ fn scan_value(
                     (other, this)
                 };
                 if date_matches(*p, *lo, *hi, rl, rh, now) {
-                    id_of_key(plen, k).map_or(true, |id| c.add(id))
+                    id_of_key(plen, k).map_or(true, |id| c.add(&id))
                 } else {
                     true
                 }
@@ -482,13 +478,7 @@ fn single_date_group(
         let plen = prefix.len();
         let mut ids = BTreeSet::new();
         if from <= rl_hi {
-            let mut start = prefix.clone();
-            start.push(b'L');
-            start.extend_from_slice(&ord_i64(from));
-            let mut end = prefix.clone();
-            end.push(b'L');
-            end.extend_from_slice(&ord_i64(rl_hi));
-            end.push(0xff);
+            let (start, end) = date_bounds(&prefix, b'L', from, rl_hi);
             store.scan_index(&start, Some(&end), |k, v| {
                 if v.len() >= 8 && k.len() > plen + 9 {
                     let (rl, rh) = (from_ord_i64(&k[plen + 1..plen + 9]), from_ord_i64(v));

@@ -24,6 +24,9 @@
 //! | L   | lo(8) id  -> hi(8)             | date, ordered by start                         |
 //! | H   | hi(8) id  -> lo(8)             | date, ordered by end                           |
 //!
+//! `id` is the resource id in `IdBytes` form: a server-assigned UUID in 16 bytes, read back
+//! from the end of the key (a UUID's text was 36 of an S key's 59 bytes).
+//!
 //! In clear stay what search must compare by order or exact structure and what is not
 //! personal text: codes, systems and display texts from terminologies, references (opaque
 //! ids), URIs, and dates (ranges need their order). ARCHITECTURE.md says why.
@@ -79,9 +82,9 @@ pub fn param_prefix(rtype: ResourceType, code: &str) -> Vec<u8> {
 
 /// Key of a resource's `ValueRecord` in the `values` family: its type byte and id.
 pub fn values_key(rtype: ResourceType, id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + id.len());
+    let mut k = Vec::with_capacity(4 + id.len());
     k.push(type_byte(rtype));
-    k.extend_from_slice(id.as_bytes());
+    IdBytes::push(&mut k, id);
     k
 }
 
@@ -206,6 +209,67 @@ fn associated(key: &[u8], header: &[u8]) -> Vec<u8> {
     a
 }
 
+/// Resource ids as index and value keys end in them, decoded from the end of the key:
+/// - a UUID in the lowercase hyphenated form the server assigns: its 16 bytes, then `UUID_ID`;
+/// - any other id (a client's, in an update-as-create): its text, its length (u16), `TEXT_ID`.
+///
+/// Among UUIDs the byte order is their text's order. The bytes may be anything (0, 0xff), so
+/// keys are never split at `SEP` from the end: `id_of_key` and `payload_end` read the form.
+pub struct IdBytes;
+
+const UUID_ID: u8 = 1;
+const TEXT_ID: u8 = 2;
+
+impl IdBytes {
+    /// Append `id` in its key form.
+    pub fn push(key: &mut Vec<u8>, id: &str) {
+        match uuid_bytes(id) {
+            Some(b) => {
+                key.extend_from_slice(&b);
+                key.push(UUID_ID);
+            }
+            None => {
+                key.extend_from_slice(id.as_bytes());
+                let len = u16::try_from(id.len()).unwrap_or(u16::MAX);
+                key.extend_from_slice(&len.to_be_bytes());
+                key.push(TEXT_ID);
+            }
+        }
+    }
+
+    /// The id at the end of `key` and where its key form starts; None when the key does not
+    /// end in one.
+    pub fn at_end(key: &[u8]) -> Option<(usize, std::borrow::Cow<'_, str>)> {
+        let (&kind, rest) = key.split_last()?;
+        match kind {
+            UUID_ID => {
+                let start = rest.len().checked_sub(16)?;
+                let u = uuid::Uuid::from_slice(&rest[start..]).ok()?;
+                Some((start, u.hyphenated().to_string().into()))
+            }
+            TEXT_ID => {
+                let len_at = rest.len().checked_sub(2)?;
+                let len = u16::from_be_bytes([rest[len_at], rest[len_at + 1]]) as usize;
+                let start = len_at.checked_sub(len)?;
+                let id = std::str::from_utf8(&rest[start..len_at]).ok()?;
+                Some((start, id.into()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The 16 bytes of a UUID written exactly as `Uuid::hyphenated` writes it (lowercase, with
+/// hyphens), so decoding gives back the same text; None for any other id.
+fn uuid_bytes(id: &str) -> Option<[u8; 16]> {
+    if id.len() != 36 {
+        return None;
+    }
+    let u = uuid::Uuid::try_parse(id).ok()?;
+    let mut text = [0u8; 36];
+    (u.hyphenated().encode_lower(&mut text) == id).then(|| *u.as_bytes())
+}
+
 /// Order-preserving encoding of an i64.
 pub fn ord_i64(v: i64) -> [u8; 8] {
     ((v as u64) ^ (1 << 63)).to_be_bytes()
@@ -236,13 +300,13 @@ fn text_key(prefix: &[u8], tag: u8, parts: &[&str], id: &str) -> Vec<u8> {
         k.extend_from_slice(p.as_bytes());
     }
     k.push(SEP);
-    k.extend_from_slice(id.as_bytes());
+    IdBytes::push(&mut k, id);
     k
 }
 
 fn ending_in(mut key: Vec<u8>, id: &str) -> (Vec<u8>, Vec<u8>) {
     key.push(SEP);
-    key.extend_from_slice(id.as_bytes());
+    IdBytes::push(&mut key, id);
     (key, vec![])
 }
 
@@ -305,12 +369,12 @@ pub fn index_entries(
                 let mut l = prefix.to_vec();
                 l.push(b'L');
                 l.extend_from_slice(&ord_i64(*lo));
-                l.extend_from_slice(id.as_bytes());
+                IdBytes::push(&mut l, id);
                 out.push((l, ord_i64(*hi).to_vec()));
                 let mut h = prefix.to_vec();
                 h.push(b'H');
                 h.extend_from_slice(&ord_i64(*hi));
-                h.extend_from_slice(id.as_bytes());
+                IdBytes::push(&mut h, id);
                 out.push((h, ord_i64(*lo).to_vec()));
             }
         }
@@ -321,19 +385,37 @@ pub fn index_entries(
 }
 
 /// The resource id at the end of an index key that starts with `prefix` + tag.
-pub fn id_of_key<'k>(prefix_len: usize, key: &'k [u8]) -> Option<&'k str> {
+pub fn id_of_key(prefix_len: usize, key: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    let (start, id) = IdBytes::at_end(key)?;
     let tag = *key.get(prefix_len)?;
-    let id = match tag {
-        b'L' | b'H' => key.get(prefix_len + 9..)?,
-        _ => {
-            let sep = key.iter().rposition(|b| *b == SEP)?;
-            if sep < prefix_len {
-                return None;
-            }
-            &key[sep + 1..]
-        }
+    let payload = match tag {
+        b'L' | b'H' => 8,
+        _ => 1, // at least the SEP before the id
     };
-    std::str::from_utf8(id).ok()
+    (start >= prefix_len + 1 + payload).then_some(id)
+}
+
+/// Where the text of a text index key ends (its SEP before the id).
+pub fn payload_end(key: &[u8]) -> Option<usize> {
+    let (start, _) = IdBytes::at_end(key)?;
+    start.checked_sub(1).filter(|sep| key[*sep] == SEP)
+}
+
+/// Scan bounds [start, end) of the date entries under `prefix` + `tag` ('L' or 'H') whose
+/// ordering date lies in [from, to].
+pub fn date_bounds(prefix: &[u8], tag: u8, from: i64, to: i64) -> (Vec<u8>, Vec<u8>) {
+    let mut start = prefix.to_vec();
+    start.push(tag);
+    start.extend_from_slice(&ord_i64(from));
+    let mut end = prefix.to_vec();
+    match to.checked_add(1) {
+        Some(after) => {
+            end.push(tag);
+            end.extend_from_slice(&ord_i64(after));
+        }
+        None => end.push(tag + 1),
+    }
+    (start, end)
 }
 
 #[cfg(test)]
@@ -368,12 +450,32 @@ mod tests {
                 hi: 0x0000_0100_0000_0000,
             },
         ];
+        // Server-assigned UUIDs (their bytes may be 0 or 0xff, like SEP and a scan's end) and
+        // a client's id.
+        for id in [
+            "ff00ff00-0000-4000-8000-0000000000ff",
+            "00000000-0000-0000-0000-000000000000",
+            "pat-1",
+        ] {
+            let entries = index_entries(&blinding, &prefix, id, &values, "http://base/fhir");
+            assert_eq!(entries.len(), 12);
+            for (k, _) in &entries {
+                assert_eq!(id_of_key(prefix.len(), k).as_deref(), Some(id), "{k:?}");
+                if k[prefix.len()] == b'U' {
+                    assert_eq!(&k[prefix.len() + 1..payload_end(k).unwrap()], b"http://u");
+                }
+            }
+        }
         let entries = index_entries(&blinding, &prefix, "pat-1", &values, "http://base/fhir");
         // S: 1 prefix; T, Y, X; P, Y; R, D, I; U; L, H.
         assert_eq!(entries.len(), 12);
         assert_eq!(prefix.len(), PARAM_PREFIX_LEN);
         for (k, _) in &entries {
-            assert_eq!(id_of_key(prefix.len(), k), Some("pat-1"), "{k:?}");
+            assert_eq!(
+                id_of_key(prefix.len(), k).as_deref(),
+                Some("pat-1"),
+                "{k:?}"
+            );
             for clear in ["eva", "ev", "MRN", "4711", "SSN"] {
                 assert!(
                     !k.windows(clear.len()).any(|w| w == clear.as_bytes()),
@@ -383,10 +485,81 @@ mod tests {
         }
         assert!(entries
             .iter()
-            .any(|(k, _)| k.ends_with(b"RPatient/9\0pat-1")));
+            .any(|(k, _)| k.ends_with(b"RPatient/9\0pat-1\0\x05\x02")));
         let mut eva = blinding.term_key(&prefix, b'S', "ev");
-        eva.extend_from_slice(b"\0pat-1");
+        eva.extend_from_slice(b"\0pat-1\0\x05\x02");
         assert!(entries.iter().any(|(k, _)| *k == eva));
+    }
+
+    #[test]
+    fn ids_in_keys_take_16_bytes_for_a_server_uuid_and_keep_their_order() {
+        let ids = [
+            "0b7c6a3e-8f1d-4c2a-9e5b-3d2f1a0c9b8e",
+            "0b7c6a3e-8f1d-4c2a-9e5b-3d2f1a0c9b8f",
+            "9fffffff-ffff-4fff-bfff-ffffffffffff",
+            "a0000000-0000-4000-8000-000000000000",
+            "ffffffff-ffff-4fff-bfff-ffffffffffff",
+        ];
+        let encoded: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|id| {
+                let mut k = vec![];
+                IdBytes::push(&mut k, id);
+                assert_eq!(k.len(), 17);
+                assert_eq!(
+                    IdBytes::at_end(&k).map(|(at, id)| (at, id.into_owned())),
+                    Some((0, id.to_string()))
+                );
+                k
+            })
+            .collect();
+        assert!(
+            encoded.windows(2).all(|w| w[0] < w[1]),
+            "UUID order is text order"
+        );
+        // Anything else a FHIR id may be stays text: uppercase or unhyphenated UUIDs too.
+        for id in [
+            "0B7C6A3E-8F1D-4C2A-9E5B-3D2F1A0C9B8E",
+            "0b7c6a3e8f1d4c2a9e5b3d2f1a0c9b8e",
+            "example",
+            "a.b-C.9",
+            &"x".repeat(64),
+        ] {
+            let mut k = b"prefix".to_vec();
+            IdBytes::push(&mut k, id);
+            assert_eq!(k.len(), 6 + id.len() + 3);
+            assert_eq!(IdBytes::at_end(&k).unwrap().1, id);
+        }
+        assert!(IdBytes::at_end(b"").is_none());
+        assert!(IdBytes::at_end(b"\x01").is_none());
+        assert!(IdBytes::at_end(b"ab\xff\x02").is_none());
+    }
+
+    #[test]
+    fn date_scan_bounds_hold_every_id_of_their_last_day() {
+        let prefix = param_prefix(ResourceType::Patient, "birthdate");
+        let values = [IndexValue::Date { lo: 10, hi: 20 }];
+        let blinding = BlindingKey::derive(&[3; 32]);
+        let (start, end) = date_bounds(&prefix, b'L', 0, 10);
+        for id in [
+            "ffffffff-ffff-4fff-bfff-ffffffffffff",
+            "00000000-0000-0000-0000-000000000000",
+            "z",
+        ] {
+            let entries = index_entries(&blinding, &prefix, id, &values, "");
+            let l = &entries
+                .iter()
+                .find(|(k, _)| k[prefix.len()] == b'L')
+                .unwrap()
+                .0;
+            assert!(start <= *l && *l < end, "{id}");
+        }
+        let (_, end) = date_bounds(&prefix, b'L', 0, 9);
+        for (k, _) in index_entries(&blinding, &prefix, "z", &values, "") {
+            assert!(k >= end || k[prefix.len()] != b'L');
+        }
+        let (_, end) = date_bounds(&prefix, b'H', 0, i64::MAX);
+        assert_eq!(end.last(), Some(&(b'H' + 1)));
     }
 
     #[test]

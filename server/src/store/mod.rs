@@ -83,9 +83,10 @@ pub const DERIVED_FAMILIES: [&str; 2] = [CF_INDEX, CF_VALUES];
 /// The layout (in `meta`) of what the derived families hold. A store whose derived families
 /// were written in another layout is marked stale on open, and rebuilt before it is served.
 pub const META_DERIVED_LAYOUT: &[u8] = b"derived-layout";
-/// 2: one `ValueRecord` per resource in `values`. (1, never written: one value list per
-/// resource and parameter.)
-pub const DERIVED_LAYOUT: [u8; 1] = [2];
+/// 3: resource ids in index and value keys in `IdBytes` form (UUIDs in 16 bytes). 2: one
+/// `ValueRecord` per resource in `values`. (1, never written: one value list per resource
+/// and parameter, ids as text.)
+pub const DERIVED_LAYOUT: [u8; 1] = [3];
 
 /// Sorted runs (memtable flushes, earlier merges) a family gathers before they are merged.
 /// Compaction is universal (size-tiered), not leveled: keys land all over the key space
@@ -1060,8 +1061,8 @@ impl Store {
             if !ValueRecord::names(&record, code_bytes) {
                 continue;
             }
-            if let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) {
-                if !f(id) {
+            if let Some((_, id)) = crate::search::keys::IdBytes::at_end(&k[prefix.len()..]) {
+                if !f(&id) {
                     break;
                 }
             }
