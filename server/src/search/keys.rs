@@ -80,27 +80,34 @@ pub fn param_prefix(rtype: ResourceType, code: &str) -> Vec<u8> {
     k
 }
 
-/// Key of a resource's `ValueRecord` in the `values` family: its type byte and id.
-pub fn values_key(rtype: ResourceType, id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(4 + id.len());
-    k.push(type_byte(rtype));
-    IdBytes::push(&mut k, id);
-    k
+/// The keys of a resource's two entries in the `values` family (see `ValueRecord`): its type
+/// byte, `PRESENCE` or `LISTS`, and its id.
+pub fn values_keys(rtype: ResourceType, id: &str) -> [Vec<u8>; 2] {
+    [PRESENCE, LISTS].map(|kind| {
+        let mut k = Vec::with_capacity(5 + id.len());
+        k.extend_from_slice(&[type_byte(rtype), kind]);
+        IdBytes::push(&mut k, id);
+        k
+    })
 }
 
-/// The `values` keys of every resource of a type start with this.
-pub fn values_type_prefix(rtype: ResourceType) -> [u8; 1] {
-    [type_byte(rtype)]
+const PRESENCE: u8 = b'p';
+const LISTS: u8 = b'v';
+
+/// The presence entries of every resource of a type start with this.
+pub fn presence_prefix(rtype: ResourceType) -> [u8; 2] {
+    [type_byte(rtype), PRESENCE]
 }
 
 /// One resource's index values, kept to recheck candidates, sort, and answer `:missing`: for
 /// each parameter it has a value for (by its 4 code bytes, in byte order), the encoded value
-/// list. Stored as `count (u16) ‖ code bytes × count ‖ sealed(len (u32) ‖ list, …)`: which
-/// parameters a resource has is readable without opening the record (as the keys of the
-/// one-record-per-parameter layout it replaced showed it), and is sealed into it as
-/// associated data with the record's key, so neither can be altered or moved unnoticed.
-/// One record per resource rather than per parameter: a create writes 2 keys where it wrote
-/// 28 (a Patient and its AuditEvent), and an update reads one.
+/// list. Stored as two entries (`values_keys`): the lists entry, `sealed(count (u16) ‖ code
+/// bytes × count ‖ (len (u32) ‖ list) × count)` with its key as associated data, and the
+/// presence entry, `count ‖ code bytes × count` in clear. Rechecks and sorts read the lists
+/// entry alone; `:missing` and candidate scans read only the small presence entries, which
+/// name what the keys of the one-entry-per-parameter layout this replaced showed, and, like
+/// those keys, are not authenticated. A create writes 4 entries where it wrote 28 (a
+/// Patient and its AuditEvent); an update reads 1.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ValueRecord {
     lists: Vec<([u8; 4], Vec<u8>)>,
@@ -143,7 +150,7 @@ impl ValueRecord {
         })
     }
 
-    fn header(&self) -> Vec<u8> {
+    fn presence(&self) -> Vec<u8> {
         let mut h = Vec::with_capacity(2 + 4 * self.lists.len());
         h.extend_from_slice(&(self.lists.len() as u16).to_be_bytes());
         for (c, _) in &self.lists {
@@ -152,26 +159,27 @@ impl ValueRecord {
         h
     }
 
-    /// The stored form under `key` (its `values_key`).
-    pub fn seal(&self, blinding: &BlindingKey, key: &[u8]) -> Vec<u8> {
-        let header = self.header();
-        let mut plain = Vec::with_capacity(self.lists.iter().map(|(_, l)| 4 + l.len()).sum());
+    /// The two entries to store under `keys` (the resource's `values_keys`): presence, then
+    /// the sealed lists.
+    pub fn seal(&self, blinding: &BlindingKey, keys: &[Vec<u8>; 2]) -> [Vec<u8>; 2] {
+        let presence = self.presence();
+        let mut plain = presence.clone();
+        plain.reserve(self.lists.iter().map(|(_, l)| 4 + l.len()).sum());
         for (_, list) in &self.lists {
             plain.extend_from_slice(&(list.len() as u32).to_be_bytes());
             plain.extend_from_slice(list);
         }
-        let mut out = header.clone();
-        out.extend_from_slice(&blinding.seal_values(&associated(key, &header), &plain));
-        out
+        let sealed = blinding.seal_values(&keys[1], &plain);
+        [presence, sealed]
     }
 
-    /// The record stored under `key`; an error when it was altered or moved.
-    pub fn open(blinding: &BlindingKey, key: &[u8], stored: &[u8]) -> Result<ValueRecord> {
+    /// The record whose lists entry is stored under `key`; an error when it was altered or
+    /// moved.
+    pub fn open(blinding: &BlindingKey, key: &[u8], sealed: &[u8]) -> Result<ValueRecord> {
         let damaged = || Error::Integrity("a stored index value record is damaged".into());
-        let codes = record_codes(stored).ok_or_else(damaged)?;
-        let (header, sealed) = stored.split_at(2 + 4 * codes.len());
-        let plain = blinding.open_values(&associated(key, header), sealed)?;
-        let mut rest = plain.as_slice();
+        let plain = blinding.open_values(key, sealed)?;
+        let codes = record_codes(&plain).ok_or_else(damaged)?;
+        let mut rest = &plain[2 + 4 * codes.len()..];
         let mut lists = Vec::with_capacity(codes.len());
         for c in codes {
             let len = rest
@@ -188,25 +196,16 @@ impl ValueRecord {
         Ok(ValueRecord { lists })
     }
 
-    /// Does the stored record name this parameter (read from its header, without opening it)?
-    pub fn names(stored: &[u8], code_bytes: &[u8]) -> bool {
-        record_codes(stored).is_some_and(|mut codes| codes.any(|c| c == code_bytes))
+    /// Does a presence entry name this parameter?
+    pub fn names(presence: &[u8], code_bytes: &[u8]) -> bool {
+        record_codes(presence).is_some_and(|mut codes| codes.any(|c| c == code_bytes))
     }
 }
 
-/// The code bytes a stored record's header names, or None when it is too short to hold them.
+/// The code bytes a presence entry names, or None when it is too short to hold them.
 fn record_codes(stored: &[u8]) -> Option<std::slice::Chunks<'_, u8>> {
     let n = u16::from_be_bytes(stored.get(..2)?.try_into().ok()?) as usize;
     Some(stored.get(2..2 + 4 * n)?.chunks(4))
-}
-
-/// What a record is sealed with as associated data: its key and its header.
-fn associated(key: &[u8], header: &[u8]) -> Vec<u8> {
-    let mut a = Vec::with_capacity(4 + key.len() + header.len());
-    a.extend_from_slice(&(key.len() as u32).to_be_bytes());
-    a.extend_from_slice(key);
-    a.extend_from_slice(header);
-    a
 }
 
 /// Resource ids as index and value keys end in them, decoded from the end of the key:
@@ -573,36 +572,36 @@ mod tests {
         assert_eq!(record.get("family"), b"s-chalmers");
         assert_eq!(record.get("deceased"), b"", "an empty list is not kept");
         assert_eq!(record.get("birthdate"), b"");
-        let key = values_key(ResourceType::Patient, "p1");
-        let stored = record.seal(&blinding, &key);
+        let keys = values_keys(ResourceType::Patient, "p1");
+        let [presence, sealed] = record.seal(&blinding, &keys);
         assert_eq!(
-            stored,
-            record.seal(&blinding, &key),
+            [presence.clone(), sealed.clone()],
+            record.seal(&blinding, &keys),
             "sealing is deterministic"
         );
-        assert_eq!(ValueRecord::open(&blinding, &key, &stored).unwrap(), record);
+        let open = |k: &[Vec<u8>; 2], s: &[u8]| ValueRecord::open(&blinding, &k[1], s);
+        assert_eq!(open(&keys, &sealed).unwrap(), record);
         assert!(
-            !stored.windows(8).any(|w| w == b"chalmers"),
+            !sealed.windows(8).any(|w| w == b"chalmers"),
             "values are sealed"
         );
-        // Which parameters it has is readable without opening it.
-        assert!(ValueRecord::names(&stored, &code_hash("family")));
-        assert!(ValueRecord::names(&stored, &code_hash("gender")));
-        assert!(!ValueRecord::names(&stored, &code_hash("deceased")));
-        assert!(!ValueRecord::names(&stored[..3], &code_hash("family")));
-        // Moved to another resource, or any byte changed (header included): refused.
-        let other = values_key(ResourceType::Patient, "p2");
-        assert!(ValueRecord::open(&blinding, &other, &stored).is_err());
-        for i in 0..stored.len() {
-            let mut bad = stored.clone();
+        // Which parameters it has is read from the presence entry alone.
+        assert_eq!(presence.len(), 2 + 2 * 4);
+        assert!(ValueRecord::names(&presence, &code_hash("family")));
+        assert!(ValueRecord::names(&presence, &code_hash("gender")));
+        assert!(!ValueRecord::names(&presence, &code_hash("deceased")));
+        assert!(!ValueRecord::names(&presence[..3], &code_hash("family")));
+        // Moved to another resource, or any byte changed: refused.
+        let other = values_keys(ResourceType::Patient, "p2");
+        assert!(open(&other, &sealed).is_err());
+        assert!(open(&[keys[1].clone(), keys[0].clone()], &sealed).is_err());
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
             bad[i] ^= 1;
-            assert!(
-                ValueRecord::open(&blinding, &key, &bad).is_err(),
-                "byte {i}"
-            );
+            assert!(open(&keys, &bad).is_err(), "byte {i}");
         }
-        assert!(ValueRecord::open(&blinding, &key, &stored[..stored.len() - 1]).is_err());
-        assert!(ValueRecord::open(&blinding, &key, &[]).is_err());
+        assert!(open(&keys, &sealed[..sealed.len() - 1]).is_err());
+        assert!(open(&keys, &[]).is_err());
         // Each parameter comes back with the index-key prefix its entries use.
         let prefixes: Vec<_> = record
             .lists(ResourceType::Patient)

@@ -83,10 +83,11 @@ pub const DERIVED_FAMILIES: [&str; 2] = [CF_INDEX, CF_VALUES];
 /// The layout (in `meta`) of what the derived families hold. A store whose derived families
 /// were written in another layout is marked stale on open, and rebuilt before it is served.
 pub const META_DERIVED_LAYOUT: &[u8] = b"derived-layout";
-/// 3: resource ids in index and value keys in `IdBytes` form (UUIDs in 16 bytes). 2: one
-/// `ValueRecord` per resource in `values`. (1, never written: one value list per resource
+/// 4: a `ValueRecord`'s presence and lists in two entries. 3: resource ids in index and
+/// value keys in `IdBytes` form (UUIDs in 16 bytes). 2: one `ValueRecord` per resource in
+/// `values`, in one entry. (1, never written: one value list per resource
 /// and parameter, ids as text.)
-pub const DERIVED_LAYOUT: [u8; 1] = [3];
+pub const DERIVED_LAYOUT: [u8; 1] = [4];
 
 /// Sorted runs (memtable flushes, earlier merges) a family gathers before they are merged.
 /// Compaction is universal (size-tiered), not leveled: keys land all over the key space
@@ -1046,27 +1047,27 @@ impl Store {
         param_prefix: &[u8],
         mut f: impl FnMut(&str) -> bool,
     ) -> Result<()> {
-        let prefix = crate::search::keys::values_type_prefix(rtype);
-        let code_bytes = &param_prefix[prefix.len()..];
+        let prefix = crate::search::keys::presence_prefix(rtype);
+        // A parameter's index prefix is its type byte and its 4 code bytes.
+        let code_bytes = &param_prefix[1..crate::search::keys::PARAM_PREFIX_LEN];
         let mut ro = ReadOptions::default();
         if let Some(end) = prefix_end(&prefix) {
             ro.set_iterate_upper_bound(end);
         }
-        for item in self.db.iterator_cf_opt(
-            self.cf(CF_VALUES),
-            ro,
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (k, record) = item?;
-            if !ValueRecord::names(&record, code_bytes) {
-                continue;
-            }
-            if let Some((_, id)) = crate::search::keys::IdBytes::at_end(&k[prefix.len()..]) {
-                if !f(&id) {
-                    break;
+        // Only the presence entries are read, lent in place by a raw iterator.
+        let mut records = self.db.raw_iterator_cf_opt(self.cf(CF_VALUES), ro);
+        records.seek(prefix);
+        while let (Some(k), Some(presence)) = (records.key(), records.value()) {
+            if ValueRecord::names(presence, code_bytes) {
+                if let Some((_, id)) = crate::search::keys::IdBytes::at_end(&k[prefix.len()..]) {
+                    if !f(&id) {
+                        break;
+                    }
                 }
             }
+            records.next();
         }
+        records.status()?;
         Ok(())
     }
 
@@ -1079,15 +1080,19 @@ impl Store {
         ids: &[&str],
     ) -> Result<Vec<Vec<Vec<IndexValue>>>> {
         let cf = self.cf(CF_VALUES);
-        let keys: Vec<_> = ids
+        let keys: Vec<[Vec<u8>; 2]> = ids
             .iter()
-            .map(|id| crate::search::keys::values_key(rtype, id))
+            .map(|id| crate::search::keys::values_keys(rtype, id))
             .collect();
-        let stored = self.db.multi_get_cf(keys.iter().map(|k| (cf, k)));
+        // Batched lookups: RocksDB looks many keys up level by level (a search that rechecks
+        // every resource of a type asks for all of them).
+        let lists = self
+            .db
+            .batched_multi_get_cf(cf, keys.iter().map(|k| &k[1]), false);
         let mut out = vec![Vec::with_capacity(ids.len()); codes.len()];
-        for (key, r) in keys.iter().zip(stored) {
-            let record = match r? {
-                Some(raw) => ValueRecord::open(&self.blinding, key, &raw)?,
+        for (keys, lists) in keys.iter().zip(lists) {
+            let record = match lists? {
+                Some(sealed) => ValueRecord::open(&self.blinding, &keys[1], &sealed)?,
                 None => ValueRecord::default(),
             };
             for (column, code) in out.iter_mut().zip(codes) {

@@ -40,7 +40,7 @@ use crate::health::Health;
 use crate::ledger::entry::{self, LedgerEntry, VersionRecord};
 use crate::ledger::replica::ReplicaSetup;
 use crate::ledger::{BlockInfo, LedgerHead, RecordRef, StableCheckpoint};
-use crate::search::keys::{index_entries, values_key, ValueRecord};
+use crate::search::keys::{index_entries, values_keys, ValueRecord};
 use crate::search::query::SearchQuery;
 use crate::search::value::{decode_values, IndexValue};
 use crate::search::{exec, Registry};
@@ -1209,18 +1209,21 @@ impl Committer {
         {
             return Ok(());
         }
-        let vkey = values_key(rtype, id);
-        if let Some(stored) = self.stored(CF_VALUES, &vkey)? {
-            let blinding = self.store.blinding();
-            let old = ValueRecord::open(blinding, &vkey, &stored)?;
-            for (prefix, list) in old.lists(rtype) {
-                let values = decode_values(list).unwrap_or_default();
-                for (k, _) in index_entries(blinding, &prefix, id, &values, &self.base) {
-                    wb.delete(CF_INDEX, k);
-                }
+        let keys = values_keys(rtype, id);
+        let blinding = self.store.blinding();
+        let old = match self.stored(CF_VALUES, &keys[1])? {
+            Some(sealed) => ValueRecord::open(blinding, &keys[1], &sealed)?,
+            None => ValueRecord::default(),
+        };
+        for (prefix, list) in old.lists(rtype) {
+            let values = decode_values(list).unwrap_or_default();
+            for (k, _) in index_entries(blinding, &prefix, id, &values, &self.base) {
+                wb.delete(CF_INDEX, k);
             }
-            wb.delete(CF_VALUES, vkey);
         }
+        let [presence, lists] = keys;
+        wb.delete(CF_VALUES, presence);
+        wb.delete(CF_VALUES, lists);
         wb.delete(CF_CURRENT, key);
         Ok(())
     }
@@ -1734,10 +1737,14 @@ impl Committer {
         is_new: bool,
     ) -> Result<()> {
         let blinding = self.store.blinding();
-        let vkey = values_key(rtype, id);
-        let old = match self.get(group, own, CF_VALUES, &vkey)? {
-            Some(stored) if !is_new => ValueRecord::open(blinding, &vkey, &stored)?,
-            _ => ValueRecord::default(),
+        let keys = values_keys(rtype, id);
+        let old = if is_new {
+            ValueRecord::default()
+        } else {
+            match self.get(group, own, CF_VALUES, &keys[1])? {
+                Some(sealed) => ValueRecord::open(blinding, &keys[1], &sealed)?,
+                None => ValueRecord::default(),
+            }
         };
         if old == new {
             return Ok(());
@@ -1755,8 +1762,16 @@ impl Committer {
                 own.put(CF_INDEX, k, Some(v));
             }
         }
-        let sealed = (!new.is_empty()).then(|| new.seal(blinding, &vkey));
-        own.put(CF_VALUES, vkey, sealed);
+        if new.is_empty() {
+            for k in keys {
+                own.put(CF_VALUES, k, None);
+            }
+        } else {
+            let entries = new.seal(blinding, &keys);
+            for (k, v) in keys.into_iter().zip(entries) {
+                own.put(CF_VALUES, k, Some(v));
+            }
+        }
         Ok(())
     }
 }
@@ -1867,12 +1882,11 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
                         batch.put_cf(store.cf(CF_INDEX), k, val);
                     }
                 }
-                let vkey = values_key(rtype, id);
-                batch.put_cf(
-                    store.cf(CF_VALUES),
-                    &vkey,
-                    record.seal(store.blinding(), &vkey),
-                );
+                let keys = values_keys(rtype, id);
+                let entries = record.seal(store.blinding(), &keys);
+                for (k, v) in keys.iter().zip(entries) {
+                    batch.put_cf(store.cf(CF_VALUES), k, v);
+                }
                 count += 1;
             }
             let mut wo = WriteOptions::default();
@@ -2054,7 +2068,11 @@ mod tests {
             .iter()
             .map(|cf| store.dump(cf).unwrap())
             .collect();
-        assert_eq!(written[1].len(), 1, "one value record for the resource");
+        assert_eq!(
+            written[1].len(),
+            2,
+            "one value record for the resource: presence and lists"
+        );
         // A copy of the store as an earlier version would have left it: a value list per
         // (resource, parameter), and no layout mark.
         let copy = tempfile::tempdir().unwrap();
@@ -2102,6 +2120,19 @@ mod tests {
         assert_eq!(values[0][0], vec![IndexValue::Str("Chalmers".into())]);
         assert_eq!(values[1][0].len(), 1);
         assert!(values[2][0].is_empty());
+        let having = |code: &str| {
+            let mut ids = Vec::new();
+            let prefix = crate::search::keys::param_prefix(ResourceType::Patient, code);
+            copied
+                .scan_with_values(ResourceType::Patient, &prefix, |id| {
+                    ids.push(id.to_string());
+                    true
+                })
+                .unwrap();
+            ids
+        };
+        assert_eq!(having("gender"), vec!["p1".to_string()]);
+        assert!(having("birthdate").is_empty());
     }
 
     /// Writers of one resource and one patient compartment, each waiting for its answer, while

@@ -382,6 +382,34 @@ fn main() {
             (Method::GET, format!("{}/Patient?birthdate=ge{y:04}-{m:02}-01&birthdate=le{y:04}-{m:02}-28&_count=10", base_of(rng)), None, 200)
         });
     }
+    // Searches that read what every Patient has stored for a parameter (a substring; whether
+    // it has one at all): not in the default run; BENCH_ONLY=scan runs them.
+    let asked = |name: &str| !only.is_empty() && name.contains(only.as_str());
+    if asked("scan name:contains") {
+        measure("scan name:contains", &a, pid, tokens, |rng| {
+            let f = family(rng.below(FAMILIES));
+            (
+                Method::GET,
+                format!(
+                    "{}/Patient?name:contains={}&_count=10",
+                    base_of(rng),
+                    &f[2..6]
+                ),
+                None,
+                200,
+            )
+        });
+    }
+    if asked("scan gender:missing") {
+        measure("scan gender:missing", &a, pid, tokens, |rng| {
+            (
+                Method::GET,
+                format!("{}/Patient?gender:missing=false&_count=10", base_of(rng)),
+                None,
+                200,
+            )
+        });
+    }
     // How many ledger blocks the primary cut for a write workload: each block costs every
     // replica about 2n signature checks and a few fsyncs, whatever it carries.
     let applied_seq = || -> u64 {
