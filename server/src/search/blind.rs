@@ -12,9 +12,8 @@
 //!   normalised prefixes of `PREFIX_LENGTHS` characters: a query looks up its longest indexed
 //!   prefix and, when that is shorter than the query, rechecks the candidates' stored values.
 //! - **values** and **nonces**: the `values` family (each resource's value lists, used to
-//!   recheck, sort and test `:missing`; `keys::ValueRecord`) is sealed with AES-256-GCM under
-//!   `values`, with the family key and the record's clear header as associated data, so a
-//!   record cannot be moved to another resource nor its list of parameters altered. The nonce is HMAC(nonces, family key ‖ plaintext): sealing is deterministic, so
+//!   recheck and sort; `keys::ValueRecord`) is sealed with AES-256-GCM under `values`, with
+//!   the family key as associated data, so a record cannot be moved to another resource. The nonce is HMAC(nonces, family key ‖ plaintext): sealing is deterministic, so
 //!   `reindex` rebuilds the family byte for byte, and two plaintexts never share a nonce.
 
 use hmac::{Hmac, Mac};
