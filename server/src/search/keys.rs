@@ -121,7 +121,7 @@ impl ValueRecord {
             .filter(|(_, list)| !list.is_empty())
             .map(|(code, list)| (code_hash(code), list))
             .collect();
-        lists.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        lists.sort_unstable_by_key(|(code, _)| *code);
         ValueRecord { lists }
     }
 
