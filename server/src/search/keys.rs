@@ -32,7 +32,7 @@
 //! ids), URIs, and dates (ranges need their order). ARCHITECTURE.md says why.
 
 use super::blind::BlindingKey;
-use super::value::{normalize, IndexValue};
+use super::value::{decode_values, normalize, IndexValue};
 use crate::error::{Error, Result};
 use crate::fhir::ResourceType;
 
@@ -83,12 +83,19 @@ pub fn param_prefix(rtype: ResourceType, code: &str) -> Vec<u8> {
 /// The keys of a resource's two entries in the `values` family (see `ValueRecord`): its type
 /// byte, `PRESENCE` or `LISTS`, and its id.
 pub fn values_keys(rtype: ResourceType, id: &str) -> [Vec<u8>; 2] {
-    [PRESENCE, LISTS].map(|kind| {
-        let mut k = Vec::with_capacity(5 + id.len());
-        k.extend_from_slice(&[type_byte(rtype), kind]);
-        IdBytes::push(&mut k, id);
-        k
-    })
+    [PRESENCE, LISTS].map(|kind| values_key(rtype, kind, id))
+}
+
+/// The key of a resource's lists entry (`values_keys`' second), which rechecks read alone.
+pub fn lists_key(rtype: ResourceType, id: &str) -> Vec<u8> {
+    values_key(rtype, LISTS, id)
+}
+
+fn values_key(rtype: ResourceType, kind: u8, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + id.len());
+    k.extend_from_slice(&[type_byte(rtype), kind]);
+    IdBytes::push(&mut k, id);
+    k
 }
 
 const PRESENCE: u8 = b'p';
@@ -137,16 +144,16 @@ impl ValueRecord {
             .map_or(&[][..], |i| &self.lists[i].1)
     }
 
-    /// Each parameter's index-key prefix (for `rtype`) and its encoded value list.
+    /// Each parameter's index-key prefix (for `rtype`) and its values, decoded.
     pub fn lists(
         &self,
         rtype: ResourceType,
-    ) -> impl Iterator<Item = ([u8; PARAM_PREFIX_LEN], &[u8])> + '_ {
+    ) -> impl Iterator<Item = ([u8; PARAM_PREFIX_LEN], Vec<IndexValue>)> + '_ {
         let t = type_byte(rtype);
         self.lists.iter().map(move |(c, list)| {
             let mut prefix = [t, 0, 0, 0, 0];
             prefix[1..].copy_from_slice(c);
-            (prefix, list.as_slice())
+            (prefix, decode_values(list).unwrap_or_default())
         })
     }
 

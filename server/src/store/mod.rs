@@ -404,11 +404,7 @@ fn blinding_key(db: &DB, envelope: &envelope::Envelope) -> Result<BlindingKey> {
         let key = envelope.dek(&wrapped)?;
         return Ok(BlindingKey::derive(key.bytes()));
     }
-    let indexed_in_clear = DERIVED_FAMILIES.iter().any(|family| {
-        db.iterator_cf(cf(db, family), IteratorMode::Start)
-            .next()
-            .is_some()
-    });
+    let indexed_in_clear = holds_derived(db);
     let (key, wrapped) = envelope.new_dek()?;
     let mut batch = rocksdb::WriteBatch::default();
     batch.put_cf(cf(db, CF_KEYS), KEYS_BLINDING, wrapped);
@@ -442,20 +438,24 @@ fn family_options(name: &str) -> Options {
     cf
 }
 
+/// Does any derived family hold an entry?
+fn holds_derived(db: &DB) -> bool {
+    DERIVED_FAMILIES.iter().any(|family| {
+        db.iterator_cf(cf(db, family), IteratorMode::Start)
+            .next()
+            .is_some()
+    })
+}
+
 /// Mark the derived families stale when they hold another layout than `DERIVED_LAYOUT`; a
 /// store with nothing derived yet is written in this one from the start.
 fn check_derived_layout(db: &DB) -> Result<()> {
     if db.get_cf(cf(db, CF_META), META_DERIVED_LAYOUT)?.as_deref() == Some(&DERIVED_LAYOUT[..]) {
         return Ok(());
     }
-    let holds_derived = DERIVED_FAMILIES.iter().any(|family| {
-        db.iterator_cf(cf(db, family), IteratorMode::Start)
-            .next()
-            .is_some()
-    });
     let mut sync = rocksdb::WriteOptions::default();
     sync.set_sync(true);
-    if holds_derived {
+    if holds_derived(db) {
         tracing::warn!(
             "the search index was written in an earlier layout: it is rebuilt before serving"
         );
@@ -1040,7 +1040,7 @@ impl Store {
     }
 
     /// Ids of the resources of a type that have a value for a parameter (`param_prefix` is its
-    /// index-key prefix), from the headers of their value records.
+    /// index-key prefix), from the presence entries of their value records.
     pub fn scan_with_values(
         &self,
         rtype: ResourceType,
@@ -1080,19 +1080,17 @@ impl Store {
         ids: &[&str],
     ) -> Result<Vec<Vec<Vec<IndexValue>>>> {
         let cf = self.cf(CF_VALUES);
-        let keys: Vec<[Vec<u8>; 2]> = ids
+        let keys: Vec<Vec<u8>> = ids
             .iter()
-            .map(|id| crate::search::keys::values_keys(rtype, id))
+            .map(|id| crate::search::keys::lists_key(rtype, id))
             .collect();
         // Batched lookups: RocksDB looks many keys up level by level (a search that rechecks
         // every resource of a type asks for all of them).
-        let lists = self
-            .db
-            .batched_multi_get_cf(cf, keys.iter().map(|k| &k[1]), false);
+        let lists = self.db.batched_multi_get_cf(cf, &keys, false);
         let mut out = vec![Vec::with_capacity(ids.len()); codes.len()];
-        for (keys, lists) in keys.iter().zip(lists) {
+        for (key, lists) in keys.iter().zip(lists) {
             let record = match lists? {
-                Some(sealed) => ValueRecord::open(&self.blinding, &keys[1], &sealed)?,
+                Some(sealed) => ValueRecord::open(&self.blinding, key, &sealed)?,
                 None => ValueRecord::default(),
             };
             for (column, code) in out.iter_mut().zip(codes) {

@@ -42,7 +42,7 @@ use crate::ledger::replica::ReplicaSetup;
 use crate::ledger::{BlockInfo, LedgerHead, RecordRef, StableCheckpoint};
 use crate::search::keys::{index_entries, values_keys, ValueRecord};
 use crate::search::query::SearchQuery;
-use crate::search::value::{decode_values, IndexValue};
+use crate::search::value::IndexValue;
 use crate::search::{exec, Registry};
 
 /// How many submissions one group commit takes at most.
@@ -1215,8 +1215,7 @@ impl Committer {
             Some(sealed) => ValueRecord::open(blinding, &keys[1], &sealed)?,
             None => ValueRecord::default(),
         };
-        for (prefix, list) in old.lists(rtype) {
-            let values = decode_values(list).unwrap_or_default();
+        for (prefix, values) in old.lists(rtype) {
             for (k, _) in index_entries(blinding, &prefix, id, &values, &self.base) {
                 wb.delete(CF_INDEX, k);
             }
@@ -1749,14 +1748,12 @@ impl Committer {
         if old == new {
             return Ok(());
         }
-        for (prefix, list) in old.lists(rtype) {
-            let values = decode_values(list).unwrap_or_default();
+        for (prefix, values) in old.lists(rtype) {
             for (k, _) in index_entries(blinding, &prefix, id, &values, &self.base) {
                 own.put(CF_INDEX, k, None);
             }
         }
-        for (prefix, list) in new.lists(rtype) {
-            let values = decode_values(list).unwrap_or_default();
+        for (prefix, values) in new.lists(rtype) {
             self.record_date_widths(own, &prefix, &values);
             for (k, v) in index_entries(blinding, &prefix, id, &values, &self.base) {
                 own.put(CF_INDEX, k, Some(v));
@@ -1864,12 +1861,7 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
                     Error::Internal(format!("stored {rtype}/{id} is not JSON: {e}"))
                 })?;
                 let record = registry.value_record(rtype, &resource);
-                if record.is_empty() {
-                    count += 1;
-                    continue;
-                }
-                for (prefix, list) in record.lists(rtype) {
-                    let values = decode_values(list).unwrap_or_default();
+                for (prefix, values) in record.lists(rtype) {
                     for v in &values {
                         if let IndexValue::Date { lo, hi } = v {
                             if let Some((k, w)) = store.widen_date(&prefix, hi.saturating_sub(*lo))
@@ -1882,10 +1874,12 @@ pub fn reindex(store: &Store, registry: &Registry, base: &str) -> Result<usize> 
                         batch.put_cf(store.cf(CF_INDEX), k, val);
                     }
                 }
-                let keys = values_keys(rtype, id);
-                let entries = record.seal(store.blinding(), &keys);
-                for (k, v) in keys.iter().zip(entries) {
-                    batch.put_cf(store.cf(CF_VALUES), k, v);
+                if !record.is_empty() {
+                    let keys = values_keys(rtype, id);
+                    let entries = record.seal(store.blinding(), &keys);
+                    for (k, v) in keys.iter().zip(entries) {
+                        batch.put_cf(store.cf(CF_VALUES), k, v);
+                    }
                 }
                 count += 1;
             }
